@@ -1,0 +1,26 @@
+//! Slate's shared vocabulary: ids and units, data-plane messages, the frame
+//! codec and capability tokens. This crate does no I/O, so every component
+//! (storage node, metadata service, volume client, tests) speaks exactly the
+//! same bytes.
+
+pub mod capability;
+pub mod frame;
+pub mod ids;
+pub mod message;
+pub mod wire;
+
+pub use capability::{Capability, CapabilityError, Rights, SignedCapability};
+pub use frame::{decode_frame, encode_reply, encode_request, FrameError, MAX_FRAME_PAYLOAD};
+pub use ids::*;
+pub use message::{BlockRange, ErrorKind, Reply, Request, Target, WireError, PROTOCOL_VERSION};
+pub use wire::DecodeError;
+
+/// crc32c of one block as sent (ciphertext): the checksum every layer agrees on.
+pub fn block_crc(block: &[u8]) -> u32 {
+    crc32c::crc32c(block)
+}
+
+/// Seconds since the Unix epoch, for capability expiry.
+pub fn now_unix_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}

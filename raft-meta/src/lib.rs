@@ -1,0 +1,1 @@
+//! slate-meta (work in progress).

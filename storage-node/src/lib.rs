@@ -1,0 +1,1 @@
+//! slate-node (work in progress).

@@ -1,0 +1,1 @@
+//! Cluster test helpers: process management, ports, clients.

@@ -1,0 +1,1 @@
+//! slate (work in progress).
