@@ -1,1 +1,4 @@
-//! slate-node (work in progress).
+//! slate-node: the storage node. `engine` is the disk engine (io_uring, extents,
+//! checksums, layers, verified zeroing).
+
+pub mod engine;

@@ -1,0 +1,558 @@
+//! The disk engine: one raw disk (block device or preallocated file) turned
+//! into extents that hold volume segments, with per-block crc32c, a
+//! written-bitmap, snapshot layers, verified zeroing and group commit.
+//!
+//! Shape: one engine thread per disk owns the io_uring, the file and all
+//! metadata state (Crucible-style single owner). Callers hold a cheap,
+//! cloneable [`EngineHandle`] whose async methods send a command over a
+//! channel and await a oneshot reply. The thread drains everything queued
+//! when it wakes into one batch, submits the batch's data I/O and one
+//! journal entry together, issues ONE fdatasync for the whole batch and only
+//! then completes the batch's replies: a write is acknowledged only when its
+//! data and the metadata that finds it are on stable storage.
+//!
+//! The on-disk layout, journal, checkpoint, extent lifecycle and layer rules
+//! are described in `docs/engine-notes.md` and in the submodules:
+//! - [`layout`]: superblock, geometry, page framing (checksummed, ping-pong slots).
+//! - [`journal`]: the metadata journal records and their replay.
+//! - [`meta`]: the extent table (in RAM), the catalog, the bounded page cache.
+//! - [`uring`]: the only `unsafe` code: io_uring submission, aligned buffers.
+//! - [`core`]: the engine thread: batching, allocation, layers, zeroer, checkpoint.
+//!
+//! Failpoints (feature `failpoints`, always on in this crate's tests), each of
+//! which stops the engine thread as a crash would (no checkpoint, no replies):
+//! `after_data_write_before_journal`, `after_journal_before_fsync`, `before_ack`,
+//! `mid_zeroing` (zeros half written), `after_zeroing_before_verify`,
+//! `mid_checkpoint` (pages written, checkpoint block not).
+
+mod core;
+mod journal;
+mod layout;
+mod meta;
+mod uring;
+
+use bytes::Bytes;
+use slate_protocol::{BlockIndex, BlockRange, Epoch, ErrorKind, Generation, NodeId, SegmentIndex, VolumeId, WireError};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, RwLock};
+use std::thread::JoinHandle;
+use tokio::sync::oneshot;
+
+pub use layout::{FormatReport, DEFAULT_EXTENT_SIZE_BYTES, DEFAULT_JOURNAL_BYTES};
+
+/// Epoch value that names a segment's writable head layer in [`EngineHandle::changed_blocks`]
+/// and [`EngineHandle::read_at`] (`to = HEAD_EPOCH` means "up to and including the head").
+pub const HEAD_EPOCH: Epoch = Epoch(u64::MAX);
+
+/// How to lay out a fresh disk.
+#[derive(Clone, Debug)]
+pub struct FormatOptions {
+    /// Size of one extent (unit of allocation and erasure). Multiple of 64 KiB, 64 KiB ..= 1 GiB.
+    pub extent_size_bytes: u64,
+    /// Size of the metadata journal region. At least 1 MiB.
+    pub journal_bytes: u64,
+    /// The node that owns this disk; recorded in the superblock.
+    pub node_id: NodeId,
+    /// If the path does not exist (or is a shorter regular file), create / extend it to
+    /// this many bytes (preallocated with fallocate). `None`: use the existing size.
+    pub size_bytes: Option<u64>,
+}
+
+impl Default for FormatOptions {
+    fn default() -> Self {
+        Self {
+            extent_size_bytes: DEFAULT_EXTENT_SIZE_BYTES,
+            journal_bytes: DEFAULT_JOURNAL_BYTES,
+            node_id: NodeId(0),
+            size_bytes: None,
+        }
+    }
+}
+
+/// Writes a fresh superblock (two copies), journal, extent table and catalog.
+/// Every extent starts dirty: the engine zeroes and verifies it before first use.
+pub fn format(path: &Path, opts: &FormatOptions) -> Result<FormatReport, EngineError> {
+    layout::format(path, opts)
+}
+
+/// Run-time options of an opened engine.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Background zeroing rate (bytes written per second). `u64::MAX`: unlimited.
+    /// Allocation that finds no verified extent zeroes one at full speed regardless.
+    pub zero_rate_bytes_per_sec: u64,
+    /// Bound on RAM used by cached metadata pages (per-block crcs and bitmaps).
+    pub metadata_cache_bytes: u64,
+    /// Granularity of write-intent records, in volume blocks (power of two).
+    pub intent_region_blocks: u64,
+    /// Most commands in one group-commit batch.
+    pub max_batch_commands: usize,
+    /// Checkpoint at least this often (seconds) while there is something to checkpoint.
+    pub checkpoint_interval_secs: u64,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            zero_rate_bytes_per_sec: 256 << 20,
+            metadata_cache_bytes: 64 << 20,
+            intent_region_blocks: 256,
+            max_batch_commands: 256,
+            checkpoint_interval_secs: 30,
+        }
+    }
+}
+
+/// Everything the engine can refuse or fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("blocks out of range of the segment or volume")]
+    OutOfRange,
+    #[error("segment not assigned to this node")]
+    NotAssigned,
+    #[error("crc mismatch on arrival at {block}")]
+    BadCrc { block: BlockIndex },
+    #[error("stored data does not match its crc (torn or corrupt) at {block}")]
+    Corrupt { block: BlockIndex },
+    #[error("no verified-zero extent left to allocate")]
+    NoSpace,
+    #[error("stale generation: {current} already seen")]
+    StaleGeneration { current: Generation },
+    #[error("no such layer or epoch: {0}")]
+    NoSuchLayer(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("disk I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad on-disk format: {0}")]
+    Format(String),
+    #[error("engine is shutting down")]
+    ShuttingDown,
+    #[error("engine failed after an unrecoverable I/O error: {0}")]
+    Failed(String),
+}
+
+impl EngineError {
+    /// The typed error that crosses the wire.
+    pub fn to_wire(&self) -> WireError {
+        let detail = self.to_string();
+        match self {
+            Self::OutOfRange => WireError::new(ErrorKind::OutOfRange, detail),
+            Self::NotAssigned => WireError::new(ErrorKind::NotAssigned, detail),
+            Self::BadCrc { block } => WireError::at(ErrorKind::BadCrc, *block, detail),
+            Self::Corrupt { block } => WireError::at(ErrorKind::Corrupt, *block, detail),
+            Self::NoSpace => WireError::new(ErrorKind::NoSpace, detail),
+            Self::StaleGeneration { .. } => WireError::new(ErrorKind::StaleGeneration, detail),
+            Self::NoSuchLayer(_) => WireError::new(ErrorKind::NoSuchLayer, detail),
+            Self::Invalid(_) => WireError::new(ErrorKind::Malformed, detail),
+            Self::Io(_) | Self::Failed(_) => WireError::new(ErrorKind::Io, detail),
+            Self::Format(_) | Self::ShuttingDown => WireError::new(ErrorKind::Internal, detail),
+        }
+    }
+}
+
+/// Result of a read: one bit per block (LSB first) set where the block holds data,
+/// the stored crc per block (0 for unwritten), and the data (zeros for unwritten).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadResult {
+    pub written: Vec<u8>,
+    pub crcs: Vec<u32>,
+    pub data: Bytes,
+}
+
+/// Counters for metrics; a cheap copy of atomics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub capacity_bytes: u64,
+    pub extent_size_bytes: u64,
+    pub extents_total: u64,
+    pub extents_free: u64,
+    pub extents_owned: u64,
+    pub extents_dirty: u64,
+    pub extents_zeroing: u64,
+    /// Extents that failed zero verification repeatedly and are never allocated.
+    pub extents_failed: u64,
+    pub bytes_zeroed_total: u64,
+    pub extents_zeroed_total: u64,
+    pub reads: u64,
+    pub writes: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub fsyncs: u64,
+    pub batches: u64,
+    pub journal_bytes_written: u64,
+    pub checkpoints: u64,
+    /// RAM held by cached metadata pages now, and the most it ever held.
+    pub metadata_cache_bytes: u64,
+    pub metadata_cache_bytes_peak: u64,
+    pub metadata_cache_limit_bytes: u64,
+    pub metadata_page_loads: u64,
+    pub metadata_page_evictions: u64,
+    pub corrupt_reads: u64,
+}
+
+/// Shared atomic counters behind [`EngineStats`].
+#[derive(Debug, Default)]
+pub(crate) struct StatsCell {
+    pub capacity_bytes: AtomicU64,
+    pub extent_size_bytes: AtomicU64,
+    pub extents_total: AtomicU64,
+    pub extents_free: AtomicU64,
+    pub extents_owned: AtomicU64,
+    pub extents_dirty: AtomicU64,
+    pub extents_zeroing: AtomicU64,
+    pub extents_failed: AtomicU64,
+    pub bytes_zeroed_total: AtomicU64,
+    pub extents_zeroed_total: AtomicU64,
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub fsyncs: AtomicU64,
+    pub batches: AtomicU64,
+    pub journal_bytes_written: AtomicU64,
+    pub checkpoints: AtomicU64,
+    pub metadata_cache_bytes: AtomicU64,
+    pub metadata_cache_bytes_peak: AtomicU64,
+    pub metadata_cache_limit_bytes: AtomicU64,
+    pub metadata_page_loads: AtomicU64,
+    pub metadata_page_evictions: AtomicU64,
+    pub corrupt_reads: AtomicU64,
+}
+
+impl StatsCell {
+    fn snapshot(&self) -> EngineStats {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        EngineStats {
+            capacity_bytes: g(&self.capacity_bytes),
+            extent_size_bytes: g(&self.extent_size_bytes),
+            extents_total: g(&self.extents_total),
+            extents_free: g(&self.extents_free),
+            extents_owned: g(&self.extents_owned),
+            extents_dirty: g(&self.extents_dirty),
+            extents_zeroing: g(&self.extents_zeroing),
+            extents_failed: g(&self.extents_failed),
+            bytes_zeroed_total: g(&self.bytes_zeroed_total),
+            extents_zeroed_total: g(&self.extents_zeroed_total),
+            reads: g(&self.reads),
+            writes: g(&self.writes),
+            bytes_read: g(&self.bytes_read),
+            bytes_written: g(&self.bytes_written),
+            fsyncs: g(&self.fsyncs),
+            batches: g(&self.batches),
+            journal_bytes_written: g(&self.journal_bytes_written),
+            checkpoints: g(&self.checkpoints),
+            metadata_cache_bytes: g(&self.metadata_cache_bytes),
+            metadata_cache_bytes_peak: g(&self.metadata_cache_bytes_peak),
+            metadata_cache_limit_bytes: g(&self.metadata_cache_limit_bytes),
+            metadata_page_loads: g(&self.metadata_page_loads),
+            metadata_page_evictions: g(&self.metadata_page_evictions),
+            corrupt_reads: g(&self.corrupt_reads),
+        }
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+
+/// A command to the engine thread. Processed in arrival order.
+#[derive(Debug)]
+#[allow(dead_code)] // skeleton: fields used once the engine thread is complete
+pub(crate) enum Cmd {
+    CheckGeneration {
+        volume: VolumeId,
+        gen: Generation,
+        tx: Reply<()>,
+    },
+    AssignSegment {
+        volume: VolumeId,
+        segment: SegmentIndex,
+        segment_blocks: u64,
+        tx: Reply<()>,
+    },
+    ReleaseSegment {
+        volume: VolumeId,
+        segment: SegmentIndex,
+        tx: Reply<()>,
+    },
+    Write {
+        volume: VolumeId,
+        start: BlockIndex,
+        crcs: Vec<u32>,
+        data: Bytes,
+        tx: Reply<()>,
+    },
+    Read {
+        volume: VolumeId,
+        epoch: Epoch,
+        start: BlockIndex,
+        count: u32,
+        tx: Reply<ReadResult>,
+    },
+    Flush {
+        tx: Reply<()>,
+    },
+    Trim {
+        volume: VolumeId,
+        range: BlockRange,
+        tx: Reply<()>,
+    },
+    Allocated {
+        volume: VolumeId,
+        range: BlockRange,
+        tx: Reply<Vec<u8>>,
+    },
+    Snapshot {
+        volume: VolumeId,
+        epoch: Epoch,
+        tx: Reply<()>,
+    },
+    ChangedBlocks {
+        volume: VolumeId,
+        segment: SegmentIndex,
+        from: Epoch,
+        to: Epoch,
+        tx: Reply<Vec<BlockRange>>,
+    },
+    DeleteLayer {
+        volume: VolumeId,
+        segment: SegmentIndex,
+        epoch: Epoch,
+        tx: Reply<()>,
+    },
+    Layers {
+        volume: VolumeId,
+        segment: SegmentIndex,
+        tx: Reply<Vec<Epoch>>,
+    },
+    WriteIntents {
+        volume: VolumeId,
+        tx: Reply<Vec<BlockRange>>,
+    },
+    ClearIntents {
+        volume: VolumeId,
+        ranges: Vec<BlockRange>,
+        tx: Reply<()>,
+    },
+    /// Test hook: wait until no extent is dirty or zeroing (or the timeout passes).
+    WaitZeroed {
+        tx: Reply<bool>,
+        deadline: std::time::Instant,
+    },
+    /// Forces a checkpoint now.
+    Checkpoint {
+        tx: Reply<()>,
+    },
+    /// Stops the thread at once: no checkpoint, queued commands dropped (a simulated crash).
+    Crash,
+    /// Clean stop: finish queued commands, checkpoint, close.
+    Shutdown,
+}
+
+/// Owns the disk. Dropping it stops the engine cleanly (as [`Engine::shutdown`]).
+#[derive(Debug)]
+pub struct Engine {
+    tx: mpsc::Sender<Cmd>,
+    thread: Option<JoinHandle<Result<(), EngineError>>>,
+}
+
+/// Cheap to clone; every method talks to the engine thread by channel.
+#[derive(Clone, Debug)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Cmd>,
+    node_id: NodeId,
+    stats: Arc<StatsCell>,
+    segments: Arc<RwLock<Vec<(VolumeId, SegmentIndex, u64)>>>,
+}
+
+impl Engine {
+    /// Opens a formatted disk, replays its journal and starts the engine thread.
+    pub fn open(path: &Path, opts: EngineOptions) -> Result<(Engine, EngineHandle), EngineError> {
+        let stats = Arc::new(StatsCell::default());
+        let segments = Arc::new(RwLock::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let (core, node_id) = core::Core::open(path, opts, Arc::clone(&stats), Arc::clone(&segments))?;
+        let thread = std::thread::Builder::new()
+            .name(format!("slate-engine-{}", path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into())))
+            .spawn(move || core.run(&rx))
+            .map_err(EngineError::Io)?;
+        let handle = EngineHandle { tx: tx.clone(), node_id, stats, segments };
+        Ok((Engine { tx, thread: Some(thread) }, handle))
+    }
+
+    /// Clean stop: queued commands are finished, a checkpoint is written, the disk closed.
+    pub fn shutdown(mut self) -> Result<(), EngineError> {
+        self.stop(Cmd::Shutdown)
+    }
+
+    /// Simulated crash (for tests): the engine thread stops at once, without a
+    /// checkpoint; queued and in-progress commands get no reply (their callers
+    /// see [`EngineError::ShuttingDown`]). The on-disk state is whatever the
+    /// last completed I/O left, exactly as after a process kill.
+    pub fn crash(mut self) -> Result<(), EngineError> {
+        self.stop(Cmd::Crash)
+    }
+
+    fn stop(&mut self, cmd: Cmd) -> Result<(), EngineError> {
+        let Some(thread) = self.thread.take() else { return Ok(()) };
+        let _ = self.tx.send(cmd);
+        match thread.join() {
+            Ok(r) => r,
+            Err(_) => Err(EngineError::Failed("engine thread panicked".into())),
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop(Cmd::Shutdown) {
+            tracing::warn!(error = %e, "engine shutdown on drop failed");
+        }
+    }
+}
+
+impl EngineHandle {
+    /// The node recorded in the disk's superblock.
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).map_err(|_| EngineError::ShuttingDown)?;
+        rx.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+
+    /// Fencing: Ok if `gen` >= the highest generation persisted for `volume` (raising it
+    /// durably if greater); `StaleGeneration` if older. Survives restart.
+    pub async fn check_generation(&self, volume: VolumeId, gen: Generation) -> Result<(), EngineError> {
+        self.call(|tx| Cmd::CheckGeneration { volume, gen, tx }).await
+    }
+
+    /// Records that this node holds `segment` of `volume` (idempotent; a different
+    /// `segment_blocks` for an existing segment is refused). Extents are allocated lazily.
+    pub async fn assign_segment(
+        &self,
+        volume: VolumeId,
+        segment: SegmentIndex,
+        segment_blocks: u64,
+    ) -> Result<(), EngineError> {
+        self.call(|tx| Cmd::AssignSegment { volume, segment, segment_blocks, tx }).await
+    }
+
+    /// Drops the segment: all its layers' extents go to dirty, then zeroing. Idempotent.
+    pub async fn release_segment(&self, volume: VolumeId, segment: SegmentIndex) -> Result<(), EngineError> {
+        self.call(|tx| Cmd::ReleaseSegment { volume, segment, tx }).await
+    }
+
+    /// The segments held: (volume, segment, segment_blocks).
+    pub fn segments(&self) -> Vec<(VolumeId, SegmentIndex, u64)> {
+        self.segments.read().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Writes `crcs.len()` whole blocks from `start` (volume block numbers, within one
+    /// segment). Checks each crc on arrival (`BadCrc`). Durable when it returns Ok.
+    pub async fn write(
+        &self,
+        volume: VolumeId,
+        start: BlockIndex,
+        crcs: Vec<u32>,
+        data: Bytes,
+    ) -> Result<(), EngineError> {
+        self.call(|tx| Cmd::Write { volume, start, crcs, data, tx }).await
+    }
+
+    /// Reads `count` blocks of the head (writable layer) from `start`; checks the stored
+    /// crc of every written block (`Corrupt`).
+    pub async fn read(&self, volume: VolumeId, start: BlockIndex, count: u32) -> Result<ReadResult, EngineError> {
+        self.call(|tx| Cmd::Read { volume, epoch: HEAD_EPOCH, start, count, tx }).await
+    }
+
+    /// Reads blocks as they were in the snapshot frozen at `epoch` (`HEAD_EPOCH`: the head).
+    pub async fn read_at(
+        &self,
+        volume: VolumeId,
+        epoch: Epoch,
+        start: BlockIndex,
+        count: u32,
+    ) -> Result<ReadResult, EngineError> {
+        self.call(|tx| Cmd::Read { volume, epoch, start, count, tx }).await
+    }
+
+    /// A barrier: every write acknowledged before it is durable (they are already).
+    pub async fn flush(&self, _volume: VolumeId) -> Result<(), EngineError> {
+        self.call(|tx| Cmd::Flush { tx }).await
+    }
+
+    /// Blocks read as unwritten (zeros) afterwards; whole extents are released to zeroing.
+    pub async fn trim(&self, volume: VolumeId, range: BlockRange) -> Result<(), EngineError> {
+        self.call(|tx| Cmd::Trim { volume, range, tx }).await
+    }
+
+    /// Same visible result as [`Self::trim`]: the blocks read as zeros.
+    pub async fn write_zeroes(&self, volume: VolumeId, range: BlockRange) -> Result<(), EngineError> {
+        self.call(|tx| Cmd::Trim { volume, range, tx }).await
+    }
+
+    /// One bit per block of `range` (LSB first): set where the block holds data (any layer).
+    pub async fn allocated(&self, volume: VolumeId, range: BlockRange) -> Result<Vec<u8>, EngineError> {
+        self.call(|tx| Cmd::Allocated { volume, range, tx }).await
+    }
+
+    /// Freezes the head layer of every local segment of `volume` at `epoch` (which must be
+    /// greater than every earlier snapshot epoch of those segments; repeating the latest
+    /// one is a no-op). Later writes go to a new head layer.
+    pub async fn snapshot(&self, volume: VolumeId, epoch: Epoch) -> Result<(), EngineError> {
+        self.call(|tx| Cmd::Snapshot { volume, epoch, tx }).await
+    }
+
+    /// Blocks written or trimmed in the layers frozen after `from` up to and including `to`
+    /// (`from = Epoch(0)`: from the beginning; `to = HEAD_EPOCH`: including the head).
+    pub async fn changed_blocks(
+        &self,
+        volume: VolumeId,
+        segment: SegmentIndex,
+        from: Epoch,
+        to: Epoch,
+    ) -> Result<Vec<BlockRange>, EngineError> {
+        self.call(|tx| Cmd::ChangedBlocks { volume, segment, from, to, tx }).await
+    }
+
+    /// Deletes the snapshot frozen at `epoch`: its layer is folded into the next newer
+    /// layer (blocks still visible there are moved or copied), then its extents go to
+    /// dirty and zeroing. Reads of newer layers are unchanged.
+    pub async fn delete_layer(&self, volume: VolumeId, segment: SegmentIndex, epoch: Epoch) -> Result<(), EngineError> {
+        self.call(|tx| Cmd::DeleteLayer { volume, segment, epoch, tx }).await
+    }
+
+    /// The snapshot epochs of a segment, oldest first (the head is not listed).
+    pub async fn layers(&self, volume: VolumeId, segment: SegmentIndex) -> Result<Vec<Epoch>, EngineError> {
+        self.call(|tx| Cmd::Layers { volume, segment, tx }).await
+    }
+
+    /// Regions (volume blocks) that may hold incomplete writes or differ between replicas.
+    pub async fn write_intents(&self, volume: VolumeId) -> Result<Vec<BlockRange>, EngineError> {
+        self.call(|tx| Cmd::WriteIntents { volume, tx }).await
+    }
+
+    /// Clears intent regions fully covered by `ranges` (after the client reconciled them).
+    pub async fn clear_intents(&self, volume: VolumeId, ranges: Vec<BlockRange>) -> Result<(), EngineError> {
+        self.call(|tx| Cmd::ClearIntents { volume, ranges, tx }).await
+    }
+
+    /// Waits until no extent is dirty or zeroing; false if `timeout` passed first.
+    pub async fn wait_zeroed(&self, timeout: std::time::Duration) -> Result<bool, EngineError> {
+        let deadline = std::time::Instant::now() + timeout;
+        self.call(|tx| Cmd::WaitZeroed { tx, deadline }).await
+    }
+
+    /// Writes a checkpoint now (dirty metadata pages home, journal tail advanced).
+    pub async fn checkpoint(&self) -> Result<(), EngineError> {
+        self.call(|tx| Cmd::Checkpoint { tx }).await
+    }
+
+    /// Counters for metrics.
+    pub fn stats(&self) -> EngineStats {
+        self.stats.snapshot()
+    }
+}
