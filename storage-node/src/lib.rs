@@ -2,3 +2,14 @@
 //! checksums, layers, verified zeroing).
 
 pub mod engine;
+
+// Data-plane server side: sessions and capability checks, the TCP server, the
+// reusable client, metrics, local admin, configuration, and the node assembly.
+pub mod admin;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod metrics;
+pub mod node;
+pub mod server;
+pub mod session;

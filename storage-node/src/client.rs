@@ -1,0 +1,306 @@
+//! An async data-plane client for one storage node.
+//!
+//! One TCP connection, one session (opened by a hello carrying a signed
+//! capability), many requests in flight. [`NodeClient`] is a cheap, cloneable
+//! handle: a writer task owns the socket's write half and sends frames in the
+//! order [`NodeClient::start`] was called; a reader task owns the read half and
+//! completes each pending request by its id, so replies may come back in any
+//! order. Because `start` enqueues synchronously, a caller that issues
+//! overlapping writes one after another knows they reach the node in that order
+//! (the node then applies them in that order): the volume client relies on it
+//! to keep replicas identical.
+//!
+//! Errors are typed: a node's error reply becomes [`ClientError::Remote`] with
+//! the wire error kind; a lost connection fails every pending request with
+//! [`ClientError::Closed`].
+
+use bytes::{Bytes, BytesMut};
+use slate_protocol::message::BlockRange;
+use slate_protocol::{
+    decode_frame, encode_request, BlockIndex, NodeId, Reply, Request, SignedCapability, Target, WireError,
+    BLOCK_SIZE_BYTES, PROTOCOL_VERSION,
+};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+/// Why a request did not succeed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// The node answered with an error.
+    #[error("node refused: {0}")]
+    Remote(WireError),
+    /// The connection is gone (closed by the node, reset, or the client was dropped).
+    #[error("connection closed: {0}")]
+    Closed(String),
+    /// Connecting failed.
+    #[error("connect to {addr}: {detail}")]
+    Connect { addr: SocketAddr, detail: String },
+    /// The node sent something this client does not understand.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The wire error kind, when the node refused the request.
+    pub fn kind(&self) -> Option<slate_protocol::ErrorKind> {
+        match self {
+            Self::Remote(e) => Some(e.kind),
+            _ => None,
+        }
+    }
+}
+
+type Pending = Arc<Mutex<PendingMap>>;
+
+#[derive(Debug, Default)]
+struct PendingMap {
+    waiting: HashMap<u64, oneshot::Sender<Result<Reply, ClientError>>>,
+    /// Set once the connection is gone; later requests fail at once with it.
+    closed: Option<ClientError>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    frames: mpsc::UnboundedSender<Bytes>,
+    pending: Pending,
+    next_id: AtomicU64,
+    node: NodeId,
+    peer: SocketAddr,
+    capability: SignedCapability,
+}
+
+/// A session with one storage node. Clone it freely; all clones share the connection.
+#[derive(Clone, Debug)]
+pub struct NodeClient {
+    inner: Arc<Inner>,
+}
+
+/// The reply to one request, resolved when it arrives.
+#[derive(Debug)]
+pub struct ReplyFuture {
+    state: ReplyState,
+}
+
+#[derive(Debug)]
+enum ReplyState {
+    Waiting(oneshot::Receiver<Result<Reply, ClientError>>),
+    Failed(Option<ClientError>),
+}
+
+impl Future for ReplyFuture {
+    type Output = Result<Reply, ClientError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.state {
+            ReplyState::Failed(e) => {
+                Poll::Ready(Err(e.take().unwrap_or_else(|| ClientError::Closed("polled twice".into()))))
+            }
+            ReplyState::Waiting(rx) => match Pin::new(rx).poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(r)) => Poll::Ready(r),
+                Poll::Ready(Err(_)) => Poll::Ready(Err(ClientError::Closed("connection task ended".into()))),
+            },
+        }
+    }
+}
+
+fn fail_all(pending: &Pending, err: &ClientError) {
+    let waiting = {
+        let mut p = pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if p.closed.is_none() {
+            p.closed = Some(err.clone());
+        }
+        std::mem::take(&mut p.waiting)
+    };
+    for (_, tx) in waiting {
+        let _ = tx.send(Err(err.clone()));
+    }
+}
+
+impl NodeClient {
+    /// Connects, sends the hello with `capability` and waits for the node to accept it.
+    pub async fn connect(addr: SocketAddr, capability: SignedCapability) -> Result<Self, ClientError> {
+        let stream =
+            TcpStream::connect(addr).await.map_err(|e| ClientError::Connect { addr, detail: e.to_string() })?;
+        let _ = stream.set_nodelay(true);
+        let (rd, wr) = stream.into_split();
+        let pending: Pending = Arc::default();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(wr, rx, pending.clone()));
+        tokio::spawn(read_loop(rd, pending.clone()));
+
+        // The hello is request id 0's successor: ids start at 1 so that 0 means "connection-level".
+        let (hello_tx, hello_rx) = oneshot::channel();
+        pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).waiting.insert(1, hello_tx);
+        let hello = Request::Hello { version: PROTOCOL_VERSION, capability: capability.clone() };
+        tx.send(encode_request(1, &hello)).map_err(|_| ClientError::Closed("writer ended".into()))?;
+        let reply = hello_rx.await.map_err(|_| ClientError::Closed("connection task ended".into()))??;
+        let node = match reply {
+            Reply::HelloOk { version, node } if version == PROTOCOL_VERSION => node,
+            Reply::HelloOk { version, .. } => {
+                return Err(ClientError::Protocol(format!("node speaks version {version}")))
+            }
+            Reply::Error(e) => return Err(ClientError::Remote(e)),
+            other => return Err(ClientError::Protocol(format!("unexpected hello reply {other:?}"))),
+        };
+        let inner = Inner { frames: tx, pending, next_id: AtomicU64::new(2), node, peer: addr, capability };
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// The node's id, as it announced in its hello reply.
+    pub fn node(&self) -> NodeId {
+        self.inner.node
+    }
+
+    /// The node's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.inner.peer
+    }
+
+    /// The volume and generation of this session's capability (what requests are normally tagged with).
+    pub fn target(&self) -> Target {
+        let c = &self.inner.capability.claims;
+        Target { volume: c.volume, generation: c.generation }
+    }
+
+    /// Sends `req` now (frames leave in the order of `start` calls) and returns its reply's future.
+    pub fn start(&self, req: &Request) -> ReplyFuture {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut p = self.inner.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(e) = &p.closed {
+                return ReplyFuture { state: ReplyState::Failed(Some(e.clone())) };
+            }
+            p.waiting.insert(id, tx);
+            // Encoding under the lock keeps the channel order equal to the call order across threads.
+            if self.inner.frames.send(encode_request(id, req)).is_err() {
+                p.waiting.remove(&id);
+                return ReplyFuture { state: ReplyState::Failed(Some(ClientError::Closed("writer ended".into()))) };
+            }
+        }
+        ReplyFuture { state: ReplyState::Waiting(rx) }
+    }
+
+    /// Sends `req` and waits for its reply; an error reply becomes [`ClientError::Remote`].
+    pub async fn request(&self, req: Request) -> Result<Reply, ClientError> {
+        match self.start(&req).await? {
+            Reply::Error(e) => Err(ClientError::Remote(e)),
+            r => Ok(r),
+        }
+    }
+
+    /// Writes whole blocks at `start` under this session's target, computing their crcs.
+    pub async fn write_blocks(&self, start: BlockIndex, data: Bytes) -> Result<(), ClientError> {
+        let req = write_request(self.target(), start, data)?;
+        match self.request(req).await? {
+            Reply::Done => Ok(()),
+            other => Err(ClientError::Protocol(format!("unexpected write reply {other:?}"))),
+        }
+    }
+
+    /// Reads `count` blocks at `start`; checks every written block's crc; unwritten blocks are zeros.
+    pub async fn read_blocks(&self, start: BlockIndex, count: u32) -> Result<Bytes, ClientError> {
+        let req = Request::Read { target: self.target(), start, count };
+        match self.request(req).await? {
+            Reply::Data { written, crcs, data } => {
+                check_data(start, count, &written, &crcs, &data)?;
+                Ok(data)
+            }
+            other => Err(ClientError::Protocol(format!("unexpected read reply {other:?}"))),
+        }
+    }
+
+    /// Unmaps blocks.
+    pub async fn trim(&self, range: BlockRange) -> Result<(), ClientError> {
+        self.request(Request::Trim { target: self.target(), range }).await.map(drop)
+    }
+
+    /// Durability barrier.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        self.request(Request::Flush { target: self.target() }).await.map(drop)
+    }
+}
+
+/// Builds a write request for whole blocks, computing each block's crc32c.
+pub fn write_request(target: Target, start: BlockIndex, data: Bytes) -> Result<Request, ClientError> {
+    if data.is_empty() || !data.len().is_multiple_of(BLOCK_SIZE_BYTES) {
+        return Err(ClientError::Protocol(format!("write of {} bytes is not whole blocks", data.len())));
+    }
+    let crcs = data.chunks(BLOCK_SIZE_BYTES).map(slate_protocol::block_crc).collect();
+    Ok(Request::Write { target, start, fua: false, crcs, data })
+}
+
+/// Checks a data reply against the request and every written block against its crc.
+pub fn check_data(start: BlockIndex, count: u32, written: &[u8], crcs: &[u32], data: &[u8]) -> Result<(), ClientError> {
+    let n = count as usize;
+    if crcs.len() != n || data.len() != n * BLOCK_SIZE_BYTES || written.len() != n.div_ceil(8) {
+        return Err(ClientError::Protocol("read reply has the wrong size".into()));
+    }
+    for (i, (block, crc)) in data.chunks(BLOCK_SIZE_BYTES).zip(crcs).enumerate() {
+        let ok = if slate_protocol::message::bit(written, i) {
+            slate_protocol::block_crc(block) == *crc
+        } else {
+            block.iter().all(|b| *b == 0)
+        };
+        if !ok {
+            let at = BlockIndex(start.0 + i as u64);
+            return Err(ClientError::Protocol(format!("block {at} does not match its crc in transit")));
+        }
+    }
+    Ok(())
+}
+
+async fn write_loop(wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Bytes>, pending: Pending) {
+    let mut wr = BufWriter::with_capacity(256 << 10, wr);
+    while let Some(frame) = rx.recv().await {
+        let mut result = wr.write_all(&frame).await;
+        while result.is_ok() {
+            match rx.try_recv() {
+                Ok(f) => result = wr.write_all(&f).await,
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = result.and(wr.flush().await) {
+            fail_all(&pending, &ClientError::Closed(format!("write: {e}")));
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+async fn read_loop(mut rd: OwnedReadHalf, pending: Pending) {
+    let mut buf = BytesMut::with_capacity(1 << 20);
+    let why = loop {
+        match decode_frame(&mut buf) {
+            Err(e) => break ClientError::Protocol(format!("bad frame from node: {e}")),
+            Ok(Some(payload)) => match Reply::decode(&payload) {
+                Err(e) => break ClientError::Protocol(format!("bad reply from node: {e}")),
+                Ok((0, Reply::Error(e))) => break ClientError::Remote(e),
+                Ok((id, reply)) => {
+                    let tx = pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).waiting.remove(&id);
+                    match tx {
+                        Some(tx) => {
+                            let _ = tx.send(Ok(reply));
+                        }
+                        None => break ClientError::Protocol(format!("reply for unknown request id {id}")),
+                    }
+                }
+            },
+            Ok(None) => match rd.read_buf(&mut buf).await {
+                Ok(0) => break ClientError::Closed("closed by node".into()),
+                Ok(_) => {}
+                Err(e) => break ClientError::Closed(format!("read: {e}")),
+            },
+        }
+    };
+    fail_all(&pending, &why);
+}

@@ -1,0 +1,325 @@
+//! Prometheus metrics of the storage node and the tiny HTTP endpoint that serves them.
+//!
+//! The data-plane server counts requests, bytes, latencies and errors as they
+//! happen; the engine's own counters (extents by state, zeroing, disk I/O,
+//! fsyncs) are read from a cheap stats snapshot at scrape time, so the engine
+//! thread never touches the registry. The endpoint is a deliberately minimal
+//! HTTP/1.1 responder on tokio (one `GET /metrics` per connection): a full web
+//! framework would cost more to build than everything else in the node.
+
+use crate::engine::EngineHandle;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use slate_protocol::{ErrorKind, Request};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// A data-plane operation, as a label.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Op {
+    Hello,
+    Write,
+    Read,
+    Flush,
+    Trim,
+    WriteZeroes,
+    Snapshot,
+    ChangedBlocks,
+    DeleteLayer,
+    WriteIntents,
+    ClearIntents,
+    AssignSegment,
+    ReleaseSegment,
+    Allocated,
+}
+
+impl Op {
+    /// The operation of a request.
+    pub fn of(req: &Request) -> Self {
+        match req {
+            Request::Hello { .. } => Self::Hello,
+            Request::Write { .. } => Self::Write,
+            Request::Read { .. } => Self::Read,
+            Request::Flush { .. } => Self::Flush,
+            Request::Trim { .. } => Self::Trim,
+            Request::WriteZeroes { .. } => Self::WriteZeroes,
+            Request::Snapshot { .. } => Self::Snapshot,
+            Request::ChangedBlocks { .. } => Self::ChangedBlocks,
+            Request::DeleteLayer { .. } => Self::DeleteLayer,
+            Request::WriteIntents { .. } => Self::WriteIntents,
+            Request::ClearIntents { .. } => Self::ClearIntents,
+            Request::AssignSegment { .. } => Self::AssignSegment,
+            Request::ReleaseSegment { .. } => Self::ReleaseSegment,
+            Request::Allocated { .. } => Self::Allocated,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: Op,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpResultLabels {
+    pub op: Op,
+    pub result: ResultLabel,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum ResultLabel {
+    Ok,
+    Error,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+/// Every metric of the node. Cheap to share (`Arc`); updates are lock-free.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<OpResultLabels, Counter>,
+    pub request_bytes: Family<OpLabels, Counter>,
+    pub request_seconds: Family<OpLabels, Histogram>,
+    pub errors: Family<KindLabels, Counter>,
+    pub sessions_active: Gauge,
+    pub sessions_opened: Counter,
+    pub sessions_refused: Family<KindLabels, Counter>,
+    pub connections_active: Gauge,
+    pub malformed_frames: Counter,
+    extents: Family<StateLabels, Gauge>,
+    capacity_bytes: Gauge,
+    zeroed_bytes: Counter,
+    disk_ops: Family<DirectionLabels, Counter>,
+    disk_bytes: Family<DirectionLabels, Counter>,
+    fsyncs: Counter,
+    engine_last: Mutex<EngineTotals>,
+}
+
+/// Engine totals last copied into the counters (counters only go up by deltas).
+#[derive(Debug, Default, Clone, Copy)]
+struct EngineTotals {
+    zeroed_bytes: u64,
+    reads: u64,
+    writes: u64,
+    read_bytes: u64,
+    write_bytes: u64,
+    fsyncs: u64,
+}
+
+fn bump(counter: &Counter, last: &mut u64, now: u64) {
+    if now > *last {
+        counter.inc_by(now - *last);
+    }
+    *last = now.max(*last);
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new(zero_rate_bytes_per_sec: u64) -> Arc<Self> {
+        let mut registry = Registry::with_prefix("slate_node");
+        let requests = Family::<OpResultLabels, Counter>::default();
+        registry.register("requests", "Data-plane requests handled, by operation and result", requests.clone());
+        let request_bytes = Family::<OpLabels, Counter>::default();
+        registry.register("request_bytes", "Block bytes written or read by the data plane", request_bytes.clone());
+        let request_seconds =
+            Family::<OpLabels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(25e-6, 2.0, 18)));
+        registry.register("request_duration_seconds", "Data-plane request latency", request_seconds.clone());
+        let errors = Family::<KindLabels, Counter>::default();
+        registry.register("errors", "Error replies sent, by wire error kind", errors.clone());
+        let sessions_active = Gauge::default();
+        registry.register("sessions_active", "Open data-plane sessions", sessions_active.clone());
+        let sessions_opened = Counter::default();
+        registry.register("sessions_opened", "Sessions accepted (capability verified)", sessions_opened.clone());
+        let sessions_refused = Family::<KindLabels, Counter>::default();
+        registry.register("sessions_refused", "Hellos refused, by reason", sessions_refused.clone());
+        let connections_active = Gauge::default();
+        registry.register("connections_active", "Open data-plane TCP connections", connections_active.clone());
+        let malformed_frames = Counter::default();
+        registry.register("malformed_frames", "Connections closed for a malformed frame", malformed_frames.clone());
+        let extents = Family::<StateLabels, Gauge>::default();
+        registry.register("extents", "Extents on this node's disk, by lifecycle state", extents.clone());
+        let capacity_bytes = Gauge::default();
+        registry.register("capacity_bytes", "Bytes of extent space on this node's disk", capacity_bytes.clone());
+        let zero_rate_limit: Gauge = Gauge::default();
+        zero_rate_limit.set(i64::try_from(zero_rate_bytes_per_sec).unwrap_or(i64::MAX));
+        registry.register(
+            "zero_rate_limit_bytes_per_second",
+            "Configured bound on background zeroing",
+            zero_rate_limit.clone(),
+        );
+        let zeroed_bytes = Counter::default();
+        registry.register(
+            "zeroed_bytes",
+            "Bytes overwritten with zeros and verified by the zeroer (rate() gives the zeroing rate)",
+            zeroed_bytes.clone(),
+        );
+        let disk_ops = Family::<DirectionLabels, Counter>::default();
+        registry.register("disk_ops", "Block I/Os issued by the engine", disk_ops.clone());
+        let disk_bytes = Family::<DirectionLabels, Counter>::default();
+        registry.register("disk_bytes", "Bytes moved by the engine's block I/O", disk_bytes.clone());
+        let fsyncs = Counter::default();
+        registry.register("fsyncs", "Durability syncs issued by the engine (group commit)", fsyncs.clone());
+        Arc::new(Self {
+            registry,
+            requests,
+            request_bytes,
+            request_seconds,
+            errors,
+            sessions_active,
+            sessions_opened,
+            sessions_refused,
+            connections_active,
+            malformed_frames,
+            extents,
+            capacity_bytes,
+            zeroed_bytes,
+            disk_ops,
+            disk_bytes,
+            fsyncs,
+            engine_last: Mutex::new(EngineTotals::default()),
+        })
+    }
+
+    /// Records one finished request.
+    pub fn observe(&self, op: Op, elapsed: Duration, block_bytes: u64, error: Option<ErrorKind>) {
+        let result = if error.is_some() { ResultLabel::Error } else { ResultLabel::Ok };
+        self.requests.get_or_create(&OpResultLabels { op, result }).inc();
+        self.request_seconds.get_or_create(&OpLabels { op }).observe(elapsed.as_secs_f64());
+        if block_bytes > 0 {
+            self.request_bytes.get_or_create(&OpLabels { op }).inc_by(block_bytes);
+        }
+        if let Some(kind) = error {
+            self.error(kind);
+        }
+    }
+
+    /// Counts one error reply.
+    pub fn error(&self, kind: ErrorKind) {
+        self.errors.get_or_create(&KindLabels { kind: format!("{kind:?}") }).inc();
+    }
+
+    /// Copies the engine's counters into the registry (called at scrape time).
+    pub fn observe_engine(&self, engine: &EngineHandle) {
+        let s = engine.stats();
+        for (state, n) in [
+            ("free", s.extents_free),
+            ("owned", s.extents_owned),
+            ("dirty", s.extents_dirty),
+            ("zeroing", s.extents_zeroing),
+            ("failed", s.extents_failed),
+        ] {
+            self.extents.get_or_create(&StateLabels { state }).set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        self.capacity_bytes.set(i64::try_from(s.capacity_bytes).unwrap_or(i64::MAX));
+        let mut last = self.engine_last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        bump(&self.zeroed_bytes, &mut last.zeroed_bytes, s.bytes_zeroed_total);
+        bump(&self.fsyncs, &mut last.fsyncs, s.fsyncs);
+        let read = DirectionLabels { direction: "read" };
+        let write = DirectionLabels { direction: "write" };
+        bump(&self.disk_ops.get_or_create(&read), &mut last.reads, s.reads);
+        bump(&self.disk_ops.get_or_create(&write), &mut last.writes, s.writes);
+        bump(&self.disk_bytes.get_or_create(&read), &mut last.read_bytes, s.bytes_read);
+        bump(&self.disk_bytes.get_or_create(&write), &mut last.write_bytes, s.bytes_written);
+    }
+
+    /// The registry in the OpenMetrics text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Counter of scrapes, to make the endpoint's own liveness visible in logs at debug level.
+static SCRAPES: AtomicU64 = AtomicU64::new(0);
+
+/// Serves `GET /metrics` on `listener` until `shutdown` fires.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    engine: EngineHandle,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let (mut stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = crate::server::stopping(&mut shutdown) => return,
+        };
+        let metrics = metrics.clone();
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let answer = tokio::time::timeout(Duration::from_secs(10), async {
+                let mut req = Vec::with_capacity(1024);
+                let mut chunk = [0u8; 1024];
+                // Read the request head (bounded); the body of a GET is ignored.
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+                    let n = stream.read(&mut chunk).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    req.extend_from_slice(&chunk[..n]);
+                }
+                let line = req.split(|b| *b == b'\r' || *b == b'\n').next().unwrap_or_default();
+                let line = String::from_utf8_lossy(line);
+                let mut parts = line.split_whitespace();
+                let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                let (status, ctype, body) = if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?"))
+                {
+                    metrics.observe_engine(&engine);
+                    SCRAPES.fetch_add(1, Ordering::Relaxed);
+                    ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render())
+                } else if method == "GET" && path == "/health" {
+                    ("200 OK", "text/plain", "ok\n".to_owned())
+                } else {
+                    ("404 Not Found", "text/plain", "not found: try /metrics\n".to_owned())
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                stream.write_all(head.as_bytes()).await?;
+                stream.write_all(body.as_bytes()).await?;
+                stream.shutdown().await
+            })
+            .await;
+            if let Ok(Err(e)) = answer {
+                tracing::debug!(%peer, error = %e, "metrics request failed");
+            }
+        });
+    }
+}
+
+/// How many times `/metrics` was served since start.
+pub fn scrapes() -> u64 {
+    SCRAPES.load(Ordering::Relaxed)
+}

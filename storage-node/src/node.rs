@@ -1,0 +1,128 @@
+//! A whole storage node in one value: engine, data-plane server, metrics and admin endpoints.
+//!
+//! `slate-node serve` and `slate-node demo` both start a node through
+//! [`RunningNode::start`], so the demo runs exactly what an operator runs. The
+//! node stops in a fixed order: stop accepting, let in-flight requests finish
+//! and their replies go out, then shut the engine down (which makes
+//! everything durable) — so a clean stop never loses an acknowledged write and
+//! never leaves a reply unsent.
+
+use crate::config::NodeConfig;
+use crate::engine::{Engine, EngineHandle, EngineOptions};
+use crate::metrics::Metrics;
+use crate::server::{Server, ServerOptions};
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+/// A started node.
+#[derive(Debug)]
+pub struct RunningNode {
+    /// Where the data plane listens.
+    pub addr: SocketAddr,
+    /// Where `/metrics` is served, if configured.
+    pub metrics_addr: Option<SocketAddr>,
+    engine: Option<Engine>,
+    handle: EngineHandle,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningNode {
+    /// Opens the disk (replaying its journal), applies the config's static
+    /// assignments, and starts serving.
+    pub async fn start(cfg: &NodeConfig) -> anyhow::Result<Self> {
+        cfg.validate()?;
+        let verifying_key = cfg.verifying_key()?;
+        let disk = cfg.disks[0].clone();
+        let opts = EngineOptions {
+            zero_rate_bytes_per_sec: cfg.zero_rate_bytes_per_sec,
+            metadata_cache_bytes: cfg.metadata_cache_bytes,
+            ..EngineOptions::default()
+        };
+        let disk_for_open = disk.clone();
+        let (engine, handle) = tokio::task::spawn_blocking(move || Engine::open(&disk_for_open, opts))
+            .await
+            .context("engine open task")?
+            .with_context(|| format!("opening disk {}", disk.display()))?;
+        if handle.node_id() != cfg.node_id {
+            anyhow::bail!(
+                "disk {} was formatted for {} but the config says {}",
+                disk.display(),
+                handle.node_id(),
+                cfg.node_id
+            );
+        }
+        info!(disk = %disk.display(), node = %cfg.node_id, "engine open");
+        for a in &cfg.assignments {
+            handle
+                .assign_segment(a.volume, a.segment, a.segment_blocks)
+                .await
+                .with_context(|| format!("assigning {} {} from the config", a.volume, a.segment))?;
+        }
+
+        let metrics = Metrics::new(cfg.zero_rate_bytes_per_sec);
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let server_opts = ServerOptions {
+            node_id: cfg.node_id,
+            verifying_key,
+            max_inflight_bytes_per_connection: usize::try_from(cfg.max_inflight_bytes_per_connection)
+                .context("max_inflight_bytes_per_connection")?,
+        };
+        let server = Server::bind(cfg.listen, server_opts, handle.clone(), metrics.clone())
+            .await
+            .with_context(|| format!("binding data plane on {}", cfg.listen))?;
+        let addr = server.local_addr()?;
+        tasks.push(tokio::spawn(server.run(shutdown_rx.clone())));
+
+        let metrics_addr = match cfg.metrics_listen {
+            Some(a) => {
+                let l = TcpListener::bind(a).await.with_context(|| format!("binding metrics on {a}"))?;
+                let bound = l.local_addr()?;
+                tasks.push(tokio::spawn(crate::metrics::serve(
+                    l,
+                    metrics.clone(),
+                    handle.clone(),
+                    shutdown_rx.clone(),
+                )));
+                Some(bound)
+            }
+            None => None,
+        };
+        if let Some(path) = &cfg.admin_socket {
+            let l = crate::admin::bind(path).with_context(|| format!("binding admin socket {}", path.display()))?;
+            tasks.push(tokio::spawn(crate::admin::serve(l, path.clone(), handle.clone(), shutdown_rx.clone())));
+        }
+        info!(%addr, metrics = ?metrics_addr, "storage node serving");
+        Ok(Self { addr, metrics_addr, engine: Some(engine), handle, metrics, shutdown, tasks })
+    }
+
+    /// The engine, for in-process callers (the demo, tests).
+    pub fn engine(&self) -> &EngineHandle {
+        &self.handle
+    }
+
+    /// The node's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Stops accepting, finishes in-flight requests, then shuts the engine down.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        for t in std::mem::take(&mut self.tasks) {
+            let _ = t.await;
+        }
+        if let Some(engine) = self.engine.take() {
+            tokio::task::spawn_blocking(move || engine.shutdown()).await.context("engine shutdown task")??;
+        }
+        info!("storage node stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,385 @@
+//! The data-plane TCP server: sessions, pipelining, backpressure, dispatch to the engine.
+//!
+//! Each connection has three parts:
+//!
+//! - a **reader loop** that cuts the byte stream into frames, decodes and
+//!   authorizes each request in arrival order, registers it with the
+//!   connection's [`OrderTracker`] (so overlapping mutations reach the engine in
+//!   that order) and spawns one task per request;
+//! - **request tasks** that wait for their dependencies, call the engine and
+//!   hand the encoded reply to the writer;
+//! - a **writer task** that owns the socket's write half and sends replies as
+//!   they complete, out of order, matched by id.
+//!
+//! Memory is bounded per connection by a semaphore counted in bytes: a request
+//! takes permits for its frame and its expected reply before it is dispatched,
+//! and gives them back when its reply has been written. When the budget is
+//! used up the reader stops reading, and TCP pushes back on the client.
+//!
+//! Failures stay as small as possible: a request that fails to decode or is
+//! refused gets a typed error reply and the session goes on; only a frame that
+//! cannot be trusted (bad checksum, oversized, empty) or a failed hello closes
+//! the connection. Shutdown stops reading, lets in-flight requests finish and
+//! flushes their replies.
+
+use crate::engine::{EngineError, EngineHandle};
+use crate::metrics::{Metrics, Op};
+use crate::session::{self, GenerationTable, OrderTracker, Session};
+use bytes::{Bytes, BytesMut};
+use ed25519_dalek::VerifyingKey;
+use slate_protocol::{
+    decode_frame, encode_reply, now_unix_secs, ErrorKind, FrameError, NodeId, Reply, Request, WireError,
+    BLOCK_SIZE_BYTES, PROTOCOL_VERSION,
+};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn, Instrument};
+
+/// How long a new connection may take to send its hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes charged to every request on top of its frame and reply, so that the
+/// number of requests in flight is bounded too.
+const REQUEST_OVERHEAD_BYTES: usize = 4096;
+
+/// What the server needs to know, beyond the engine.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub node_id: NodeId,
+    pub verifying_key: VerifyingKey,
+    pub max_inflight_bytes_per_connection: usize,
+}
+
+struct Ctx {
+    opts: ServerOptions,
+    engine: EngineHandle,
+    metrics: Arc<Metrics>,
+    gens: GenerationTable,
+}
+
+/// A bound data-plane listener, ready to serve.
+pub struct Server {
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("addr", &self.listener.local_addr().ok()).finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Binds the data-plane listener.
+    pub async fn bind(
+        addr: SocketAddr,
+        opts: ServerOptions,
+        engine: EngineHandle,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
+        assert!(
+            opts.max_inflight_bytes_per_connection >= 2 * slate_protocol::MAX_FRAME_PAYLOAD + REQUEST_OVERHEAD_BYTES,
+            "in-flight budget must hold one largest request and its reply"
+        );
+        let listener = TcpListener::bind(addr).await?;
+        Ok(Self { listener, ctx: Arc::new(Ctx { opts, engine, metrics, gens: GenerationTable::default() }) })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts and serves connections until `shutdown` becomes true, then waits
+    /// for every connection to finish its in-flight requests.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut conns = JoinSet::new();
+        let for_conns = shutdown.clone();
+        let mut next_conn: u64 = 0;
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        next_conn += 1;
+                        let span = tracing::info_span!("conn", id = next_conn, %peer);
+                        conns.spawn(serve_connection(stream, self.ctx.clone(), for_conns.clone()).instrument(span));
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving the others.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                () = stopping(&mut shutdown) => break,
+            }
+        }
+        drop(self.listener);
+        info!(connections = conns.len(), "data plane stopping: finishing in-flight requests");
+        while conns.join_next().await.is_some() {}
+        info!("data plane stopped");
+    }
+}
+
+/// Resolves once `rx` says the node is stopping (or its sender is gone).
+pub async fn stopping(rx: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is dropped here, never held across an await.
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// A reply on its way to the socket, with the budget it returns once written.
+struct Outgoing {
+    frame: Bytes,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+type ReplyTx = mpsc::UnboundedSender<Outgoing>;
+
+fn send(tx: &ReplyTx, id: u64, reply: &Reply, permit: Option<OwnedSemaphorePermit>) {
+    // A send error means the writer is gone (connection dead): nothing to tell.
+    let _ = tx.send(Outgoing { frame: encode_reply(id, reply), _permit: permit });
+}
+
+/// The id of a payload that failed to decode, if its header survived (kind: u8, id: u64 LE).
+fn salvage_id(payload: &[u8]) -> Option<u64> {
+    payload.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).filter(|id| *id != 0)
+}
+
+/// Bytes charged to a request: its frame, its reply, and a fixed overhead.
+fn cost_of(req: Option<&Request>, payload_len: usize) -> usize {
+    let reply = match req {
+        Some(Request::Read { count, .. }) => *count as usize * (BLOCK_SIZE_BYTES + 5),
+        _ => 0,
+    };
+    payload_len + reply + REQUEST_OVERHEAD_BYTES
+}
+
+async fn serve_connection(stream: TcpStream, ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
+    let _ = stream.set_nodelay(true);
+    ctx.metrics.connections_active.inc();
+    let (mut rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_loop(wr, rx));
+    let budget = Arc::new(Semaphore::new(ctx.opts.max_inflight_bytes_per_connection));
+    let mut buf = BytesMut::with_capacity(256 << 10);
+    let mut session: Option<Session> = None;
+    let mut order = OrderTracker::default();
+    let opened_at = Instant::now();
+
+    let why = loop {
+        // Cut one frame off the buffer, reading more as needed.
+        let payload = match decode_frame(&mut buf) {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                let read = async {
+                    if session.is_none() {
+                        let left = HELLO_TIMEOUT.saturating_sub(opened_at.elapsed());
+                        tokio::time::timeout(left, rd.read_buf(&mut buf)).await.unwrap_or_else(|_| {
+                            Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no hello in time"))
+                        })
+                    } else {
+                        rd.read_buf(&mut buf).await
+                    }
+                };
+                tokio::select! {
+                    r = read => match r {
+                        Ok(0) => break "closed by peer".to_owned(),
+                        Ok(_) => continue,
+                        Err(e) => break format!("read: {e}"),
+                    },
+                    () = stopping(&mut shutdown) => break "node shutting down".to_owned(),
+                }
+            }
+            Err(e) => {
+                ctx.metrics.malformed_frames.inc();
+                let kind =
+                    if matches!(e, FrameError::TooLarge(_)) { ErrorKind::TooLarge } else { ErrorKind::Malformed };
+                ctx.metrics.error(kind);
+                send(&tx, 0, &Reply::Error(WireError::new(kind, e.to_string())), None);
+                break format!("malformed frame: {e}");
+            }
+        };
+
+        let decoded = Request::decode(&payload);
+        let cost = cost_of(decoded.as_ref().ok().map(|(_, r)| r), payload.len());
+        // Backpressure: wait for budget before doing anything else with this request.
+        let permit = match u32::try_from(cost) {
+            Ok(n) => match budget.clone().acquire_many_owned(n).await {
+                Ok(p) => p,
+                Err(_) => break "budget closed".to_owned(),
+            },
+            Err(_) => break "request too large".to_owned(),
+        };
+        let (id, req) = match decoded {
+            Ok(x) => x,
+            Err(e) => {
+                ctx.metrics.error(ErrorKind::Malformed);
+                let err = WireError::new(ErrorKind::Malformed, e.to_string());
+                if let Some(id) = salvage_id(&payload) {
+                    debug!(id, error = %e, "undecodable request");
+                    send(&tx, id, &Reply::Error(err), Some(permit));
+                    continue;
+                }
+                send(&tx, 0, &Reply::Error(err), Some(permit));
+                break format!("undecodable request without an id: {e}");
+            }
+        };
+
+        let Some(sess) = &session else {
+            // The first request must be a hello; a failed hello closes the connection.
+            match hello(&ctx, &req).await {
+                Ok((s, reply)) => {
+                    send(&tx, id, &reply, Some(permit));
+                    session = Some(s);
+                    continue;
+                }
+                Err(err) => {
+                    ctx.metrics
+                        .sessions_refused
+                        .get_or_create(&crate::metrics::KindLabels { kind: format!("{:?}", err.kind) })
+                        .inc();
+                    ctx.metrics.error(err.kind);
+                    info!(kind = ?err.kind, detail = %err.detail, "session refused");
+                    send(&tx, id, &Reply::Error(err), Some(permit));
+                    break "session refused".to_owned();
+                }
+            }
+        };
+
+        let op = Op::of(&req);
+        if let Err(err) = sess.authorize(&req, now_unix_secs(), &ctx.gens) {
+            debug!(id, ?op, kind = ?err.kind, detail = %err.detail, "request refused");
+            ctx.metrics.observe(op, Duration::ZERO, 0, Some(err.kind));
+            send(&tx, id, &Reply::Error(err), Some(permit));
+            continue;
+        }
+
+        // Register in arrival order, then run concurrently.
+        let (deps, done) = order.arrive(session::ordering_of(&req));
+        let ctx = ctx.clone();
+        let tx = tx.clone();
+        let arrived = Instant::now();
+        tokio::spawn(async move {
+            deps.wait().await;
+            let (reply, block_bytes) = execute(&ctx.engine, req).await;
+            drop(done);
+            let error = match &reply {
+                Reply::Error(e) => Some(e.kind),
+                _ => None,
+            };
+            if let Some(kind) = error {
+                debug!(id, ?op, ?kind, "request failed");
+            }
+            ctx.metrics.observe(op, arrived.elapsed(), block_bytes, error);
+            send(&tx, id, &reply, Some(permit));
+        });
+    };
+
+    debug!(reason = %why, inflight_mutations = order.len(), "connection reader done");
+    if session.is_some() {
+        ctx.metrics.sessions_active.dec();
+    }
+    // The writer ends when the last request task drops its sender: in-flight requests finish first.
+    drop(tx);
+    let _ = writer.await;
+    ctx.metrics.connections_active.dec();
+}
+
+/// Opens a session: capability checks, then the durable generation check in the engine.
+async fn hello(ctx: &Ctx, req: &Request) -> Result<(Session, Reply), WireError> {
+    let Request::Hello { version, capability } = req else {
+        return Err(WireError::new(ErrorKind::NoSession, "the first request of a connection must be a hello"));
+    };
+    let s = session::open(*version, capability, &ctx.opts.verifying_key, ctx.opts.node_id, now_unix_secs())?;
+    let (volume, generation) = (s.claims.volume, s.claims.generation);
+    ctx.engine.check_generation(volume, generation).await.map_err(|e| e.to_wire())?;
+    ctx.gens.raise(volume, generation);
+    ctx.metrics.sessions_opened.inc();
+    ctx.metrics.sessions_active.inc();
+    info!(%volume, %generation, rights = ?s.claims.rights, expires = s.claims.expires_unix_secs, "session opened");
+    Ok((s, Reply::HelloOk { version: PROTOCOL_VERSION, node: ctx.opts.node_id }))
+}
+
+fn done(r: Result<(), EngineError>) -> Reply {
+    match r {
+        Ok(()) => Reply::Done,
+        Err(e) => Reply::Error(e.to_wire()),
+    }
+}
+
+/// Runs one authorized request against the engine. Returns the reply and the block bytes moved.
+async fn execute(engine: &EngineHandle, req: Request) -> (Reply, u64) {
+    let Some(target) = req.target() else {
+        return (Reply::Error(WireError::new(ErrorKind::NoSession, "hello sent twice")), 0);
+    };
+    let volume = target.volume;
+    match req {
+        Request::Hello { .. } => (Reply::Error(WireError::new(ErrorKind::NoSession, "hello sent twice")), 0),
+        Request::Write { start, crcs, data, .. } => {
+            let n = data.len() as u64;
+            let r = done(engine.write(volume, start, crcs, data).await);
+            let moved = if matches!(r, Reply::Done) { n } else { 0 };
+            (r, moved)
+        }
+        Request::Read { start, count, .. } => match engine.read(volume, start, count).await {
+            Ok(r) => {
+                let n = r.data.len() as u64;
+                (Reply::Data { written: r.written, crcs: r.crcs, data: r.data }, n)
+            }
+            Err(e) => (Reply::Error(e.to_wire()), 0),
+        },
+        Request::Flush { .. } => (done(engine.flush(volume).await), 0),
+        Request::Trim { range, .. } => (done(engine.trim(volume, range).await), 0),
+        Request::WriteZeroes { range, .. } => (done(engine.write_zeroes(volume, range).await), 0),
+        Request::Snapshot { epoch, .. } => (done(engine.snapshot(volume, epoch).await), 0),
+        Request::ChangedBlocks { segment, from, to, .. } => {
+            match engine.changed_blocks(volume, segment, from, to).await {
+                Ok(ranges) => (Reply::Ranges(ranges), 0),
+                Err(e) => (Reply::Error(e.to_wire()), 0),
+            }
+        }
+        Request::DeleteLayer { segment, epoch, .. } => (done(engine.delete_layer(volume, segment, epoch).await), 0),
+        Request::WriteIntents { .. } => match engine.write_intents(volume).await {
+            Ok(ranges) => (Reply::Ranges(ranges), 0),
+            Err(e) => (Reply::Error(e.to_wire()), 0),
+        },
+        Request::ClearIntents { ranges, .. } => (done(engine.clear_intents(volume, ranges).await), 0),
+        Request::AssignSegment { segment, segment_blocks, .. } => {
+            (done(engine.assign_segment(volume, segment, segment_blocks).await), 0)
+        }
+        Request::ReleaseSegment { segment, .. } => (done(engine.release_segment(volume, segment).await), 0),
+        Request::Allocated { range, .. } => match engine.allocated(volume, range).await {
+            Ok(bits) => (Reply::Bitmap(bits), 0),
+            Err(e) => (Reply::Error(e.to_wire()), 0),
+        },
+    }
+}
+
+/// Sends replies as they complete, batching whatever is ready into one flush.
+async fn write_loop(wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
+    let mut wr = BufWriter::with_capacity(256 << 10, wr);
+    let mut healthy = true;
+    while let Some(out) = rx.recv().await {
+        if !healthy {
+            continue; // keep draining so that budgets return and tasks finish
+        }
+        let mut r = wr.write_all(&out.frame).await;
+        drop(out);
+        while r.is_ok() {
+            match rx.try_recv() {
+                Ok(next) => r = wr.write_all(&next.frame).await,
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = r.and(wr.flush().await) {
+            debug!(error = %e, "reply write failed; dropping the rest");
+            healthy = false;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
