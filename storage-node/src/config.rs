@@ -160,7 +160,7 @@ impl NodeConfig {
         {
             return bad("max_inflight_bytes_per_connection must be between 2 frames (~8.1 MiB) and 4 GiB");
         }
-        if Some(self.listen) == self.metrics_listen {
+        if self.listen.port() != 0 && Some(self.listen) == self.metrics_listen {
             return bad("listen and metrics_listen must differ");
         }
         let mut seen = std::collections::HashSet::new();

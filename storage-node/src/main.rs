@@ -112,16 +112,17 @@ fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(1 << shift).ok_or_else(|| format!("size {s:?} overflows"))
 }
 
-fn init_logs() {
+fn init_logs(default: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let _ =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }
 
 fn main() {
     let cli = Cli::parse();
-    init_logs();
+    // The demo prints its own story; its logs stay quiet unless RUST_LOG asks for them.
+    init_logs(if matches!(cli.cmd, Cmd::Demo { .. }) { "warn" } else { "info" });
     if let Err(e) = run(cli) {
         eprintln!("slate-node: {e:#}");
         std::process::exit(1);
