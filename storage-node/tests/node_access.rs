@@ -23,6 +23,7 @@ fn other_volume(t: Target) -> Target {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::many_single_char_names)]
 async fn capabilities_are_enforced() {
     let mut node = TestNode::start("access", &[1, 2]);
     let a = node.client(1, 1, Rights::READ_WRITE).await;
@@ -128,7 +129,7 @@ async fn raw_reply(s: &mut tokio::net::TcpStream) -> Option<(u64, ErrorKind)> {
             let Reply::Error(e) = reply else { panic!("expected an error, got {reply:?}") };
             let mut rest = Vec::new();
             let n = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
-            assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "connection stays open after a refused hello");
+            assert!(matches!(n, Ok(Ok(0) | Err(_))), "connection stays open after a refused hello");
             return Some((id, e.kind));
         }
         let n = tokio::time::timeout(Duration::from_secs(10), s.read_buf(&mut buf)).await.ok()?.ok()?;

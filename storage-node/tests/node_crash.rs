@@ -10,7 +10,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{block_content, decode_block, TestNode};
+use common::{block_content, decode_block, Seen, TestNode};
 use rand::{Rng, SeedableRng};
 use slate_node::client::{write_request, ClientError};
 use slate_protocol::{BlockIndex, ErrorKind, Reply, Request, Rights};
@@ -106,7 +106,7 @@ async fn acknowledged_writes_survive_kill_9() {
 
         node.restart();
         let client = node.client(1, 1, Rights::READ_WRITE).await;
-        let h = history.lock().unwrap();
+        let h = std::mem::take(&mut *history.lock().unwrap());
         let mut torn = Vec::new();
         let (mut in_flight_new, mut in_flight_old) = (0, 0);
         for b in 0..WORKING_BLOCKS {
@@ -115,15 +115,16 @@ async fn acknowledged_writes_survive_kill_9() {
             let in_flight = issued.is_some_and(|s| s.iter().any(|x| Some(*x) > acked));
             match client.read_blocks(BlockIndex(b), 1).await {
                 Ok(bytes) => {
-                    let seen = decode_block(b, &bytes).unwrap_or_else(|| {
-                        panic!("seed {seed} round {round}: blk-{b} holds garbage presented as good data")
-                    });
+                    let seen = decode_block(b, &bytes);
                     match seen {
-                        None => assert!(
+                        Seen::Garbage => {
+                            panic!("seed {seed} round {round}: blk-{b} holds garbage presented as good data")
+                        }
+                        Seen::Zeros => assert!(
                             acked.is_none(),
                             "seed {seed} round {round}: blk-{b} lost acknowledged write {acked:?} (reads as zeros)"
                         ),
-                        Some(s) => {
+                        Seen::Seq(s) => {
                             assert!(
                                 issued.is_some_and(|i| i.contains(&s)),
                                 "seed {seed} round {round}: blk-{b} holds seq {s} that was never sent to it"
@@ -139,7 +140,7 @@ async fn acknowledged_writes_survive_kill_9() {
                             }
                         }
                     }
-                    base.insert(b, seen);
+                    base.insert(b, if let Seen::Seq(s) = seen { Some(s) } else { None });
                 }
                 Err(ClientError::Remote(e)) if e.kind == ErrorKind::Corrupt => {
                     assert!(in_flight, "seed {seed} round {round}: blk-{b} is corrupt but had no write in flight");
@@ -148,7 +149,6 @@ async fn acknowledged_writes_survive_kill_9() {
                 Err(e) => panic!("seed {seed} round {round}: reading blk-{b}: {e}"),
             }
         }
-        drop(h);
         eprintln!(
             "round {round}: verified {WORKING_BLOCKS} blocks: {in_flight_new} show an in-flight write, \
              {in_flight_old} kept the old value, {} torn (reported Corrupt)",

@@ -70,7 +70,7 @@ impl TestNode {
             cmd.env("RUST_LOG", "warn");
         }
         let mut p = ProcessGuard::spawn("slate-node", &mut cmd).expect("spawn slate-node");
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(90);
         while !wait_for_port(self.cfg.listen, Duration::from_millis(200)) {
             assert!(p.is_alive(), "slate-node exited during start");
             assert!(Instant::now() < deadline, "slate-node did not start listening");
@@ -154,18 +154,32 @@ pub fn block_content(block: u64, seq: u64) -> Vec<u8> {
     v
 }
 
-/// What a block's bytes say it is: `Some(None)` for zeros (never written),
-/// `Some(Some(seq))` for an intact `block_content(block, seq)`, `None` for anything else.
-pub fn decode_block(block: u64, bytes: &[u8]) -> Option<Option<u64>> {
+/// What a block read back holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// All zeros: never written (or trimmed).
+    Zeros,
+    /// An intact `block_content(block, seq)`.
+    Seq(u64),
+    /// Anything else.
+    Garbage,
+}
+
+/// Classifies a block's bytes.
+pub fn decode_block(block: u64, bytes: &[u8]) -> Seen {
     if bytes.iter().all(|b| *b == 0) {
-        return Some(None);
+        return Seen::Zeros;
     }
     if bytes.len() != BLOCK_SIZE_BYTES || &bytes[..4] != b"SLT1" {
-        return None;
+        return Seen::Garbage;
     }
-    let b = u64::from_le_bytes(bytes[4..12].try_into().ok()?);
-    let seq = u64::from_le_bytes(bytes[12..20].try_into().ok()?);
-    (b == block && block_content(block, seq) == bytes).then_some(Some(seq))
+    let b = u64::from_le_bytes(bytes[4..12].try_into().unwrap());
+    let seq = u64::from_le_bytes(bytes[12..20].try_into().unwrap());
+    if b == block && block_content(block, seq) == bytes {
+        Seen::Seq(seq)
+    } else {
+        Seen::Garbage
+    }
 }
 
 /// Fetches `/metrics` over plain HTTP.
