@@ -43,6 +43,9 @@ use tracing::{debug, info, warn, Instrument};
 
 /// How long a new connection may take to send its hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stopping server waits for connections to finish their in-flight
+/// requests (a client that stops reading its replies cannot hold the node up longer).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 /// Bytes charged to every request on top of its frame and reply, so that the
 /// number of requests in flight is bounded too.
 const REQUEST_OVERHEAD_BYTES: usize = 4096;
@@ -121,7 +124,11 @@ impl Server {
         }
         drop(self.listener);
         info!(connections = conns.len(), "data plane stopping: finishing in-flight requests");
-        while conns.join_next().await.is_some() {}
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async { while conns.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            warn!(connections = conns.len(), "connections still busy after the grace period; closing them");
+            conns.abort_all();
+        }
         info!("data plane stopped");
     }
 }
@@ -172,6 +179,9 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<Ctx>, mut shutdown: watch:
     let opened_at = Instant::now();
 
     let why = loop {
+        if *shutdown.borrow() {
+            break "node shutting down".to_owned();
+        }
         // Cut one frame off the buffer, reading more as needed.
         let payload = match decode_frame(&mut buf) {
             Ok(Some(p)) => p,

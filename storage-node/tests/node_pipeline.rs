@@ -86,3 +86,32 @@ fn last_good_write(seed: u64, block: u64, blocks: u64) -> u64 {
     }
     last
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_writes() {
+    let mut node = TestNode::start("sigterm", &[1]);
+    let c = node.client(1, 1, Rights::READ_WRITE).await;
+    let t = c.target();
+    let futs: Vec<_> = (0..64u64)
+        .map(|b| c.start(&write_request(t, BlockIndex(b), Bytes::from(block_content(b, 1))).unwrap()))
+        .collect();
+    let status = node.terminate().expect("exit on SIGTERM");
+    assert!(status.success(), "exit status {status}");
+    let mut acked = Vec::new();
+    for (b, f) in futs.into_iter().enumerate() {
+        match f.await {
+            Ok(Reply::Done) => acked.push(b as u64),
+            Ok(other) => panic!("write got {other:?}"),
+            Err(_) => {} // not read by the node before it stopped: never acknowledged
+        }
+    }
+    eprintln!("{} of 64 writes acknowledged before the node stopped", acked.len());
+    drop(c);
+    node.restart();
+    let c = node.client(1, 1, Rights::READ).await;
+    for b in acked {
+        assert_eq!(&c.read_blocks(BlockIndex(b), 1).await.unwrap()[..], &block_content(b, 1)[..], "blk-{b} lost");
+    }
+    drop(c);
+    assert!(node.terminate().unwrap().success());
+}
