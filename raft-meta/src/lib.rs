@@ -1,1 +1,3 @@
-//! slate-meta (work in progress).
+//! slate-meta: Slate's metadata service (Raft consensus, state machine, management API).
+
+pub mod consensus;
