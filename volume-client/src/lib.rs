@@ -1,1 +1,5 @@
 //! slate (work in progress).
+
+pub mod blockdev;
+pub mod crypto;
+pub mod nbd;
