@@ -32,7 +32,9 @@ mod meta;
 mod uring;
 
 use bytes::Bytes;
-use slate_protocol::{BlockIndex, BlockRange, Epoch, ErrorKind, Generation, NodeId, SegmentIndex, VolumeId, WireError};
+use slate_protocol::{
+    BlockIndex, BlockRange, Epoch, ErrorKind, Generation, NodeId, SegmentIndex, VolumeId, WireError, BLOCK_SIZE_BYTES,
+};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, RwLock};
@@ -90,6 +92,9 @@ pub struct EngineOptions {
     pub max_batch_commands: usize,
     /// Checkpoint at least this often (seconds) while there is something to checkpoint.
     pub checkpoint_interval_secs: u64,
+    /// A write-intent region with no write for this long is cleared lazily (0: never;
+    /// only `clear_intents` clears). Regions recovered after a crash are never cleared lazily.
+    pub intent_idle_clear_secs: u64,
 }
 
 impl Default for EngineOptions {
@@ -100,6 +105,7 @@ impl Default for EngineOptions {
             intent_region_blocks: 256,
             max_batch_commands: 256,
             checkpoint_interval_secs: 30,
+            intent_idle_clear_secs: 60,
         }
     }
 }
@@ -257,7 +263,6 @@ type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 
 /// A command to the engine thread. Processed in arrival order.
 #[derive(Debug)]
-#[allow(dead_code)] // skeleton: fields used once the engine thread is complete
 pub(crate) enum Cmd {
     CheckGeneration {
         volume: VolumeId,
@@ -459,13 +464,35 @@ impl EngineHandle {
         crcs: Vec<u32>,
         data: Bytes,
     ) -> Result<(), EngineError> {
+        // Checked here, on the caller's task, so the engine thread only does I/O.
+        if data.len() != crcs.len() * BLOCK_SIZE_BYTES {
+            return Err(EngineError::Invalid(format!("{} crcs for {} bytes", crcs.len(), data.len())));
+        }
+        for (i, (block, crc)) in data.chunks_exact(BLOCK_SIZE_BYTES).zip(&crcs).enumerate() {
+            if crc32c::crc32c(block) != *crc {
+                return Err(EngineError::BadCrc { block: BlockIndex(start.0.saturating_add(i as u64)) });
+            }
+        }
         self.call(|tx| Cmd::Write { volume, start, crcs, data, tx }).await
+    }
+
+    /// Checks every written block of a read against its stored crc.
+    fn verify_read(&self, start: BlockIndex, r: ReadResult) -> Result<ReadResult, EngineError> {
+        for (i, block) in r.data.chunks_exact(BLOCK_SIZE_BYTES).enumerate() {
+            let written = r.written.get(i / 8).is_some_and(|b| b >> (i % 8) & 1 == 1);
+            if written && crc32c::crc32c(block) != r.crcs[i] {
+                self.stats.corrupt_reads.fetch_add(1, Ordering::Relaxed);
+                return Err(EngineError::Corrupt { block: BlockIndex(start.0.saturating_add(i as u64)) });
+            }
+        }
+        Ok(r)
     }
 
     /// Reads `count` blocks of the head (writable layer) from `start`; checks the stored
     /// crc of every written block (`Corrupt`).
     pub async fn read(&self, volume: VolumeId, start: BlockIndex, count: u32) -> Result<ReadResult, EngineError> {
-        self.call(|tx| Cmd::Read { volume, epoch: HEAD_EPOCH, start, count, tx }).await
+        let r = self.call(|tx| Cmd::Read { volume, epoch: HEAD_EPOCH, start, count, tx }).await?;
+        self.verify_read(start, r)
     }
 
     /// Reads blocks as they were in the snapshot frozen at `epoch` (`HEAD_EPOCH`: the head).
@@ -476,7 +503,8 @@ impl EngineHandle {
         start: BlockIndex,
         count: u32,
     ) -> Result<ReadResult, EngineError> {
-        self.call(|tx| Cmd::Read { volume, epoch, start, count, tx }).await
+        let r = self.call(|tx| Cmd::Read { volume, epoch, start, count, tx }).await?;
+        self.verify_read(start, r)
     }
 
     /// A barrier: every write acknowledged before it is durable (they are already).
