@@ -1,0 +1,444 @@
+//! Unit tests of the state machine driven directly (no consensus): two
+//! replicas apply the same envelopes and must end byte-identical.
+
+#![allow(clippy::many_single_char_names)]
+
+use super::command::*;
+use super::types::*;
+use super::MetaState;
+use crate::audit;
+use crate::keys::{hash_secret, Dek, RootKey, TenantKey};
+use crate::placement::DomainLevel;
+use serde_json::Value;
+
+struct Replica {
+    state: MetaState,
+    root: RootKey,
+}
+
+struct Harness {
+    replicas: Vec<Replica>,
+    index: u64,
+    now: u64,
+}
+
+fn secret_hash(s: &str) -> String {
+    hex::encode(hash_secret(s.as_bytes()))
+}
+
+fn tok(id: u64, secret: &str) -> Credential {
+    Credential::Token { token: id, secret_sha256: secret_hash(secret) }
+}
+
+impl Harness {
+    fn new() -> Self {
+        let root = RootKey::generate();
+        let copy = root.ratchet_to(0).unwrap();
+        let mut h = Self {
+            replicas: vec![
+                Replica { state: MetaState::default(), root },
+                Replica { state: MetaState::default(), root: copy },
+            ],
+            index: 0,
+            now: 1_000_000,
+        };
+        let r = h.run(
+            Credential::System,
+            Command::Bootstrap { operator_name: "op".into(), token_secret_sha256: secret_hash("op-secret") },
+        );
+        assert!(matches!(r, Response::Ok { .. }));
+        h
+    }
+
+    fn run(&mut self, credential: Credential, command: Command) -> Response {
+        self.index += 1;
+        self.now += 10;
+        let env = Envelope { time_ms: self.now, client: "127.0.0.1:9".into(), credential, command };
+        let bytes = serde_json::to_vec(&env).unwrap();
+        let mut out = Vec::new();
+        for r in &mut self.replicas {
+            let a = r.state.apply_bytes(self.index, &bytes, &mut r.root);
+            out.push(serde_json::to_string(&a.response).unwrap());
+        }
+        assert_eq!(out[0], out[1], "replicas answered differently");
+        let a = serde_json::to_vec(&self.replicas[0].state).unwrap();
+        let b = serde_json::to_vec(&self.replicas[1].state).unwrap();
+        assert_eq!(a, b, "replicas diverged");
+        serde_json::from_str(&out[0]).unwrap()
+    }
+
+    fn op(&mut self, command: Command) -> Value {
+        self.ok(tok(1, "op-secret"), command)
+    }
+
+    fn ok(&mut self, c: Credential, command: Command) -> Value {
+        match self.run(c, command) {
+            Response::Ok { body, .. } => body,
+            Response::Err(r) => panic!("refused: {r:?}"),
+        }
+    }
+
+    fn err(&mut self, c: Credential, command: Command) -> Refusal {
+        match self.run(c, command) {
+            Response::Ok { body, .. } => panic!("unexpectedly ok: {body}"),
+            Response::Err(r) => r,
+        }
+    }
+
+    fn state(&self) -> &MetaState {
+        &self.replicas[0].state
+    }
+
+    fn root(&self) -> &RootKey {
+        &self.replicas[0].root
+    }
+
+    fn tenant(&mut self, name: &str) -> u64 {
+        let wrapped = self.root().wrap_tenant_key(&TenantKey::generate());
+        let epoch = self.root().epoch();
+        let v = self.op(Command::CreateTenant {
+            req: CreateTenantRequest { name: name.into() },
+            wrapped_key: wrapped,
+            root_epoch: epoch,
+        });
+        v["id"].as_u64().unwrap()
+    }
+
+    fn principal(&mut self, name: &str, role: Role, tenant: Option<u64>, secret: &str) -> (u64, u64) {
+        let v = self.op(Command::CreatePrincipal {
+            req: CreatePrincipalRequest {
+                name: name.into(),
+                role,
+                tenant,
+                not_before_ms: None,
+                not_after_ms: None,
+                token_expires_ms: None,
+            },
+            token_secret_sha256: secret_hash(secret),
+        });
+        (v["principal"]["id"].as_u64().unwrap(), v["token_id"].as_u64().unwrap())
+    }
+
+    fn node(&mut self, name: &str, domain: &str) -> u64 {
+        let v = self.op(Command::RegisterNode(RegisterNodeRequest {
+            name: name.into(),
+            addr: "127.0.0.1:7000".into(),
+            failure_domain: domain.into(),
+            disks: vec![DiskSpec { name: "d0".into(), capacity_bytes: 1 << 40 }],
+        }));
+        v["id"].as_u64().unwrap()
+    }
+
+    fn wrap_dek(&self, tenant: u64) -> (crate::keys::WrappedKey, u64, Dek) {
+        let t = &self.state().tenants[&tenant];
+        let tk = self.root().unwrap_tenant_key(&t.wrapped_key).unwrap();
+        let dek = Dek::generate();
+        (tk.wrap_dek(&dek), t.key_version, dek)
+    }
+
+    fn volume(&mut self, c: Credential, tenant: u64, name: &str, size: u64) -> Result<(u64, Dek), Refusal> {
+        let (w, ver, dek) = self.wrap_dek(tenant);
+        let req = CreateVolumeRequest {
+            name: name.into(),
+            size_bytes: size,
+            replicas: 2,
+            tenant: Some(tenant),
+            qos: Qos::default(),
+            failure_domain_level: None,
+        };
+        match self.run(c, Command::CreateVolume { tenant, req, wrapped_dek: w, tenant_key_version: ver }) {
+            Response::Ok { body, .. } => Ok((body["id"].as_u64().unwrap(), dek)),
+            Response::Err(r) => Err(r),
+        }
+    }
+}
+
+const GIB: u64 = 1 << 30;
+
+#[test]
+fn placement_uses_distinct_domains_or_fails_clearly() {
+    let mut h = Harness::new();
+    let t = h.tenant("acme");
+    h.node("n1", "z/r/h1");
+    let err = h.volume(tok(1, "op-secret"), t, "v1", 2 * GIB).unwrap_err();
+    assert_eq!(err.code, ErrorCode::Unsatisfiable);
+    assert!(err.message.contains("distinct failure domains"), "{}", err.message);
+    h.node("n2", "z/r/h2");
+    h.node("n3", "z/r/h3");
+    let (vid, _) = h.volume(tok(1, "op-secret"), t, "v1", 5 * GIB).unwrap();
+    let v = &h.state().volumes[&vid];
+    assert_eq!(v.segments.len(), 5);
+    for s in &v.segments {
+        let domains: std::collections::BTreeSet<_> =
+            s.replicas.iter().map(|r| h.state().nodes[&r.node].failure_domain.clone()).collect();
+        assert_eq!(domains.len(), 2);
+    }
+    // At rack level the three hosts are one domain.
+    let (w, ver, _) = h.wrap_dek(t);
+    let r = h.err(
+        tok(1, "op-secret"),
+        Command::CreateVolume {
+            tenant: t,
+            req: CreateVolumeRequest {
+                name: "v2".into(),
+                size_bytes: GIB,
+                replicas: 2,
+                tenant: Some(t),
+                qos: Qos::default(),
+                failure_domain_level: Some(DomainLevel::Rack),
+            },
+            wrapped_dek: w,
+            tenant_key_version: ver,
+        },
+    );
+    assert_eq!(r.code, ErrorCode::Unsatisfiable);
+}
+
+#[test]
+fn attach_is_exclusive_and_takeover_bumps_generation() {
+    let mut h = Harness::new();
+    let t = h.tenant("acme");
+    for i in 1..=3 {
+        h.node(&format!("n{i}"), &format!("z/r/h{i}"));
+    }
+    let (vid, dek) = h.volume(tok(1, "op-secret"), t, "v", GIB).unwrap();
+    let (h1, h1t) = h.principal("host1", Role::Host, None, "s1");
+    let (h2, h2t) = h.principal("host2", Role::Host, None, "s2");
+    for p in [h1, h2] {
+        h.op(Command::CreateGrant(CreateGrantRequest { principal: p, volume: vid, access: Access::ReadWrite }));
+    }
+    let attach = |force| Command::Attach {
+        volume: vid,
+        req: AttachRequest { mode: AttachMode::ReadWrite, host: "h".into(), force },
+    };
+    let r = h.run(tok(h1t, "s1"), attach(false));
+    let Response::Ok { body, dek_hex } = r else { panic!("attach refused") };
+    assert_eq!(dek_hex.unwrap(), hex::encode(dek.expose()));
+    assert_eq!(body["claims"]["generation"], 1);
+    assert_eq!(body["claims"]["nodes"].as_array().unwrap().len(), 2);
+    let e = h.err(tok(h2t, "s2"), attach(false));
+    assert_eq!(e.code, ErrorCode::Conflict);
+    let body = h.ok(tok(h2t, "s2"), attach(true));
+    assert_eq!(body["claims"]["generation"], 2);
+    assert_eq!(h.state().volumes[&vid].attachments.len(), 1);
+    // Read-only attaches are shared and keep the generation.
+    for _ in 0..2 {
+        let body = h.ok(
+            tok(h1t, "s1"),
+            Command::Attach {
+                volume: vid,
+                req: AttachRequest { mode: AttachMode::ReadOnly, host: "h".into(), force: false },
+            },
+        );
+        assert_eq!(body["claims"]["generation"], 2);
+        assert_eq!(body["claims"]["rights"], 1);
+    }
+    assert_eq!(h.state().volumes[&vid].attachments.len(), 3);
+}
+
+#[test]
+fn tenants_are_isolated_and_refusals_audited() {
+    let mut h = Harness::new();
+    let a = h.tenant("a");
+    let b = h.tenant("b");
+    for i in 1..=2 {
+        h.node(&format!("n{i}"), &format!("z/r/h{i}"));
+    }
+    let (_, at) = h.principal("alice", Role::TenantAdmin, Some(a), "sa");
+    let (_, bt) = h.principal("bob", Role::TenantAdmin, Some(b), "sb");
+    let (va, _) = h.volume(tok(at, "sa"), a, "va", GIB).unwrap();
+    let (vb, _) = h.volume(tok(bt, "sb"), b, "vb", GIB).unwrap();
+    let list = h.ok(tok(at, "sa"), Command::ListVolumes);
+    let ids: Vec<u64> = list.as_array().unwrap().iter().map(|v| v["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, vec![va]);
+    for cmd in [
+        Command::GetVolume { volume: vb },
+        Command::DeleteVolume { volume: vb, force: true },
+        Command::Attach {
+            volume: vb,
+            req: AttachRequest { mode: AttachMode::ReadWrite, host: "x".into(), force: true },
+        },
+        Command::CreateSnapshot { volume: vb, req: CreateSnapshotRequest { name: "s".into() } },
+        Command::ListAudit { tenant: Some(b), after_seq: None, limit: None },
+    ] {
+        assert_eq!(h.err(tok(at, "sa"), cmd).code, ErrorCode::Forbidden);
+    }
+    assert!(h.volume(tok(at, "sa"), b, "sneaky", GIB).is_err());
+    // Alice's audit view holds only tenant a's records, including her refusals.
+    let page = h.ok(tok(at, "sa"), Command::ListAudit { tenant: None, after_seq: None, limit: None });
+    let recs = page["records"].as_array().unwrap();
+    assert!(recs.iter().all(|r| r["tenant"] == a));
+    assert!(recs.iter().filter(|r| r["result"].as_str().unwrap().starts_with("denied")).count() >= 6);
+    // Lockout after 5 bad secrets, even for the right one afterwards.
+    for _ in 0..5 {
+        assert_eq!(h.err(tok(bt, "wrong"), Command::ListVolumes).code, ErrorCode::Unauthorized);
+    }
+    assert_eq!(h.err(tok(bt, "sb"), Command::ListVolumes).code, ErrorCode::Locked);
+    // Unknown token, missing token.
+    assert_eq!(h.err(tok(999, "x"), Command::ListVolumes).code, ErrorCode::Unauthorized);
+    assert_eq!(h.err(Credential::Missing, Command::ListVolumes).code, ErrorCode::Unauthorized);
+    // Time-bounded accounts.
+    let now = h.now;
+    let v = h.op(Command::CreatePrincipal {
+        req: CreatePrincipalRequest {
+            name: "later".into(),
+            role: Role::TenantMember,
+            tenant: Some(a),
+            not_before_ms: Some(now + 1_000_000),
+            not_after_ms: None,
+            token_expires_ms: None,
+        },
+        token_secret_sha256: secret_hash("sl"),
+    });
+    let lt = v["token_id"].as_u64().unwrap();
+    assert!(h.err(tok(lt, "sl"), Command::ListVolumes).message.contains("not valid yet"));
+    let v = h.op(Command::CreatePrincipal {
+        req: CreatePrincipalRequest {
+            name: "gone".into(),
+            role: Role::TenantMember,
+            tenant: Some(a),
+            not_before_ms: None,
+            not_after_ms: Some(now),
+            token_expires_ms: None,
+        },
+        token_secret_sha256: secret_hash("sg"),
+    });
+    let gt = v["token_id"].as_u64().unwrap();
+    assert!(h.err(tok(gt, "sg"), Command::ListVolumes).message.contains("expired"));
+    assert!(audit::verify(&h.state().audit.records).ok);
+}
+
+#[test]
+fn shred_rotates_keys_and_keeps_survivors_readable() {
+    let mut h = Harness::new();
+    let t = h.tenant("acme");
+    let other = h.tenant("other");
+    for i in 1..=2 {
+        h.node(&format!("n{i}"), &format!("z/r/h{i}"));
+    }
+    let (victim, victim_dek) = h.volume(tok(1, "op-secret"), t, "victim", GIB).unwrap();
+    let (keep, keep_dek) = h.volume(tok(1, "op-secret"), t, "keep", GIB).unwrap();
+    let old_state = h.state().clone();
+    let old_root = h.root().ratchet_to(h.root().epoch()).unwrap();
+    let wrapped_victim = old_state.volumes[&victim].wrapped_dek.clone();
+    h.op(Command::DeleteVolume { volume: victim, force: false });
+    let s = h.state();
+    assert_eq!(s.root_epoch, 1);
+    assert_eq!(h.root().epoch(), 1);
+    assert!(!s.volumes.contains_key(&victim));
+    assert_eq!(s.tenants[&t].key_version, 2);
+    assert_ne!(s.volumes[&keep].wrapped_dek, old_state.volumes[&keep].wrapped_dek);
+    // Survivors still unwrap to the same DEK under the new keys.
+    let tk_new = h.root().unwrap_tenant_key(&s.tenants[&t].wrapped_key).unwrap();
+    assert_eq!(tk_new.unwrap_dek(&s.volumes[&keep].wrapped_dek).unwrap().expose(), keep_dek.expose());
+    // Nothing that remains opens the old copy: not the new root, not the new tenant key.
+    assert!(h.root().unwrap_tenant_key(&old_state.tenants[&t].wrapped_key).is_err());
+    assert!(tk_new.unwrap_dek(&wrapped_victim).is_err());
+    // The old root (destroyed in real life) would have.
+    let tk_old = old_root.unwrap_tenant_key(&old_state.tenants[&t].wrapped_key).unwrap();
+    assert_eq!(tk_old.unwrap_dek(&wrapped_victim).unwrap().expose(), victim_dek.expose());
+    // Tenant delete: another ratchet; the other tenant survives.
+    h.op(Command::DeleteTenant { tenant: t });
+    assert_eq!(h.state().root_epoch, 2);
+    assert!(!h.state().tenants.contains_key(&t));
+    assert!(h.root().unwrap_tenant_key(&h.state().tenants[&other].wrapped_key).is_ok());
+    // A proposal wrapped under the old root epoch is refused for retry.
+    let e = h.err(
+        tok(1, "op-secret"),
+        Command::CreateTenant {
+            req: CreateTenantRequest { name: "late".into() },
+            wrapped_key: old_root.wrap_tenant_key(&TenantKey::generate()),
+            root_epoch: 0,
+        },
+    );
+    assert_eq!(e.code, ErrorCode::KeyRotated);
+    // Explicit rotation re-wraps survivors.
+    let (_, other_dek) = h.volume(tok(1, "op-secret"), other, "o", GIB).unwrap();
+    let w = h.root().wrap_tenant_key(&TenantKey::generate());
+    let epoch = h.root().epoch();
+    h.op(Command::RotateTenantKey { tenant: other, wrapped_key: w, root_epoch: epoch });
+    let s = h.state();
+    let tk = h.root().unwrap_tenant_key(&s.tenants[&other].wrapped_key).unwrap();
+    let vid = s.volumes.values().find(|v| v.tenant == other).unwrap();
+    assert_eq!(tk.unwrap_dek(&vid.wrapped_dek).unwrap().expose(), other_dek.expose());
+    assert!(audit::verify(&s.audit.records).ok);
+}
+
+#[test]
+fn failure_reconfigures_and_sweep_marks_down() {
+    let mut h = Harness::new();
+    let t = h.tenant("acme");
+    let n1 = h.node("n1", "z/r/h1");
+    let _n2 = h.node("n2", "z/r/h2");
+    let (vid, _) = h.volume(tok(1, "op-secret"), t, "v", GIB).unwrap();
+    let before = h.state().volumes[&vid].segments[0].clone();
+    let failed = before.replicas[0].node;
+    let e = h.err(
+        tok(1, "op-secret"),
+        Command::ReportFailure { volume: vid, req: ReportFailureRequest { segment: 0, node: failed } },
+    );
+    assert_eq!(e.code, ErrorCode::Unsatisfiable);
+    let n3 = h.node("n3", "z/r/h3");
+    let body = h.op(Command::ReportFailure { volume: vid, req: ReportFailureRequest { segment: 0, node: failed } });
+    assert_eq!(body["replaced"], true);
+    assert_eq!(body["new_node"], n3);
+    let seg = &h.state().volumes[&vid].segments[0];
+    assert_eq!(seg.epoch, before.epoch + 1);
+    assert!(seg.replicas.iter().any(|r| r.node == n3 && r.state == ReplicaState::Rebuilding));
+    h.op(Command::MarkInSync { volume: vid, req: MarkInSyncRequest { segment: 0, node: n3 } });
+    // Liveness: n1 stays silent past the timeout.
+    h.now += 60_000;
+    for n in h.state().nodes.keys().copied().collect::<Vec<_>>() {
+        if n != n1 {
+            h.op(Command::Heartbeat { node: n });
+        }
+    }
+    h.run(Credential::System, Command::Tick);
+    assert_eq!(h.state().nodes[&n1].state, NodeState::Down);
+    assert!(!h.state().volumes[&vid].segments[0].replicas.iter().any(|r| r.node == n1));
+}
+
+#[test]
+fn bad_input_changes_nothing_but_audit() {
+    let mut h = Harness::new();
+    let t = h.tenant("acme");
+    h.node("n1", "z/r/h1");
+    h.node("n2", "z/r/h2");
+    let before_vols = h.state().volumes.len();
+    for (size, r) in [(GIB + 1, 2), (1024, 2), (32 << 40, 2), (GIB, 1), (GIB, 9)] {
+        let (w, ver, _) = h.wrap_dek(t);
+        let e = h.err(
+            tok(1, "op-secret"),
+            Command::CreateVolume {
+                tenant: t,
+                req: CreateVolumeRequest {
+                    name: "v".into(),
+                    size_bytes: size,
+                    replicas: r,
+                    tenant: Some(t),
+                    qos: Qos::default(),
+                    failure_domain_level: None,
+                },
+                wrapped_dek: w,
+                tenant_key_version: ver,
+            },
+        );
+        assert_eq!(e.code, ErrorCode::BadRequest, "{size} {r}");
+    }
+    assert_eq!(h.state().volumes.len(), before_vols);
+    let r = {
+        let mut st = h.state().clone();
+        let mut root = h.root().ratchet_to(0).unwrap();
+        st.apply_bytes(99, b"{not json", &mut root).response
+    };
+    assert!(matches!(r, Response::Err(Refusal { code: ErrorCode::BadRequest, .. })));
+}
+
+#[test]
+fn snapshot_restore_round_trip() {
+    let mut h = Harness::new();
+    h.tenant("acme");
+    let bytes = serde_json::to_vec(h.state()).unwrap();
+    let back: MetaState = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(&back, h.state());
+}

@@ -1,0 +1,246 @@
+//! The entities of the replicated state, as stored.
+//!
+//! Everything is kept in `BTreeMap`s keyed by id so that serialization (state
+//! files, Raft snapshots) is byte-identical on every replica. Ids come from
+//! per-kind counters in the state and are never reused. Secrets appear only in
+//! wrapped form ([`WrappedKey`]) or as SHA-256 hashes (token secrets); the API
+//! shows these entities through the views in `view.rs`, never directly.
+
+use crate::keys::WrappedKey;
+use crate::placement::DomainLevel;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use utoipa::ToSchema;
+
+/// What a principal is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Runs the cluster: every action, every tenant.
+    Operator,
+    /// Manages one tenant: its volumes, principals, grants, keys and audit records.
+    TenantAdmin,
+    /// Sees its tenant's volumes; acts on volumes through grants.
+    TenantMember,
+    /// A hypervisor host: attaches volumes it is granted; may send storage-node heartbeats.
+    Host,
+}
+
+/// What a grant allows on one volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Access {
+    /// Attach read-write (and read-only).
+    ReadWrite,
+    /// Attach read-only.
+    ReadOnly,
+    /// Create, list and delete snapshots.
+    Snapshot,
+    /// Snapshot and attach read-only (to copy a snapshot out).
+    Backup,
+}
+
+/// A storage node's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Takes new replicas.
+    Active,
+    /// Takes no new replicas; its replicas are being moved away.
+    Draining,
+    /// Out of service for good (holds no replicas).
+    Decommissioned,
+    /// Missed heartbeats for longer than the timeout; its replicas were re-placed.
+    Down,
+}
+
+/// How a volume is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachMode {
+    /// Exclusive; bumps the volume's generation.
+    ReadWrite,
+    /// Shared; keeps the generation.
+    ReadOnly,
+}
+
+/// A replica's state within its segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaState {
+    /// Holds every acknowledged write.
+    InSync,
+    /// Freshly placed; receives new writes while a background copy fills it.
+    Rebuilding,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tenant {
+    pub id: u64,
+    pub name: String,
+    pub created_ms: u64,
+    /// The tenant key, wrapped under the root key at the state's `root_epoch`.
+    pub wrapped_key: WrappedKey,
+    /// Bumped at every rotation (explicit, or forced by a shred of one of its volumes).
+    pub key_version: u64,
+    pub key_created_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Principal {
+    pub id: u64,
+    pub name: String,
+    pub role: Role,
+    /// The tenant (tenant roles always; hosts optionally; operators never).
+    pub tenant: Option<u64>,
+    pub created_ms: u64,
+    /// Not usable before this time (ms since the Unix epoch).
+    pub not_before_ms: Option<u64>,
+    /// Not usable from this time on.
+    pub not_after_ms: Option<u64>,
+    /// Consecutive failed authentications.
+    pub failed_auths: u32,
+    /// Locked out until this time after too many failures.
+    pub locked_until_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token {
+    pub id: u64,
+    pub principal: u64,
+    /// Hex SHA-256 of the secret; the secret itself is never stored.
+    pub secret_sha256: String,
+    pub created_ms: u64,
+    pub expires_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub id: u64,
+    pub principal: u64,
+    pub volume: u64,
+    pub access: Access,
+    pub created_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageNode {
+    pub id: u64,
+    pub name: String,
+    /// Data-plane address (`host:port`).
+    pub addr: String,
+    /// `zone/rack/host`.
+    pub failure_domain: String,
+    pub state: NodeState,
+    pub registered_ms: u64,
+    pub last_heartbeat_ms: u64,
+    /// Bytes of segment replicas placed on the node.
+    pub allocated_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    pub id: u64,
+    pub node: u64,
+    pub name: String,
+    pub capacity_bytes: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Replica {
+    pub node: u64,
+    pub state: ReplicaState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    pub index: u32,
+    /// Replica-set version: bumped every time the set changes.
+    pub epoch: u64,
+    pub replicas: Vec<Replica>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub id: u64,
+    pub principal: u64,
+    pub host: String,
+    pub mode: AttachMode,
+    pub generation: u64,
+    pub attached_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub id: u64,
+    pub name: String,
+    /// The data-plane layer epoch the snapshot froze.
+    pub epoch: u64,
+    pub created_ms: u64,
+}
+
+/// QoS limits of a volume (absent: unlimited).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Qos {
+    /// I/O operations per second.
+    #[serde(default)]
+    pub iops_limit: Option<u64>,
+    /// Megabytes (10^6 bytes) per second.
+    #[serde(default)]
+    pub mbps_limit: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub id: u64,
+    pub tenant: u64,
+    pub name: String,
+    pub size_bytes: u64,
+    pub segment_blocks: u64,
+    pub replicas: u8,
+    pub level: DomainLevel,
+    pub qos: Qos,
+    pub created_ms: u64,
+    /// Bumped at every read-write attach; storage nodes refuse older ones.
+    pub generation: u64,
+    pub segments: Vec<Segment>,
+    pub attachments: BTreeMap<u64, Attachment>,
+    pub snapshots: BTreeMap<u64, Snapshot>,
+    /// The last snapshot layer epoch handed out.
+    pub snapshot_epoch: u64,
+    /// The DEK wrapped under the tenant key at `Tenant::key_version`.
+    pub wrapped_dek: WrappedKey,
+    pub dek_created_ms: u64,
+    pub dek_wrapped_ms: u64,
+}
+
+/// Cluster-wide settings (operator-controlled).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Settings {
+    /// Failure-domain level at which a segment's replicas must differ, for new volumes by default.
+    pub placement_level: DomainLevel,
+    /// A storage node silent for longer than this is marked down.
+    pub heartbeat_timeout_ms: u64,
+    /// Consecutive failed authentications that lock a principal out.
+    pub lockout_threshold: u32,
+    /// How long a lockout lasts.
+    pub lockout_ms: u64,
+    /// Lifetime of a capability handed out at attach.
+    pub capability_ttl_secs: u64,
+    /// Blocks per segment for new volumes.
+    pub segment_blocks: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            placement_level: DomainLevel::Host,
+            heartbeat_timeout_ms: 30_000,
+            lockout_threshold: 5,
+            lockout_ms: 15 * 60 * 1000,
+            capability_ttl_secs: 3600,
+            segment_blocks: slate_protocol::DEFAULT_SEGMENT_BLOCKS,
+        }
+    }
+}

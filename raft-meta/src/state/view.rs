@@ -1,0 +1,211 @@
+//! What the API shows of the state: views without secrets.
+//!
+//! Wrapped keys and token hashes never leave the state through a view; the
+//! one secret that leaves is the attach reply's DEK, which travels beside
+//! the body (see `Response::Ok::dek_hex`), never inside a view.
+
+use super::types::{Access, AttachMode, NodeState, Qos, ReplicaState, Role, Settings};
+use crate::audit::AuditRecord;
+use crate::placement::DomainLevel;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct TenantView {
+    pub id: u64,
+    pub name: String,
+    pub created_ms: u64,
+    /// Tenant key version (bumped by rotations and by shreds of its volumes).
+    pub key_version: u64,
+    pub key_created_ms: u64,
+    pub volumes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct PrincipalView {
+    pub id: u64,
+    pub name: String,
+    pub role: Role,
+    pub tenant: Option<u64>,
+    pub created_ms: u64,
+    pub not_before_ms: Option<u64>,
+    pub not_after_ms: Option<u64>,
+    pub failed_auths: u32,
+    pub locked_until_ms: Option<u64>,
+    pub tokens: Vec<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct TokenView {
+    pub id: u64,
+    pub principal: u64,
+    pub created_ms: u64,
+    pub expires_ms: Option<u64>,
+}
+
+/// A newly issued token. `token` is shown once and never stored.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct IssuedToken {
+    pub principal: PrincipalView,
+    pub token_id: u64,
+    /// The bearer token, `slate_<id>_<secret>`: keep it secret.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct GrantView {
+    pub id: u64,
+    pub principal: u64,
+    pub volume: u64,
+    pub access: Access,
+    pub created_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct DiskView {
+    pub id: u64,
+    pub node: u64,
+    pub name: String,
+    pub capacity_bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct NodeView {
+    pub id: u64,
+    pub name: String,
+    pub addr: String,
+    pub failure_domain: String,
+    pub state: NodeState,
+    pub registered_ms: u64,
+    pub last_heartbeat_ms: u64,
+    pub capacity_bytes: u64,
+    pub allocated_bytes: u64,
+    /// Segment replicas held.
+    pub replicas: u64,
+    pub disks: Vec<DiskView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ReplicaView {
+    pub node: u64,
+    /// The node's data-plane address.
+    pub addr: String,
+    pub failure_domain: String,
+    pub state: ReplicaState,
+    pub node_state: NodeState,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct SegmentView {
+    pub index: u32,
+    /// Replica-set version: bumped every time the set changes.
+    pub epoch: u64,
+    pub first_block: u64,
+    pub blocks: u64,
+    pub replicas: Vec<ReplicaView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct AttachmentView {
+    pub id: u64,
+    pub principal: u64,
+    pub host: String,
+    pub mode: AttachMode,
+    pub generation: u64,
+    pub attached_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotView {
+    pub id: u64,
+    pub volume: u64,
+    pub name: String,
+    pub epoch: u64,
+    pub created_ms: u64,
+}
+
+/// The volume key's age (never the key).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct DekInfo {
+    pub created_ms: u64,
+    /// Age at the time of the call.
+    pub age_secs: u64,
+    /// Last time the key was re-wrapped (tenant key rotation or shred of a sibling).
+    pub wrapped_ms: u64,
+    pub tenant_key_version: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct VolumeView {
+    pub id: u64,
+    pub name: String,
+    pub tenant: u64,
+    pub size_bytes: u64,
+    pub block_size: u64,
+    pub replicas: u8,
+    pub failure_domain_level: DomainLevel,
+    pub qos: Qos,
+    /// `available`, `attached` or `degraded` (some segment below R in-sync replicas).
+    pub state: String,
+    pub generation: u64,
+    pub segment_blocks: u64,
+    pub segments: Vec<SegmentView>,
+    pub attachments: Vec<AttachmentView>,
+    pub snapshots: Vec<SnapshotView>,
+    pub dek: DekInfo,
+}
+
+/// What the capability handed out with an attach must say; the API signs it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct CapabilityClaims {
+    pub volume: u64,
+    pub generation: u64,
+    /// Rights bits (1 read, 2 write, 4 admin).
+    pub rights: u8,
+    pub nodes: Vec<u64>,
+    pub ttl_secs: u64,
+}
+
+/// The committed part of an attach (the API adds the signed capability and the key).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct AttachGrant {
+    pub attachment: AttachmentView,
+    pub volume: VolumeView,
+    pub claims: CapabilityClaims,
+}
+
+/// A reconfiguration's outcome.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ReconfigureResult {
+    /// True when a replica was replaced by this call.
+    pub replaced: bool,
+    /// The node that took the failed replica's place.
+    pub new_node: Option<u64>,
+    pub segment: SegmentView,
+    /// Claims for the caller's live attachment with the new node scope (signed by the API).
+    pub claims: Option<CapabilityClaims>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct AuditPage {
+    pub records: Vec<AuditRecord>,
+    /// The chain's last sequence number (all tenants).
+    pub last_seq: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ShredReport {
+    /// What was deleted, e.g. `volume:vol-7`.
+    pub deleted: String,
+    /// The root key epoch after the shred.
+    pub root_epoch: u64,
+    pub volumes_shredded: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct SettingsView {
+    #[serde(flatten)]
+    pub settings: Settings,
+    pub root_epoch: u64,
+}
