@@ -3,3 +3,4 @@
 pub mod blockdev;
 pub mod crypto;
 pub mod nbd;
+pub mod volume;

@@ -1,0 +1,49 @@
+//! The volume engine's view of the metadata service.
+//!
+//! The data plane never waits on slate-meta except when the layout must
+//! change: a replica stopped answering (the engine asks for a replacement)
+//! or a rebuild finished (the engine says the new replica is in sync). Those
+//! calls sit behind this small trait so that the engine can be driven by an
+//! in-test fake and the lead can implement it over slate-meta's HTTP API.
+
+use super::layout::{SegmentReplicas, VolumeLayout};
+use slate_protocol::{NodeId, SegmentIndex, SignedCapability, VolumeId};
+
+/// A control-plane call failed; the engine retries with backoff.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("control plane: {0}")]
+pub struct ControlError(pub String);
+
+/// The metadata service's answer to a failed replica.
+#[derive(Debug, Clone)]
+pub struct ReplicaUpdate {
+    /// The segment's new replica set: the survivors plus a fresh replica
+    /// (verified-zero extents, already assigned the segment on its node).
+    pub set: SegmentReplicas,
+    /// A new capability, when the old one's node scope does not cover the new replica.
+    pub capability: Option<SignedCapability>,
+}
+
+/// What the volume engine needs from the metadata service.
+#[async_trait::async_trait]
+pub trait ControlPlane: Send + Sync + std::fmt::Debug + 'static {
+    /// `node` stopped answering for `segment` of `volume`: remove it from the
+    /// segment's replica set and put a fresh replica in its place. Returns the
+    /// new set. The engine calls this once per (segment, failed node) and
+    /// retries on error.
+    async fn report_failed_replica(
+        &self,
+        volume: VolumeId,
+        segment: SegmentIndex,
+        node: NodeId,
+    ) -> Result<ReplicaUpdate, ControlError>;
+
+    /// `node` now holds every acknowledged write of `segment` (its rebuild finished).
+    async fn report_rebuilt(&self, volume: VolumeId, segment: SegmentIndex, node: NodeId) -> Result<(), ControlError> {
+        let _ = (volume, segment, node);
+        Ok(())
+    }
+
+    /// The volume's current layout (after a reconfiguration made elsewhere).
+    async fn refresh_layout(&self, volume: VolumeId) -> Result<VolumeLayout, ControlError>;
+}

@@ -1,0 +1,69 @@
+//! The engine's link traits over the storage node's own client,
+//! `slate_node::client::NodeClient` (one pipelined TCP session per node;
+//! `start` enqueues the frame before returning, so requests leave in the
+//! order the engine issued them).
+
+use super::link::{BoxFuture, Connector, LinkError, NodeLink};
+use slate_node::client::{ClientError, NodeClient};
+use slate_protocol::{NodeId, Reply, Request, SignedCapability};
+use std::sync::Arc;
+
+fn link_error(e: ClientError) -> LinkError {
+    match e {
+        ClientError::Remote(w) => LinkError::Remote(w),
+        ClientError::Closed(s) => LinkError::Closed(s),
+        ClientError::Connect { addr, detail } => LinkError::Closed(format!("connect to {addr}: {detail}")),
+        ClientError::Protocol(s) => LinkError::Protocol(s),
+    }
+}
+
+/// A `NodeClient` session as a [`NodeLink`].
+#[derive(Debug, Clone)]
+pub struct NodeClientLink {
+    client: NodeClient,
+}
+
+impl NodeClientLink {
+    pub fn new(client: NodeClient) -> Self {
+        Self { client }
+    }
+}
+
+impl NodeLink for NodeClientLink {
+    fn node(&self) -> NodeId {
+        self.client.node()
+    }
+
+    fn start(&self, req: &Request) -> BoxFuture<Result<Reply, LinkError>> {
+        let fut = self.client.start(req);
+        Box::pin(async move { fut.await.map_err(link_error) })
+    }
+}
+
+/// Opens `NodeClient` sessions; checks that the node is the one the layout names.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NodeClientConnector;
+
+impl Connector for NodeClientConnector {
+    fn connect(
+        &self,
+        node: NodeId,
+        addr: &str,
+        capability: &SignedCapability,
+    ) -> BoxFuture<Result<Arc<dyn NodeLink>, LinkError>> {
+        let addr = addr.to_string();
+        let capability = capability.clone();
+        Box::pin(async move {
+            let sock = tokio::net::lookup_host(&addr)
+                .await
+                .map_err(|e| LinkError::Closed(format!("resolve {addr}: {e}")))?
+                .next()
+                .ok_or_else(|| LinkError::Closed(format!("{addr} resolves to nothing")))?;
+            let client = NodeClient::connect(sock, capability).await.map_err(link_error)?;
+            if client.node() != node {
+                return Err(LinkError::Protocol(format!("{addr} is {}, not {node}", client.node())));
+            }
+            Ok(Arc::new(NodeClientLink::new(client)) as Arc<dyn NodeLink>)
+        })
+    }
+}

@@ -1,0 +1,388 @@
+//! Engine tests over in-memory nodes ([`super::fake`]): ordering, failover,
+//! rebuild, repair, reconciliation and fencing, each driven deterministically
+//! enough to check the invariants rather than timings.
+
+use super::fake::{layout, FakeConnector, FakeControl, FakeNode};
+use super::*;
+use slate_protocol::SegmentIndex;
+use slate_protocol::{Capability, Generation, Rights};
+
+const SEG: u64 = 64;
+
+fn key() -> Dek {
+    let mut k = [0u8; 64];
+    for (i, b) in k.iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    Dek::new(k)
+}
+
+fn info(l: &VolumeLayout, nodes: &[u64]) -> AttachInfo {
+    let signing = slate_protocol::capability::generate_signing_key();
+    let capability = Capability {
+        volume: l.volume,
+        generation: l.generation,
+        rights: Rights::READ_WRITE,
+        expires_unix_secs: u64::MAX,
+        nodes: nodes.iter().map(|n| NodeId(*n)).collect(),
+    }
+    .sign(&signing);
+    AttachInfo { layout: l.clone(), capability, dek: key() }
+}
+
+fn cfg() -> VolumeConfig {
+    VolumeConfig {
+        request_timeout: Duration::from_millis(500),
+        retry_delay: Duration::from_millis(5),
+        stall_timeout: Duration::from_secs(30),
+        rebuild_chunk_blocks: 8,
+        ..VolumeConfig::default()
+    }
+}
+
+fn pattern(block: u64, version: u8) -> Vec<u8> {
+    let mut v = vec![version; BLOCK_SIZE_BYTES];
+    v[..8].copy_from_slice(&block.to_le_bytes());
+    v
+}
+
+struct Rig {
+    nodes: Vec<Arc<FakeNode>>,
+    control: Arc<FakeControl>,
+    connector: Arc<FakeConnector>,
+    layout: VolumeLayout,
+    all: Vec<u64>,
+}
+
+impl Rig {
+    fn new(placement: &[&[u64]], spares: &[u64], control_delay: Duration) -> Self {
+        let mut all: Vec<u64> =
+            placement.iter().flat_map(|p| p.iter().copied()).chain(spares.iter().copied()).collect();
+        all.sort_unstable();
+        all.dedup();
+        let nodes: Vec<Arc<FakeNode>> = all.iter().map(|n| FakeNode::new(*n)).collect();
+        let layout = layout(SEG, placement, 1);
+        let control = FakeControl::new(layout.clone(), spares, control_delay);
+        let connector = FakeConnector::new(&nodes);
+        Self { nodes, control, connector, layout, all }
+    }
+
+    fn node(&self, id: u64) -> &Arc<FakeNode> {
+        self.nodes.iter().find(|n| n.id == NodeId(id)).expect("node")
+    }
+
+    async fn open(&self) -> Result<Volume, VolumeError> {
+        self.open_gen(self.layout.generation.0).await
+    }
+
+    async fn open_gen(&self, generation: u64) -> Result<Volume, VolumeError> {
+        let mut l = self.control.layout.lock().unwrap().clone();
+        l.generation = Generation(generation);
+        Volume::open(info(&l, &self.all), self.control.clone(), self.connector.clone(), cfg()).await
+    }
+
+    /// Every in-set replica of every segment holds the same bytes for every block.
+    fn assert_replicas_identical(&self, status: &VolumeStatus) {
+        for s in &status.segments {
+            let first = self.layout.segment_start(s.segment).0;
+            let members: Vec<&Arc<FakeNode>> = s.replicas.iter().map(|m| self.node(m.node.0)).collect();
+            for b in first..first + SEG {
+                let a = members[0].block(b);
+                for m in &members[1..] {
+                    assert_eq!(m.block(b), a, "block {b} differs between {} and {}", members[0].id, m.id);
+                }
+            }
+        }
+    }
+}
+
+async fn wait_in_sync(v: &Volume) -> VolumeStatus {
+    for _ in 0..2000 {
+        let s = v.status().await.unwrap();
+        if s.all_in_sync() && s.segments.iter().all(|s| s.replicas.len() >= 2) {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("replicas never got back in sync: {:?}", v.status().await);
+}
+
+#[tokio::test]
+async fn round_trip_through_replicas_and_ciphertext_at_rest() {
+    let rig = Rig::new(&[&[1, 2, 3], &[2, 3, 1]], &[], Duration::ZERO);
+    let v = rig.open().await.unwrap();
+    let data: Vec<u8> = (0..10).flat_map(|b| pattern(60 + b, 0xAB)).collect();
+    v.write_blocks(60, &data, false).await.unwrap(); // crosses the segment boundary at 64
+    for _ in 0..3 {
+        assert_eq!(&v.read_blocks(60, 10).await.unwrap()[..], &data[..]);
+    }
+    // Unwritten blocks read as zeros; the replicas hold ciphertext only.
+    assert!(v.read_blocks(0, 4).await.unwrap().iter().all(|b| *b == 0));
+    let s = v.status().await.unwrap();
+    rig.assert_replicas_identical(&s);
+    for n in &rig.nodes {
+        for (b, (d, _)) in &n.lock().blocks {
+            assert_ne!(&d[..], &pattern(*b, 0xAB)[..], "plaintext at rest on {}", n.id);
+            assert!(!d.windows(16).any(|w| w.iter().all(|x| *x == 0xAB)));
+        }
+    }
+    // Reads spread over replicas.
+    let served: Vec<u64> = rig.nodes.iter().map(|n| n.lock().requests).collect();
+    assert!(served.iter().all(|r| *r > 0), "{served:?}");
+    // Trim, zeroes and block status.
+    v.trim_blocks(61, 2, false).await.unwrap();
+    v.trim_blocks(66, 1, true).await.unwrap();
+    let bits = v.allocated_blocks(58, 12).await.unwrap();
+    let expect: Vec<bool> = (58..70).map(|b| (60..70).contains(&b) && !(61..63).contains(&b) && b != 66).collect();
+    assert_eq!(bits, expect);
+    assert!(v.read_blocks(61, 2).await.unwrap().iter().all(|b| *b == 0));
+    // Out of range.
+    assert_eq!(v.read_blocks(127, 2).await.unwrap_err(), VolumeError::OutOfRange);
+    assert_eq!(v.write_blocks(128, &pattern(0, 1), false).await.unwrap_err(), VolumeError::OutOfRange);
+    v.flush_all().await.unwrap();
+    v.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_writes_reach_every_replica_in_the_same_order() {
+    let rig = Rig::new(&[&[1, 2, 3]], &[], Duration::ZERO);
+    for n in &rig.nodes {
+        n.lock().max_delay_us = 3000; // reorders requests that are in flight together
+    }
+    let v = Arc::new(rig.open().await.unwrap());
+    let mut tasks = Vec::new();
+    for k in 0..64u8 {
+        let v = Arc::clone(&v);
+        // Overlapping ranges of 1..4 blocks within blocks 0..8.
+        let start = u64::from(k % 6);
+        let len = 1 + u64::from(k % 3);
+        tasks.push(tokio::spawn(async move {
+            let data: Vec<u8> = (start..start + len).flat_map(|b| pattern(b, k)).collect();
+            v.write_blocks(start, &data, false).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let s = v.status().await.unwrap();
+    rig.assert_replicas_identical(&s);
+    let got = v.read_blocks(0, 8).await.unwrap();
+    for b in 0..8usize {
+        let blk = &got[b * BLOCK_SIZE_BYTES..(b + 1) * BLOCK_SIZE_BYTES];
+        assert_eq!(&blk[..8], &(b as u64).to_le_bytes(), "block {b} holds another block's data");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_node_fails_no_write_and_is_rebuilt() {
+    let rig = Rig::new(&[&[1, 2], &[2, 1]], &[3], Duration::from_millis(20));
+    let v = Arc::new(rig.open().await.unwrap());
+    for b in 0..2 * SEG {
+        v.write_blocks(b, &pattern(b, 1), false).await.unwrap();
+    }
+    let killer = {
+        let n2 = Arc::clone(rig.node(2));
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            n2.lock().dead = true;
+        })
+    };
+    let mut tasks = Vec::new();
+    for w in 0..8u64 {
+        let v = Arc::clone(&v);
+        tasks.push(tokio::spawn(async move {
+            for i in 0..40u64 {
+                let b = (w * 17 + i * 5) % (2 * SEG);
+                v.write_blocks(b, &pattern(b, 2 + (i % 200) as u8), false).await?;
+            }
+            Ok::<_, VolumeError>(())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().expect("no write fails because one node died");
+    }
+    killer.await.unwrap();
+    let s = wait_in_sync(&v).await;
+    for seg in &s.segments {
+        let nodes: Vec<NodeId> = seg.replicas.iter().map(|m| m.node).collect();
+        assert!(nodes.contains(&NodeId(3)) && !nodes.contains(&NodeId(2)), "{nodes:?}");
+    }
+    rig.assert_replicas_identical(&s);
+    assert_eq!(rig.control.rebuilt_reports.lock().unwrap().len(), 2);
+    assert_eq!(s.counters.rebuilds_done, 2);
+    // Every block reads back as the last value written to it, from either replica.
+    for _ in 0..2 {
+        let all = v.read_blocks(0, 2 * SEG).await.unwrap();
+        for b in 0..2 * SEG as usize {
+            assert_eq!(&all[b * BLOCK_SIZE_BYTES..b * BLOCK_SIZE_BYTES + 8], &(b as u64).to_le_bytes());
+        }
+    }
+}
+
+#[tokio::test]
+async fn with_one_copy_left_a_write_waits_for_the_replacement() {
+    let rig = Rig::new(&[&[1, 2]], &[3], Duration::from_millis(100));
+    let v = rig.open().await.unwrap();
+    rig.node(2).lock().dead = true;
+    v.write_blocks(5, &pattern(5, 9), false).await.unwrap();
+    // Acknowledged only once the replacement (which joined after the failure) held it too.
+    assert!(rig.node(3).block(5).is_some() && rig.node(1).block(5).is_some(), "acknowledged with one copy");
+    assert_eq!(rig.control.failed_reports.lock().unwrap().as_slice(), &[(SegmentIndex(0), NodeId(2))]);
+    let s = wait_in_sync(&v).await;
+    rig.assert_replicas_identical(&s);
+}
+
+#[tokio::test]
+async fn a_hung_node_times_out_and_is_replaced() {
+    let rig = Rig::new(&[&[1, 2]], &[3], Duration::ZERO);
+    let v = rig.open().await.unwrap();
+    v.write_blocks(0, &pattern(0, 1), false).await.unwrap();
+    rig.node(1).lock().hung = true;
+    v.write_blocks(1, &pattern(1, 1), false).await.unwrap();
+    for _ in 0..4 {
+        assert_eq!(&v.read_blocks(0, 1).await.unwrap()[..], &pattern(0, 1)[..]);
+    }
+    let s = wait_in_sync(&v).await;
+    assert!(s.segments[0].replicas.iter().all(|m| m.node != NodeId(1)));
+    rig.assert_replicas_identical(&s);
+}
+
+#[tokio::test]
+async fn a_corrupt_block_is_read_elsewhere_and_repaired() {
+    let rig = Rig::new(&[&[1, 2]], &[], Duration::ZERO);
+    let v = rig.open().await.unwrap();
+    let data: Vec<u8> = (0..4).flat_map(|b| pattern(b, 7)).collect();
+    v.write_blocks(0, &data, false).await.unwrap();
+    rig.node(1).lock().corrupt.insert(2);
+    rig.node(2).lock().corrupt.insert(3);
+    for _ in 0..4 {
+        assert_eq!(&v.read_blocks(0, 4).await.unwrap()[..], &data[..]);
+    }
+    v.flush_all().await.unwrap();
+    assert!(rig.node(1).lock().corrupt.is_empty() && rig.node(2).lock().corrupt.is_empty(), "repaired");
+    let s = v.status().await.unwrap();
+    assert!(s.counters.repairs >= 2);
+    assert_eq!(s.counters.node_failures, 0, "a corrupt block is repaired, not a reason to drop the replica");
+    rig.assert_replicas_identical(&s);
+    // Both copies bad: the read fails, the volume keeps serving.
+    rig.node(1).lock().corrupt.insert(0);
+    rig.node(2).lock().corrupt.insert(0);
+    assert!(matches!(v.read_blocks(0, 1).await, Err(VolumeError::Io(_))));
+    assert_eq!(&v.read_blocks(1, 1).await.unwrap()[..], &pattern(1, 7)[..]);
+}
+
+#[tokio::test]
+async fn stale_generation_fences_for_good() {
+    let rig = Rig::new(&[&[1, 2], &[2, 1]], &[3], Duration::ZERO);
+    let v = rig.open().await.unwrap();
+    v.write_blocks(0, &pattern(0, 1), false).await.unwrap();
+    // A newer attachment shows itself to node 1 only.
+    rig.node(1).lock().highest = Generation(5);
+    let before: u64 = rig.nodes.iter().map(|n| n.lock().requests).sum();
+    assert_eq!(v.write_blocks(0, &pattern(0, 2), false).await.unwrap_err(), VolumeError::Fenced);
+    let after_fence: u64 = rig.nodes.iter().map(|n| n.lock().requests).sum();
+    assert!(after_fence - before <= 2, "the write was not retried elsewhere");
+    assert_eq!(v.read_blocks(SEG, 1).await.unwrap_err(), VolumeError::Fenced);
+    assert_eq!(v.write_blocks(SEG, &pattern(SEG, 2), false).await.unwrap_err(), VolumeError::Fenced);
+    assert_eq!(v.flush_all().await.unwrap_err(), VolumeError::Fenced);
+    let total: u64 = rig.nodes.iter().map(|n| n.lock().requests).sum();
+    assert_eq!(total, after_fence, "nothing is sent once fenced");
+    assert!(rig.control.failed_reports.lock().unwrap().is_empty(), "fencing is not a node failure");
+    let s = v.status().await.unwrap();
+    assert!(s.fenced);
+    // Opening under an old generation is refused outright.
+    assert_eq!(rig.open_gen(1).await.unwrap_err(), VolumeError::Fenced);
+}
+
+#[tokio::test]
+async fn write_intents_are_reconciled_after_a_client_crash() {
+    let rig = Rig::new(&[&[1, 2]], &[], Duration::ZERO);
+    let v = rig.open().await.unwrap();
+    v.write_blocks(0, &(0..8).flat_map(|b| pattern(b, 1)).collect::<Vec<_>>(), false).await.unwrap();
+    rig.node(1).lock().intents.clear();
+    rig.node(2).lock().intents.clear();
+    // Node 2 swallows writes: the next ones land on node 1 only, then the client "crashes".
+    rig.node(2).lock().black_hole_writes = true;
+    let v = Arc::new(v);
+    let writer = {
+        let v = Arc::clone(&v);
+        tokio::spawn(
+            async move { v.write_blocks(2, &(2..5).flat_map(|b| pattern(b, 2)).collect::<Vec<_>>(), false).await },
+        )
+    };
+    while rig.node(2).lock().intents.is_empty() || rig.node(1).block(2) == rig.node(2).block(2) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    writer.abort();
+    drop(v);
+    assert_ne!(rig.node(1).block(3), rig.node(2).block(3), "the replicas disagree after the crash");
+    rig.node(2).lock().black_hole_writes = false;
+
+    let v2 = rig.open_gen(2).await.unwrap();
+    let s = v2.status().await.unwrap();
+    rig.assert_replicas_identical(&s);
+    assert!(s.counters.blocks_reconciled >= 3);
+    assert!(rig.node(1).lock().intents.is_empty() && rig.node(2).lock().intents.is_empty(), "intents cleared");
+    let a = v2.read_blocks(2, 3).await.unwrap();
+    let b = v2.read_blocks(2, 3).await.unwrap();
+    assert_eq!(a, b);
+    assert!(
+        a == (2..5).flat_map(|b| pattern(b, 2)).collect::<Vec<_>>()
+            || a == (2..5).flat_map(|b| pattern(b, 1)).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_races_concurrent_writes_without_losing_any() {
+    let rig = Rig::new(&[&[1, 2]], &[3], Duration::ZERO);
+    for n in &rig.nodes {
+        n.lock().max_delay_us = 500;
+    }
+    let v = Arc::new(rig.open().await.unwrap());
+    for b in 0..SEG {
+        v.write_blocks(b, &pattern(b, 1), false).await.unwrap();
+    }
+    rig.node(1).lock().dead = true;
+    let mut tasks = Vec::new();
+    for w in 0..4u64 {
+        let v = Arc::clone(&v);
+        tasks.push(tokio::spawn(async move {
+            for i in 0..60u64 {
+                let b = (w * 13 + i * 7) % SEG;
+                v.write_blocks(b, &pattern(b, 10 + (i % 100) as u8), false).await?;
+                if i % 10 == 0 {
+                    v.trim_blocks((b + 3) % SEG, 1, false).await?;
+                }
+            }
+            Ok::<_, VolumeError>(())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let s = wait_in_sync(&v).await;
+    rig.assert_replicas_identical(&s);
+    let (done, total) = s.rebuild_progress();
+    assert_eq!((done, total), (0, 0), "no rebuild left");
+}
+
+#[tokio::test]
+async fn bad_attach_info_is_refused() {
+    let rig = Rig::new(&[&[1, 2]], &[], Duration::ZERO);
+    let mut i = info(&rig.layout, &rig.all);
+    i.dek = Dek::new([7; 64]);
+    assert!(matches!(
+        Volume::open(i, rig.control.clone(), rig.connector.clone(), cfg()).await,
+        Err(VolumeError::Layout(_))
+    ));
+    let mut l = rig.layout.clone();
+    l.segments[0].replicas.pop();
+    assert!(matches!(
+        Volume::open(info(&l, &rig.all), rig.control.clone(), rig.connector.clone(), cfg()).await,
+        Err(VolumeError::Layout(_))
+    ));
+    // Every replica of a segment down: no data to serve.
+    rig.node(1).lock().dead = true;
+    rig.node(2).lock().dead = true;
+    assert!(matches!(rig.open().await, Err(VolumeError::Io(_))));
+}
