@@ -128,11 +128,14 @@ pub(crate) fn start<S: StateMachine>(
         stop: Arc::clone(&stop),
         next_request: 1,
         proposals: HashMap::new(),
+        proposed_at: HashMap::new(),
         conf: None,
         queued: VecDeque::new(),
         reads: HashMap::new(),
         applied,
         purge_pending: false,
+        done_proposals: Vec::new(),
+        done_conf: Vec::new(),
         cfg,
     };
     node.publish_status();
@@ -190,12 +193,18 @@ struct Node<S> {
     next_request: u64,
     /// Proposals handed to raft, by request id, completed when this node applies them.
     proposals: HashMap<u64, Pending<Vec<u8>>>,
+    /// Log index at which this node, as leader, appended a proposal (index -> request id).
+    proposed_at: HashMap<u64, u64>,
     /// This node's membership change in flight (request id).
     conf: Option<(u64, Pending<()>)>,
     queued: VecDeque<Queued>,
     reads: HashMap<u64, PendingRead>,
     applied: u64,
     purge_pending: bool,
+    /// Replies for entries applied in this iteration, sent only after `maintain` (so that a caller who sees
+    /// the result of a command that asked for a purge also sees the purge done).
+    done_proposals: Vec<(Reply<Vec<u8>>, Vec<u8>)>,
+    done_conf: Vec<(Reply<()>, Result<(), ConsensusError>)>,
 }
 
 impl<S: StateMachine> Node<S> {
@@ -231,6 +240,7 @@ impl<S: StateMachine> Node<S> {
                 self.fail_all(&e);
                 return;
             }
+            self.send_replies();
             self.publish_status();
         }
         self.shutdown_all();
@@ -370,6 +380,11 @@ impl<S: StateMachine> Node<S> {
             Ok(()) => match q.op {
                 Op::Propose(_, reply) => {
                     self.proposals.insert(q.request, Pending { reply, deadline: q.deadline });
+                    if self.raw.raft.state == StateRole::Leader {
+                        // A leader appends at once: if another entry is ever applied at this index, the
+                        // proposal was lost in a leadership change and can fail fast with `Dropped`.
+                        self.proposed_at.insert(self.raw.raft.raft_log.last_index(), q.request);
+                    }
                 }
                 Op::Conf(_, reply) => self.conf = Some((q.request, Pending { reply, deadline: q.deadline })),
             },
@@ -487,8 +502,17 @@ impl<S: StateMachine> Node<S> {
                 read.index.get_or_insert(rs.index);
             }
         }
-        self.complete_reads();
         Ok(())
+    }
+
+    fn send_replies(&mut self) {
+        for (reply, response) in self.done_proposals.drain(..) {
+            let _ = reply.send(Ok(response));
+        }
+        for (reply, outcome) in self.done_conf.drain(..) {
+            let _ = reply.send(outcome);
+        }
+        self.complete_reads();
     }
 
     fn complete_reads(&mut self) {
@@ -515,6 +539,7 @@ impl<S: StateMachine> Node<S> {
             self.transport.set_peer(*id, *addr);
         }
         self.applied = index;
+        self.proposed_at.retain(|i, _| *i > index);
         // The discarded log may hold entries that the snapshot no longer has (e.g. shredded keys).
         self.purge_pending = true;
         tracing::info!(index, "installed a raft snapshot from the leader");
@@ -526,6 +551,13 @@ impl<S: StateMachine> Node<S> {
             if e.index <= self.applied {
                 continue;
             }
+            if let Some(request) = self.proposed_at.remove(&e.index) {
+                if self.own_request(&e.context) != Some(request) {
+                    if let Some(p) = self.proposals.remove(&request) {
+                        let _ = p.reply.send(Err(ConsensusError::Dropped));
+                    }
+                }
+            }
             match e.get_entry_type() {
                 EntryType::EntryNormal => {
                     // Empty entries are the leaders' no-ops (or conf changes raft refused).
@@ -535,7 +567,7 @@ impl<S: StateMachine> Node<S> {
                             self.purge_pending = true;
                         }
                         if let Some(p) = self.own_request(&e.context).and_then(|r| self.proposals.remove(&r)) {
-                            let _ = p.reply.send(Ok(response));
+                            self.done_proposals.push((p.reply, response));
                         }
                     }
                 }
@@ -589,7 +621,7 @@ impl<S: StateMachine> Node<S> {
         if let Some(r) = self.own_request(&e.context) {
             if self.conf.as_ref().is_some_and(|(req, _)| *req == r) {
                 if let Some((_, p)) = self.conf.take() {
-                    let _ = p.reply.send(outcome);
+                    self.done_conf.push((p.reply, outcome));
                 }
             }
         }
@@ -676,6 +708,12 @@ impl<S: StateMachine> Node<S> {
             s.role = Role::Failed;
         }
         let err = || ConsensusError::Storage(why.to_owned());
+        for (reply, _) in self.done_proposals.drain(..) {
+            let _ = reply.send(Err(err()));
+        }
+        for (reply, _) in self.done_conf.drain(..) {
+            let _ = reply.send(Err(err()));
+        }
         for (_, p) in self.proposals.drain() {
             let _ = p.reply.send(Err(err()));
         }
@@ -692,6 +730,7 @@ impl<S: StateMachine> Node<S> {
     }
 
     fn shutdown_all(&mut self) {
+        self.send_replies();
         for (_, p) in self.proposals.drain() {
             let _ = p.reply.send(Err(ConsensusError::Shutdown));
         }

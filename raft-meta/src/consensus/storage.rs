@@ -85,6 +85,8 @@ impl LogStore {
             dir: data_dir.join("raft-log").to_string_lossy().into_owned(),
             // A recycled file keeps its old contents: never for a log that must forget.
             enable_log_recycle: false,
+            // Uncompressed, so that a scan of the files for a purged secret is meaningful.
+            batch_compression_threshold: ReadableSize(0),
             target_file_size: ReadableSize::mb(8),
             purge_threshold: ReadableSize::mb(64),
             ..Default::default()
@@ -329,12 +331,20 @@ impl raft::Storage for LogStore {
         Ok(self.last_index_inner())
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        if request_index > self.snap_meta.index {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        // A node refuses a snapshot whose configuration does not include it (a node just added): such a
+        // recipient needs a snapshot taken after its addition was applied. Ask the node loop for a fresh one.
+        let cs = self.snap_meta.get_conf_state();
+        let includes_to = cs.voters.contains(&to) || cs.learners.contains(&to) || cs.voters_outgoing.contains(&to);
+        if request_index > self.snap_meta.index || !includes_to {
             self.snapshot_wanted.set(true);
             return Err(store_err(StorageError::SnapshotTemporarilyUnavailable));
         }
-        self.load_snapshot().map_err(other_err)
+        // raft-rs panics on any other error here; a missing or damaged file is reported and retried instead.
+        self.load_snapshot().map_err(|e| {
+            tracing::error!(error = %e, "cannot load the raft snapshot to send");
+            store_err(StorageError::SnapshotTemporarilyUnavailable)
+        })
     }
 }
 
