@@ -164,6 +164,7 @@ pub(crate) async fn negotiate(mut stream: BoxStream, ctx: &ServerCtx) -> io::Res
         }
         let mut data = vec![0u8; len as usize];
         read_exact(&mut stream, &mut data, limit).await?;
+        debug!(option = opt, len, "NBD option");
 
         if opt == OPT_ABORT {
             // The client may already be gone; an error sending the ACK does not matter.
@@ -324,6 +325,7 @@ fn info_or_go(opt: u32, data: &[u8], st: &State, ctx: &ServerCtx) -> Reply {
 }
 
 fn meta_context(opt: u32, data: &[u8], st: &mut State, ctx: &ServerCtx) -> Reply {
+    debug!(data = ?String::from_utf8_lossy(data), "meta context");
     let invalid = |msg: &str| Reply::Send(option_reply(opt, REP_ERR_INVALID, msg.as_bytes()));
     if !st.structured {
         return invalid("structured replies must be negotiated first");
