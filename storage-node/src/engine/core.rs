@@ -897,7 +897,13 @@ impl Core {
         let base = Superblock::off(self.sb.extent_block(job.extent));
         match job.phase {
             ZeroPhase::Write(done) => {
-                let len = ZERO_STEP_BYTES.min(ext_bytes - done);
+                let mut len = ZERO_STEP_BYTES.min(ext_bytes - done);
+                let half = ext_bytes / 2;
+                let crash_mid = done < half && done + len >= half && crash_point("mid_zeroing");
+                if crash_mid {
+                    // Simulated crash with the extent half overwritten.
+                    len = half - done;
+                }
                 let res = self.disk.write_at(base + done as u64, &self.zero_buf[..len]);
                 if let Err(e) = res {
                     return Err(self.fail(format!("zeroing write failed: {e}")));
@@ -907,7 +913,7 @@ impl Core {
                 }
                 self.stats.bytes_zeroed_total.fetch_add(len as u64, Ordering::Relaxed);
                 let done = done + len;
-                if done >= ext_bytes / 2 && done - len < ext_bytes / 2 && crash_point("mid_zeroing") {
+                if crash_mid {
                     self.crashed = true;
                     return Ok(true);
                 }
