@@ -8,16 +8,38 @@
 //! never leaves a reply unsent.
 
 use crate::config::NodeConfig;
-use crate::engine::{Engine, EngineHandle, EngineOptions};
+use crate::engine::{Engine, EngineError, EngineHandle, EngineOptions};
 use crate::metrics::Metrics;
 use crate::server::{Server, ServerOptions};
 use anyhow::Context;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::info;
+
+/// How long to wait for the disk lock: after a crash (kill -9) the kernel may
+/// release the dead process's io_uring, and with it the lock, a moment later.
+const DISK_LOCK_WAIT: Duration = Duration::from_secs(15);
+
+/// Opens the engine, waiting for the disk lock of a process that just died.
+async fn open_engine(disk: &Path, opts: EngineOptions) -> anyhow::Result<(Engine, EngineHandle)> {
+    let deadline = Instant::now() + DISK_LOCK_WAIT;
+    loop {
+        let (path, o) = (disk.to_owned(), opts.clone());
+        let r = tokio::task::spawn_blocking(move || Engine::open(&path, o)).await.context("engine open task")?;
+        match r {
+            Err(EngineError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                tracing::warn!(disk = %disk.display(), "disk is locked (a previous process still releasing it?); retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            r => return r.with_context(|| format!("opening disk {}", disk.display())),
+        }
+    }
+}
 
 /// A started node.
 #[derive(Debug)]
@@ -45,11 +67,7 @@ impl RunningNode {
             metadata_cache_bytes: cfg.metadata_cache_bytes,
             ..EngineOptions::default()
         };
-        let disk_for_open = disk.clone();
-        let (engine, handle) = tokio::task::spawn_blocking(move || Engine::open(&disk_for_open, opts))
-            .await
-            .context("engine open task")?
-            .with_context(|| format!("opening disk {}", disk.display()))?;
+        let (engine, handle) = open_engine(&disk, opts).await?;
         if handle.node_id() != cfg.node_id {
             anyhow::bail!(
                 "disk {} was formatted for {} but the config says {}",

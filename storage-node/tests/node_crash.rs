@@ -32,7 +32,7 @@ struct History {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9() {
     let seed = slate_tests::seed_from_env("SLATE_CRASH_SEED");
-    let rounds: usize = std::env::var("SLATE_CRASH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
+    let rounds: usize = std::env::var("SLATE_CRASH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(6);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut node = TestNode::start("crash", &[1]);
     let mut next_seq: u64 = 1;
