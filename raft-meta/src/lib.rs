@@ -8,13 +8,13 @@
 
 pub mod consensus;
 
-// pub mod api;
+pub mod api;
 pub mod audit;
-// pub mod config;
+pub mod config;
 pub mod keys;
 pub mod machine;
-// pub mod metrics;
+pub mod metrics;
 pub mod placement;
-// pub mod service;
+pub mod service;
 pub mod state;
-// pub mod tls;
+pub mod tls;

@@ -303,3 +303,14 @@ pub fn try_unwrap_dek(
     }
     Ok(Err(attempts.join("; ")))
 }
+
+impl Drop for SlateMachine {
+    /// A clean stop leaves an up-to-date state file (a crash replays the log instead).
+    fn drop(&mut self) {
+        if self.state.applied_index > 0 {
+            if let Err(e) = self.persist_state() {
+                tracing::warn!(error = %e, "persisting the state at shutdown failed");
+            }
+        }
+    }
+}

@@ -14,7 +14,7 @@
 //! changes anything, so a refused command changes nothing but the audit chain
 //! (and a failed-authentication counter).
 
-mod apply;
+pub mod apply;
 pub mod command;
 pub mod types;
 pub mod view;

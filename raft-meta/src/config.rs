@@ -1,0 +1,131 @@
+//! `meta.toml`: one metadata node's configuration, validated when loaded.
+//!
+//! Secrets are never in the config itself, only the paths of the files that
+//! hold them (root key, signing key, TLS key), which live outside the data
+//! directory so that a copy of the data directory holds no key that opens it.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// One metadata cluster member as seen in the config.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub id: u64,
+    /// Raft peer transport address.
+    pub raft_addr: SocketAddr,
+    /// Management API address (for redirect hints and the CLI).
+    pub api_addr: SocketAddr,
+}
+
+/// Raft timing.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftTuning {
+    pub tick_ms: u64,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    pub snapshot_every_entries: u64,
+    pub request_timeout_ms: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        Self {
+            tick_ms: 100,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            snapshot_every_entries: 10_000,
+            request_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// A node's configuration.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's Raft id.
+    pub node_id: u64,
+    /// Management API listen address (HTTPS).
+    pub api_addr: SocketAddr,
+    /// Raft peer transport listen address.
+    pub raft_addr: SocketAddr,
+    /// Every member, this node included.
+    pub peers: Vec<Peer>,
+    /// Start empty and wait to be added to an existing cluster.
+    #[serde(default)]
+    pub join: bool,
+    /// Raft log, snapshots and state file.
+    pub data_dir: PathBuf,
+    /// Root key file (outside `data_dir`). Ignored when `root_key_env` is set.
+    #[serde(default)]
+    pub root_key_file: Option<PathBuf>,
+    /// Take the root key from this environment variable instead (read-only: no ratchet).
+    #[serde(default)]
+    pub root_key_env: Option<String>,
+    /// ed25519 capability signing key (hex seed), same on every node.
+    pub signing_key_file: PathBuf,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    /// SHA-256 (hex) of the first operator token, used once to bootstrap the cluster.
+    #[serde(default)]
+    pub bootstrap_token_hash_file: Option<PathBuf>,
+    /// Largest request body accepted by the API.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// How often the leader runs the storage-node liveness sweep.
+    #[serde(default = "default_sweep_ms")]
+    pub sweep_interval_ms: u64,
+    #[serde(default)]
+    pub raft: RaftTuning,
+}
+
+fn default_max_body() -> usize {
+    64 * 1024
+}
+
+fn default_sweep_ms() -> u64 {
+    5_000
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        let cfg: Self = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks the relations between fields.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.node_id != 0, "node_id must be non-zero");
+        anyhow::ensure!(
+            self.join || self.peers.iter().any(|p| p.id == self.node_id),
+            "peers must include this node (id {})",
+            self.node_id
+        );
+        anyhow::ensure!(
+            self.root_key_file.is_some() || self.root_key_env.is_some(),
+            "set root_key_file or root_key_env"
+        );
+        if let Some(k) = &self.root_key_file {
+            let data = self.data_dir.canonicalize().unwrap_or_else(|_| self.data_dir.clone());
+            let key = k.canonicalize().unwrap_or_else(|_| k.clone());
+            anyhow::ensure!(
+                !key.starts_with(&data),
+                "root_key_file must live outside data_dir, or a copy of the data directory would carry its own key"
+            );
+        }
+        anyhow::ensure!((1024..=16 << 20).contains(&self.max_body_bytes), "max_body_bytes must be 1 KiB..16 MiB");
+        anyhow::ensure!(self.sweep_interval_ms >= 100, "sweep_interval_ms must be at least 100");
+        Ok(())
+    }
+
+    /// The API address of a peer.
+    pub fn api_of(&self, id: u64) -> Option<SocketAddr> {
+        self.peers.iter().find(|p| p.id == id).map(|p| p.api_addr)
+    }
+}

@@ -1,0 +1,139 @@
+//! One running metadata node: consensus, the state machine, the HTTPS API and
+//! the leader's background duties, started together and stopped together.
+//!
+//! Leader duties are proposals like any other (so they are ordered, replicated
+//! and audited): the one-time bootstrap of the first operator, and the
+//! periodic liveness sweep that carries the leader's clock into the state
+//! (`apply` never reads a clock).
+
+use crate::api::{self, ApiState};
+use crate::config::Config;
+use crate::consensus::{Consensus, ConsensusConfig, Role};
+use crate::keys::{EnvRootKeyProvider, FileRootKeyProvider, RootKeyProvider};
+use crate::machine::SlateMachine;
+use crate::metrics::Metrics;
+use crate::state::command::{Command, Credential, Envelope};
+use crate::tls;
+use anyhow::Context;
+use ed25519_dalek::SigningKey;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use zeroize::Zeroizing;
+
+/// Reads the capability signing key (hex of the 32-byte seed).
+pub fn load_signing_key(path: &Path) -> anyhow::Result<SigningKey> {
+    let text = Zeroizing::new(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?);
+    let mut seed = Zeroizing::new([0u8; 32]);
+    hex::decode_to_slice(text.trim(), seed.as_mut())
+        .map_err(|_| anyhow::anyhow!("{} must hold 64 hex digits", path.display()))?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+/// The root key provider a config names.
+pub fn root_provider(cfg: &Config) -> anyhow::Result<Arc<dyn RootKeyProvider>> {
+    match (&cfg.root_key_env, &cfg.root_key_file) {
+        (Some(var), _) => Ok(Arc::new(EnvRootKeyProvider::new(var.clone()))),
+        (None, Some(path)) => Ok(Arc::new(FileRootKeyProvider::new(path.clone()))),
+        (None, None) => anyhow::bail!("no root key configured"),
+    }
+}
+
+/// Runs a node until `shutdown` resolves, then stops it cleanly.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    tls::install_crypto_provider();
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let provider = root_provider(&cfg)?;
+    let sm = SlateMachine::open(&cfg.data_dir, provider)?;
+    let signing_key = load_signing_key(&cfg.signing_key_file)?;
+    let tls_config = tls::server_config(&cfg.tls_cert, &cfg.tls_key)?;
+    let bootstrap_hash = match &cfg.bootstrap_token_hash_file {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.trim().to_string())
+        }
+        None => None,
+    };
+
+    let mut ccfg = ConsensusConfig::new(
+        cfg.node_id,
+        cfg.raft_addr,
+        cfg.peers.iter().map(|p| (p.id, p.raft_addr)).collect(),
+        cfg.data_dir.join("raft"),
+    );
+    ccfg.join = cfg.join;
+    ccfg.tick = Duration::from_millis(cfg.raft.tick_ms);
+    ccfg.election_ticks = cfg.raft.election_ticks;
+    ccfg.heartbeat_ticks = cfg.raft.heartbeat_ticks;
+    ccfg.snapshot_every_entries = cfg.raft.snapshot_every_entries;
+    ccfg.request_timeout = Duration::from_millis(cfg.raft.request_timeout_ms);
+    let (consensus, handle) = Consensus::start(ccfg, sm).context("starting consensus")?;
+
+    let state = Arc::new(ApiState {
+        handle: handle.clone(),
+        signing_key,
+        metrics: Arc::new(Metrics::new()),
+        node_id: cfg.node_id,
+        peer_apis: cfg.peers.iter().map(|p| (p.id, p.api_addr)).collect(),
+    });
+    let app = api::router(Arc::clone(&state), cfg.max_body_bytes);
+    let server_handle = axum_server::Handle::new();
+    let server = axum_server::bind_rustls(cfg.api_addr, axum_server::tls_rustls::RustlsConfig::from_config(tls_config))
+        .handle(server_handle.clone())
+        .serve(app.into_make_service_with_connect_info::<SocketAddr>());
+    let mut server_task = tokio::spawn(server);
+    let duties = tokio::spawn(leader_duties(state, bootstrap_hash, Duration::from_millis(cfg.sweep_interval_ms)));
+    tracing::info!(node = cfg.node_id, api = %cfg.api_addr, raft = %cfg.raft_addr, "slate-meta serving");
+
+    let result = tokio::select! {
+        () = shutdown => Ok(()),
+        r = &mut server_task => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(anyhow::anyhow!("API server on {}: {e}", cfg.api_addr)),
+            Err(e) => Err(anyhow::anyhow!("API server task: {e}")),
+        },
+    };
+    tracing::info!("slate-meta stopping");
+    duties.abort();
+    server_handle.graceful_shutdown(Some(Duration::from_secs(3)));
+    let _ = tokio::time::timeout(Duration::from_secs(5), server_task).await;
+    consensus.shutdown().await;
+    result
+}
+
+async fn leader_duties(state: Arc<ApiState>, bootstrap_hash: Option<String>, sweep_every: Duration) {
+    let mut last_sweep = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if state.handle.status().role != Role::Leader {
+            continue;
+        }
+        let Ok((bootstrapped, sweep_due)) =
+            state.handle.read(|sm| (sm.state().bootstrapped, sm.state().sweep_due(api::now_ms()))).await
+        else {
+            continue;
+        };
+        if !bootstrapped {
+            if let Some(hash) = &bootstrap_hash {
+                let cmd = Command::Bootstrap { operator_name: "operator".into(), token_secret_sha256: hash.clone() };
+                if let Err(e) = propose_system(&state, cmd).await {
+                    tracing::warn!(error = %e, "bootstrap proposal failed; will retry");
+                }
+            }
+            continue;
+        }
+        if sweep_due && last_sweep.elapsed() >= sweep_every {
+            last_sweep = Instant::now();
+            if let Err(e) = propose_system(&state, Command::Tick).await {
+                tracing::warn!(error = %e, "liveness sweep proposal failed");
+            }
+        }
+    }
+}
+
+async fn propose_system(state: &ApiState, command: Command) -> anyhow::Result<()> {
+    let env = Envelope { time_ms: api::now_ms(), client: "-".into(), credential: Credential::System, command };
+    state.handle.propose(serde_json::to_vec(&env)?).await?;
+    Ok(())
+}
