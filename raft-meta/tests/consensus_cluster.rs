@@ -45,16 +45,18 @@ struct Counters {
 struct KvMachine {
     state: KvState,
     path: PathBuf,
+    /// Write the state file after every apply (else only in `persist`, and the log is replayed on restart).
+    write_each_apply: bool,
     purge: bool,
     counters: Arc<Counters>,
 }
 
 impl KvMachine {
-    fn open(dir: &Path, counters: Arc<Counters>) -> Self {
+    fn open(dir: &Path, counters: Arc<Counters>, write_each_apply: bool) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let path = dir.join("kv-state.json");
         let state = std::fs::read(&path).map(|b| serde_json::from_slice(&b).unwrap()).unwrap_or_default();
-        Self { state, path, purge: false, counters }
+        Self { state, path, write_each_apply, purge: false, counters }
     }
 
     fn write(&self, sync: bool) -> std::io::Result<()> {
@@ -84,7 +86,9 @@ impl StateMachine for KvMachine {
         self.state.applied = index;
         self.state.applies += 1;
         // Written (not fsynced) on every apply, so the applied index on disk follows the state exactly.
-        self.write(false).unwrap();
+        if self.write_each_apply {
+            self.write(false).unwrap();
+        }
         serde_json::to_vec(&prev).unwrap()
     }
     fn applied_index(&self) -> u64 {
@@ -128,6 +132,7 @@ struct Cluster {
     nodes: Vec<TestNode>,
     peers: Vec<(u64, SocketAddr)>,
     snapshot_every: u64,
+    write_each_apply: bool,
 }
 
 fn free_addrs(n: usize) -> Vec<SocketAddr> {
@@ -155,6 +160,10 @@ fn config(
 impl Cluster {
     /// `n` nodes bootstrapped together (ids 1..=n), plus `spare` addresses for nodes added later.
     fn new(n: usize, spare: usize, snapshot_every: u64) -> Self {
+        Self::new_with(n, spare, snapshot_every, true)
+    }
+
+    fn new_with(n: usize, spare: usize, snapshot_every: u64, write_each_apply: bool) -> Self {
         // RUST_LOG=info shows raft's own log on stderr.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -172,7 +181,7 @@ impl Cluster {
                 running: None,
             })
             .collect();
-        let mut c = Self { _tmp: tmp, nodes, peers, snapshot_every };
+        let mut c = Self { _tmp: tmp, nodes, peers, snapshot_every, write_each_apply };
         for i in 0..n {
             c.start(i as u64 + 1);
         }
@@ -192,7 +201,7 @@ impl Cluster {
         }
         let mut cfg = config(id, n.addr, peers, &n.dir, snapshot_every);
         cfg.join = join;
-        let sm = KvMachine::open(&n.dir.join("sm"), Arc::clone(&n.counters));
+        let sm = KvMachine::open(&n.dir.join("sm"), Arc::clone(&n.counters), self.write_each_apply);
         n.running = Some(Consensus::start(cfg, sm).expect("start node"));
     }
 
@@ -543,4 +552,108 @@ fn rand_u64() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(std::process::id().into());
     h.finish()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_peer_port_is_refused_and_harmless() {
+    use tokio::io::AsyncWriteExt;
+    let mut c = Cluster::new(3, 0, 10_000);
+    let leader = c.wait_leader().await;
+    let addr = c.node(leader).addr;
+    let mut hello = b"SLRAFT01".to_vec();
+    hello.extend_from_slice(&9u64.to_be_bytes());
+    hello.extend_from_slice(&14u16.to_be_bytes());
+    hello.extend_from_slice(b"127.0.0.1:9999");
+    let attacks: Vec<Vec<u8>> = vec![
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        u32::MAX.to_be_bytes().to_vec(),
+        [&(hello.len() as u32).to_be_bytes()[..], &hello[..], &5u32.to_be_bytes(), b"\xff\xff\xff\xff\xff"].concat(),
+        [&(hello.len() as u32).to_be_bytes()[..], &hello[..], &u32::MAX.to_be_bytes()].concat(),
+    ];
+    for a in attacks {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(&a).await;
+        let _ = s.shutdown().await;
+    }
+    propose_retry(c.node(leader).handle(), put("still", "alive")).await;
+    for id in 1..=3 {
+        assert_eq!(c.map_after_barrier(id).await["still"], "alive");
+        assert_ne!(c.node(id).handle().status().role, Role::Failed);
+    }
+    c.shutdown_all().await;
+}
+
+#[test]
+fn config_validation_rejects_nonsense() {
+    let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let ok = ConsensusConfig::new(1, a, vec![(1, a)], "/tmp/x");
+    assert!(ok.validate().is_ok());
+    let mut c = ok.clone();
+    c.id = 0;
+    assert!(c.validate().is_err());
+    let mut c = ok.clone();
+    c.peers = vec![(2, a)];
+    assert!(c.validate().is_err(), "bootstrapping without itself");
+    c.join = true;
+    assert!(c.validate().is_ok(), "a joining node only needs to know where others are");
+    let mut c = ok.clone();
+    c.peers = vec![(1, a), (1, a)];
+    assert!(c.validate().is_err());
+    let mut c = ok.clone();
+    c.election_ticks = c.heartbeat_ticks;
+    assert!(c.validate().is_err());
+    let mut c = ok;
+    c.snapshot_every_entries = 0;
+    assert!(c.validate().is_err());
+}
+
+/// Throughput figures on loopback (prints; asserts nothing about time). `cargo test -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn bench_proposals_three_nodes() {
+    let mut c = Cluster::new_with(3, 0, 10_000, false);
+    let leader = c.wait_leader().await;
+    let h = c.node(leader).handle().clone();
+    let n = 500;
+    let t = std::time::Instant::now();
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        let t0 = std::time::Instant::now();
+        h.propose(put(&format!("seq{i}"), "v")).await.unwrap();
+        lat.push(t0.elapsed());
+    }
+    let seq = t.elapsed();
+    lat.sort();
+    println!(
+        "sequential: {n} proposals in {seq:?} = {:.0}/s, p50 {:?}, p99 {:?}",
+        n as f64 / seq.as_secs_f64(),
+        lat[n / 2],
+        lat[n * 99 / 100]
+    );
+    let t = std::time::Instant::now();
+    let tasks: Vec<_> = (0..32)
+        .map(|w| {
+            let h = h.clone();
+            tokio::spawn(async move {
+                for i in 0..n / 32 {
+                    h.propose(put(&format!("par{w}-{i}"), "v")).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let par = t.elapsed();
+    println!(
+        "32 concurrent proposers: {} proposals in {par:?} = {:.0}/s",
+        n / 32 * 32,
+        (n / 32 * 32) as f64 / par.as_secs_f64()
+    );
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+        h.read_barrier().await.unwrap();
+    }
+    println!("read_barrier on the leader: {:.0}/s", n as f64 / t.elapsed().as_secs_f64());
+    c.shutdown_all().await;
 }

@@ -731,6 +731,10 @@ impl<S: StateMachine> Node<S> {
 
     fn shutdown_all(&mut self) {
         self.send_replies();
+        // A clean stop leaves the state machine current, so the next start replays nothing.
+        if let Err(e) = self.sm.persist() {
+            tracing::warn!(error = %e, "state machine persist at shutdown failed; the log will be replayed");
+        }
         for (_, p) in self.proposals.drain() {
             let _ = p.reply.send(Err(ConsensusError::Shutdown));
         }
