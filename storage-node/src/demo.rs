@@ -77,10 +77,11 @@ pub async fn run(dir: Option<&Path>) -> anyhow::Result<()> {
     };
     let report = engine::format(&disk, &fmt).context("formatting the demo disk")?;
     println!(
-        "1. formatted {} ({} MiB, {} KiB extents): {report:?}",
+        "1. formatted {} ({} MiB file): {} extents of {} KiB, all dirty until zeroed and verified",
         disk.display(),
         DISK_BYTES >> 20,
-        EXTENT_BYTES >> 10
+        report.extent_count,
+        report.extent_size_bytes >> 10
     );
 
     let signing_key = slate_protocol::capability::generate_signing_key();
@@ -153,9 +154,20 @@ pub async fn run(dir: Option<&Path>) -> anyhow::Result<()> {
         other => bail!("a forged capability was accepted: {other:?}"),
     }
 
+    let stats = node.engine().stats();
+    println!(
+        "10. engine: extents free {} / owned {} / dirty {} / zeroing {}; {} MiB zeroed and verified; {} writes, {} fsyncs",
+        stats.extents_free,
+        stats.extents_owned,
+        stats.extents_dirty,
+        stats.extents_zeroing,
+        stats.bytes_zeroed_total >> 20,
+        stats.writes,
+        stats.fsyncs
+    );
     drop(client);
     drop(newer);
     node.shutdown().await?;
-    println!("10. node stopped cleanly (in-flight requests finished, engine shut down)");
+    println!("11. node stopped cleanly (in-flight requests finished, engine shut down)");
     Ok(())
 }

@@ -6,6 +6,7 @@ pub mod engine;
 // Data-plane server side: sessions and capability checks, the TCP server, the
 // reusable client, metrics, local admin, configuration, and the node assembly.
 pub mod admin;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod demo;
