@@ -21,6 +21,11 @@
 //! volume = 1
 //! segment = 0
 //! segment_blocks = 262144
+//!
+//! [meta]                                   # optional; accepted, not dialled yet
+//! apis = ["https://127.0.0.1:7600"]
+//! ca = "/etc/slate/ca.pem"
+//! token_file = "/etc/slate/node.token"
 //! ```
 
 use ed25519_dalek::VerifyingKey;
@@ -57,6 +62,22 @@ pub struct StaticAssignment {
     pub segment_blocks: u64,
 }
 
+/// Where the metadata service is, for the node's own link to it (heartbeats and
+/// assignment sync). Parsed and validated now so that configs written by
+/// `slate up` load; this version of the node does not dial it yet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetaLink {
+    /// Management API base URLs of the metadata replicas.
+    pub apis: Vec<String>,
+    /// CA certificate that signs the metadata service's TLS certificate.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// File holding the bearer token the node presents.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
 /// The node's configuration file, as written by an operator.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,6 +104,9 @@ pub struct NodeConfig {
     /// Segments to assign at start (idempotent), until the metadata service does it.
     #[serde(default)]
     pub assignments: Vec<StaticAssignment>,
+    /// The metadata service link, if any (see [`MetaLink`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<MetaLink>,
 }
 
 fn default_zero_rate() -> u64 {
@@ -109,6 +133,7 @@ impl NodeConfig {
             metadata_cache_bytes: DEFAULT_METADATA_CACHE_BYTES,
             max_inflight_bytes_per_connection: DEFAULT_MAX_INFLIGHT_BYTES,
             assignments: Vec::new(),
+            meta: None,
         }
     }
 
@@ -163,6 +188,9 @@ impl NodeConfig {
         if self.listen.port() != 0 && Some(self.listen) == self.metrics_listen {
             return bad("listen and metrics_listen must differ");
         }
+        if self.meta.as_ref().is_some_and(|m| m.apis.is_empty()) {
+            return bad("meta.apis: at least one metadata service URL is needed");
+        }
         let mut seen = std::collections::HashSet::new();
         for a in &self.assignments {
             if a.segment_blocks == 0 {
@@ -199,5 +227,7 @@ mod tests {
         bad.max_inflight_bytes_per_connection = 1024;
         assert!(bad.validate().is_err());
         assert!(NodeConfig::parse("node_id = 1\nbogus = 2").is_err());
+        let with_meta = format!("{text}\n[meta]\napis = [\"https://127.0.0.1:1\"]\nca = \"/x/ca.pem\"\n");
+        assert_eq!(NodeConfig::parse(&with_meta).unwrap().meta.unwrap().apis.len(), 1);
     }
 }
