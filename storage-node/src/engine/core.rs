@@ -55,6 +55,8 @@ const MAX_INTENTS: usize = 1 << 16;
 const MAX_VOLUMES: usize = 1 << 16;
 /// Cache pages a single command may pin (bounds trims); the cache holds at least 4x this.
 const PIN_BUDGET_PAGES: usize = 640;
+/// Data bytes (write and read buffers) one batch may hold.
+const MAX_BATCH_DATA_BYTES: usize = 64 << 20;
 /// Extra records pending from background work before they are flushed on their own.
 const PENDING_FLUSH_RECORDS: usize = 256;
 
@@ -85,6 +87,8 @@ struct Batch {
     /// Volume block ranges with data I/O in this batch: (volume, start, end, is_write).
     touched: Vec<(VolumeId, u64, u64, bool)>,
     has_writes: bool,
+    /// Data bytes (writes and reads) the batch holds in buffers.
+    data_bytes: usize,
     checkpoints: Vec<Reply<()>>,
 }
 
@@ -1139,6 +1143,7 @@ impl Core {
         while let Some(cmd) = queue.front() {
             if !b.dones.is_empty() || !b.checkpoints.is_empty() {
                 if b.record_bytes > self.max_entry_bytes / 2
+                    || b.data_bytes >= MAX_BATCH_DATA_BYTES
                     || self.cache.pinned_count() + PIN_BUDGET_PAGES > self.cache.cap()
                 {
                     break;
@@ -1184,6 +1189,7 @@ impl Core {
                     Ok((buf, parts)) => {
                         b.touched.push((volume, start.0, start.0 + crcs.len() as u64, true));
                         b.has_writes = true;
+                        b.data_bytes += data.len();
                         self.stats.writes.fetch_add(1, Ordering::Relaxed);
                         self.stats.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
                         b.dones.push(Done::Write { tx, buf, parts });
@@ -1194,6 +1200,7 @@ impl Core {
             Cmd::Read { volume, epoch, start, count, tx } => match self.plan_read(volume, epoch, start, count) {
                 Ok((buf, parts, written, crcs)) => {
                     b.touched.push((volume, start.0, start.0 + u64::from(count), false));
+                    b.data_bytes += count as usize * ALIGN;
                     self.stats.reads.fetch_add(1, Ordering::Relaxed);
                     self.stats.bytes_read.fetch_add(u64::from(count) * BLOCK, Ordering::Relaxed);
                     b.dones.push(Done::Read { tx, buf, parts, written, crcs });
