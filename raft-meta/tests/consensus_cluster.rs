@@ -34,6 +34,10 @@ enum Cmd {
     Shred {
         k: String,
     },
+    /// Delete and persist, but never ask for the purge: what a crash right after the shred's persist looks like.
+    ShredThenCrash {
+        k: String,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -80,6 +84,14 @@ impl StateMachine for KvMachine {
             Ok(Cmd::Shred { k }) => {
                 self.purge = true;
                 self.state.map.remove(&k)
+            }
+            Ok(Cmd::ShredThenCrash { k }) => {
+                let prev = self.state.map.remove(&k);
+                self.state.applied = index;
+                self.state.applies += 1;
+                self.write(true).unwrap();
+                self.state.applies -= 1;
+                prev
             }
             Err(_) => None,
         };
@@ -483,6 +495,31 @@ async fn purge_leaves_no_copy_of_a_shredded_value_in_any_file() {
         let m = c.map_after_barrier(id).await;
         assert_eq!(m.len(), 21, "node {id}");
         assert!(files_containing(&c.node(id).dir, marker.as_bytes()).is_empty(), "node {id} after restart");
+    }
+    c.shutdown_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_missed_in_a_crash_happens_at_the_next_start() {
+    let mut c = Cluster::new_with(3, 0, 10_000, false);
+    let leader = c.wait_leader().await;
+    let marker = format!("MISSED-PURGE-{:016x}", rand_u64());
+    propose_retry(c.node(leader).handle(), put("secret", &marker)).await;
+    let shred = serde_json::to_vec(&Cmd::ShredThenCrash { k: "secret".into() }).unwrap();
+    propose_retry(c.node(leader).handle(), shred).await;
+    for id in 1..=3 {
+        assert!(!c.map_after_barrier(id).await.contains_key("secret"));
+        assert!(!files_containing(&c.node(id).dir, marker.as_bytes()).is_empty(), "node {id}: not purged yet");
+    }
+    c.shutdown_all().await;
+    for id in 1..=3 {
+        c.start(id);
+        let hits = files_containing(&c.node(id).dir, marker.as_bytes());
+        assert!(hits.is_empty(), "node {id}: the start did not finish the purge: {hits:?}");
+    }
+    c.wait_leader().await;
+    for id in 1..=3 {
+        assert!(!c.map_after_barrier(id).await.contains_key("secret"));
     }
     c.shutdown_all().await;
 }

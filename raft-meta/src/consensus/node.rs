@@ -67,6 +67,7 @@ pub(crate) fn start<S: StateMachine>(
             )));
         }
         store.ensure_commit_at_least(sm.applied_index()).map_err(ConsensusError::Storage)?;
+        compact_to_state_machine(&mut store, &mut sm, &peers).map_err(ConsensusError::Storage)?;
     } else if !cfg.join {
         if sm.applied_index() > 0 {
             return Err(ConsensusError::Config(
@@ -149,6 +150,31 @@ pub(crate) fn start<S: StateMachine>(
         }
     })?;
     Ok((Consensus { stop, thread: Some(thread), transport }, handle))
+}
+
+/// At start: compact the log up to what the state machine has durably applied, then purge obsolete files.
+///
+/// This closes a crash window of crypto-shred: a state machine that persisted a shred but crashed before the
+/// purge would not ask again (the entry is not applied twice), so every start compacts and purges anyway.
+/// Skipped when a membership change lies after the state machine's index (the recorded conf state might then
+/// be newer than that index, and a snapshot must carry the conf state of its own index).
+fn compact_to_state_machine<S: StateMachine>(
+    store: &mut LogStore,
+    sm: &mut S,
+    peers: &BTreeMap<u64, SocketAddr>,
+) -> Result<(), String> {
+    let index = sm.applied_index();
+    let (_, last) = store.first_last();
+    if index > store.snapshot_meta().index && !store.has_conf_change_in(index + 1, last + 1)? {
+        let term = store.term_of(index)?;
+        let mut snap = Snapshot { data: encode_snapshot_data(peers, &sm.snapshot()).into(), ..Default::default() };
+        let m = snap.mut_metadata();
+        m.index = index;
+        m.term = term;
+        m.set_conf_state(store.conf_state().clone());
+        store.compact_with_snapshot(&snap)?;
+    }
+    store.purge_all_obsolete()
 }
 
 struct Pending<T> {

@@ -252,6 +252,21 @@ impl LogStore {
         self.snaps.remove_all_but(self.snap_meta.index, self.snap_meta.term).map_err(se)
     }
 
+    /// Whether any entry in `[low, high)` is a membership change.
+    pub fn has_conf_change_in(&self, low: u64, high: u64) -> StoreResult<bool> {
+        if low >= high {
+            return Ok(false);
+        }
+        let mut ents = Vec::new();
+        self.engine.fetch_entries_to::<EntryExt>(self.entry_region, low, high, None, &mut ents).map_err(se)?;
+        Ok(ents.iter().any(|e| e.get_entry_type() != raft::eraftpb::EntryType::EntryNormal))
+    }
+
+    /// The term of the entry at `index` (which must be in the log or be the snapshot's index).
+    pub fn term_of(&self, index: u64) -> StoreResult<u64> {
+        raft::Storage::term(self, index).map_err(se)
+    }
+
     fn first_index_inner(&self) -> u64 {
         let after_snap = self.snap_meta.index + 1;
         self.engine.first_index(self.entry_region).map_or(after_snap, |f| f.max(after_snap))
