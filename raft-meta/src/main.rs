@@ -107,7 +107,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Serve { config } => {
             let cfg = Config::load(&config)?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(slate_meta::service::run(cfg, shutdown_signal()))?;
+            rt.block_on(async {
+                // Register the handlers first, so a signal during startup is not lost (nor fatal).
+                let shutdown = shutdown_signal()?;
+                slate_meta::service::run(cfg, shutdown).await
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::AuditVerify { data_dir } => {
@@ -138,17 +142,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves at the first SIGTERM or SIGINT; the handlers are installed when this is called.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        // Without signal handlers the process still dies on the default action.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+    })
 }
 
 fn ports(given: &[u16], base: u16, n: u64, what: &str) -> anyhow::Result<Vec<u16>> {

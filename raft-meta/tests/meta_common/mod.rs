@@ -216,19 +216,25 @@ impl Cluster {
         st.is_success().then_some(v)
     }
 
-    /// Waits until some running node is leader of a bootstrapped cluster; returns its index.
+    /// Waits until every running node answers and one of them is leader of a bootstrapped cluster;
+    /// returns the leader's index.
     pub async fn wait_ready(&self) -> usize {
         let deadline = Instant::now() + Duration::from_mins(1);
         loop {
+            let mut leader = None;
+            let mut all_up = true;
             for i in 0..self.api.len() {
                 if !self.running(i) {
                     continue;
                 }
-                if let Some(s) = self.status(i).await {
-                    if s["role"] == "leader" && s["bootstrapped"] == true {
-                        return i;
-                    }
+                match self.status(i).await {
+                    Some(s) if s["role"] == "leader" && s["bootstrapped"] == true => leader = Some(i),
+                    Some(_) => {}
+                    None => all_up = false,
                 }
+            }
+            if let (Some(l), true) = (leader, all_up) {
+                return l;
             }
             assert!(Instant::now() < deadline, "no bootstrapped leader within 60 s");
             tokio::time::sleep(Duration::from_millis(150)).await;
