@@ -694,3 +694,22 @@ async fn bench_proposals_three_nodes() {
     println!("read_barrier on the leader: {:.0}/s", n as f64 / t.elapsed().as_secs_f64());
     c.shutdown_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_leader_hands_over_to_the_others() {
+    let mut c = Cluster::new(3, 0, 10_000);
+    let leader = c.wait_leader().await;
+    propose_retry(c.node(leader).handle(), put("before", "v")).await;
+    c.node(leader).handle().remove_node(leader).await.expect("remove the leader");
+    c.stop(leader).await;
+    let new_leader = c.wait_leader().await;
+    assert_ne!(new_leader, leader);
+    let other = c.follower_of(new_leader);
+    propose_retry(c.node(other).handle(), put("after", "v")).await;
+    for id in [new_leader, other] {
+        let s = c.node(id).handle().status();
+        assert_eq!(s.peers.len(), 2, "node {id}: {s:?}");
+        assert_eq!(c.map_after_barrier(id).await.len(), 2);
+    }
+    c.shutdown_all().await;
+}
