@@ -8,7 +8,8 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use slate::blockdev::{BlockDevice, MemDevice};
+use bytes::Bytes;
+use slate::blockdev::{BlockDevice, DevError, DevFuture, Extent, MemDevice};
 use slate::nbd::{ExportConfig, ServerConfig};
 use support::{
     pattern, read_option_reply, send_option, tcp_stream, unix_stream, RawClient, Stream, TestServer, CMD_BLOCK_STATUS,
@@ -324,5 +325,52 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_flushes() {
         Err(_) => {}
         Ok(s) => expect_closed(Box::new(s), "connection after shutdown").await,
     }
+    srv.stop().await;
+}
+
+/// A device whose reads at offset 0 panic (a bug), and whose writes fail with an I/O error.
+struct Faulty(MemDevice);
+
+impl BlockDevice for Faulty {
+    fn size_bytes(&self) -> u64 {
+        self.0.size_bytes()
+    }
+    fn read(&self, offset: u64, len: u32) -> DevFuture<'_, Bytes> {
+        assert!(offset != 0, "simulated bug in a device");
+        self.0.read(offset, len)
+    }
+    fn write(&self, _offset: u64, _data: Bytes, _fua: bool) -> DevFuture<'_, ()> {
+        Box::pin(async { Err(DevError::Io("simulated media error".into())) })
+    }
+    fn flush(&self) -> DevFuture<'_, ()> {
+        self.0.flush()
+    }
+    fn trim(&self, offset: u64, len: u64) -> DevFuture<'_, ()> {
+        self.0.trim(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> DevFuture<'_, ()> {
+        self.0.write_zeroes(offset, len, no_hole)
+    }
+    fn block_status(&self, offset: u64, len: u32) -> DevFuture<'_, Vec<Extent>> {
+        self.0.block_status(offset, len)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_errors_and_panics_fail_only_their_request() {
+    support::init_tracing();
+    let faulty: Arc<dyn BlockDevice> = Arc::new(Faulty(MemDevice::new(MIB)));
+    let config = ServerConfig { max_connections: 2, ..ServerConfig::default() };
+    let srv = TestServer::start(vec![(ExportConfig::new("faulty"), faulty)], config).await;
+    let mut c = RawClient::go(unix_stream(&srv.socket).await, "faulty", true, false).await.unwrap();
+    assert_eq!(c.write(4096, &[1u8; 4096]).await.error, 5, "EIO from a failed write");
+    assert_eq!(c.read(0, 4096).await.error, 5, "EIO from a panicking read");
+    assert_eq!(c.read(4096, 4096).await.error, 0, "the connection goes on");
+    // Connection limit: the second is served, the third is closed at once.
+    let mut second = RawClient::go(tcp_stream(srv.tcp).await, "faulty", false, false).await.unwrap();
+    expect_closed(tcp_stream(srv.tcp).await, "connection over the limit").await;
+    assert_eq!(second.read(8192, 4096).await.error, 0);
+    second.disconnect().await;
+    c.disconnect().await;
     srv.stop().await;
 }

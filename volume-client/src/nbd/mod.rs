@@ -57,6 +57,8 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// How long [`NbdServer::shutdown`] waits for in-flight requests before closing connections.
     pub shutdown_grace: Duration,
+    /// Connections served at once; more are closed at accept.
+    pub max_connections: usize,
     /// When set, the server requires TLS (`NBD_OPT_STARTTLS`) before anything else.
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
@@ -68,6 +70,7 @@ impl Default for ServerConfig {
             max_inflight_bytes: 64 << 20,
             handshake_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
+            max_connections: 1024,
             tls: None,
         }
     }
@@ -80,6 +83,7 @@ impl fmt::Debug for ServerConfig {
             .field("max_inflight_bytes", &self.max_inflight_bytes)
             .field("handshake_timeout", &self.handshake_timeout)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("max_connections", &self.max_connections)
             .field("tls", &self.tls.is_some())
             .finish()
     }
@@ -131,6 +135,9 @@ impl NbdServer {
     pub fn new(exports: Arc<ExportRegistry>, config: ServerConfig) -> Result<Self, NbdError> {
         if !(4096..=(64 << 20)).contains(&config.max_request_bytes) {
             return Err(NbdError::Config("max_request_bytes must be within 4 KiB..=64 MiB".into()));
+        }
+        if config.max_connections == 0 {
+            return Err(NbdError::Config("max_connections must be at least 1".into()));
         }
         if config.max_inflight_bytes < config.max_request_bytes {
             return Err(NbdError::Config("max_inflight_bytes must be at least max_request_bytes".into()));
@@ -202,10 +209,18 @@ impl NbdServer {
 
     /// Serve one already-connected stream (in its own task).
     pub fn serve_stream<S: NbdStream + 'static>(&self, stream: S, peer: String) {
+        if self.ctx.tracker.len() >= self.ctx.config.max_connections {
+            warn!(peer, limit = self.ctx.config.max_connections, "too many NBD connections; refusing one");
+            return;
+        }
         let ctx = Arc::clone(&self.ctx);
         self.ctx.tracker.spawn(async move {
             debug!(peer, "NBD connection opened");
-            match handshake::negotiate(Box::new(stream), &ctx).await {
+            let negotiated = tokio::select! {
+                r = handshake::negotiate(Box::new(stream), &ctx) => r,
+                () = ctx.force_close.cancelled() => Ok(None),
+            };
+            match negotiated {
                 Ok(Some(neg)) => transmission::serve(neg, Arc::clone(&ctx), &peer).await,
                 Ok(None) => debug!(peer, "NBD client left during the handshake"),
                 Err(e) => debug!(peer, error = %e, "NBD handshake failed"),

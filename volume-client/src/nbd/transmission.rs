@@ -124,6 +124,51 @@ impl Conn {
     }
 }
 
+/// How a request task ended; turned into the reply by [`spawn_request`].
+enum Done {
+    Unit(Result<(), DevError>),
+    Data(Result<Bytes, DevError>),
+    Status(Result<Vec<(u32, u32)>, DevError>),
+}
+
+/// Answers `EIO` for a request whose task panicked, so the client is not left waiting.
+struct PanicReply<'a> {
+    conn: &'a Conn,
+    req: Request,
+    armed: bool,
+}
+
+impl Drop for PanicReply<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.conn.reply_err(&self.req, errno::EIO, "internal error", None);
+        }
+    }
+}
+
+/// Run one request in its own task and send its reply (an `EIO` reply if it panics).
+fn spawn_request<F, Fut>(conn: &Arc<Conn>, req: Request, permit: Option<OwnedSemaphorePermit>, work: F)
+where
+    F: FnOnce(Arc<Conn>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Done> + Send + 'static,
+{
+    let conn = Arc::clone(conn);
+    tokio::spawn(async move {
+        let mut guard = PanicReply { conn: &conn, req, armed: true };
+        let done = work(Arc::clone(&conn)).await;
+        guard.armed = false;
+        drop(guard);
+        match done {
+            Done::Unit(r) => conn.reply_dev(&req, r, permit),
+            Done::Data(Ok(data)) => conn.reply_read(&req, data, permit),
+            Done::Status(Ok(descs)) => conn.reply_status(&req, &descs, permit),
+            Done::Data(Err(e)) | Done::Status(Err(e)) => {
+                conn.reply_err(&req, e.nbd_errno(), &e.to_string(), permit);
+            }
+        }
+    });
+}
+
 enum Flow {
     Continue,
     Stop,
@@ -169,7 +214,12 @@ pub(crate) async fn serve(neg: Negotiated, ctx: Arc<ServerCtx>, peer: &str) {
             offset: u64::from_be_bytes(hdr[16..24].try_into().expect("8 bytes")),
             len: u32::from_be_bytes(hdr[24..28].try_into().expect("4 bytes")),
         };
-        match handle(&conn, &ctx, &budget, &mut rd, req).await {
+        // A client stalling in the middle of a write payload must not hold up a forced close.
+        let handled = tokio::select! {
+            r = handle(&conn, &ctx, &budget, &mut rd, req) => r,
+            () = ctx.force_close.cancelled() => Ok(Flow::Stop),
+        };
+        match handled {
             Ok(Flow::Continue) => {}
             Ok(Flow::Stop) => break,
             Err(e) => {
@@ -250,12 +300,11 @@ async fn handle<R: AsyncBufRead + Unpin>(
             } else if let Some(end) = range_end(req.offset, u64::from(req.len), size) {
                 let (a0, a1) = aligned(req.offset, end, bs);
                 let (guard, deps) = conn.export.order.register(a0, a1);
-                let conn = Arc::clone(conn);
-                tokio::spawn(async move {
+                spawn_request(conn, req, Some(permit), move |conn| async move {
                     deps.wait().await;
                     let r = write_bytes(conn.dev(), req.offset, payload.freeze(), req.flags & CMD_FLAG_FUA != 0).await;
                     drop(guard);
-                    conn.reply_dev(&req, r, Some(permit));
+                    Done::Unit(r)
                 });
             } else {
                 conn.reply_err(&req, errno::ENOSPC, "write beyond the end of the export", Some(permit));
@@ -274,12 +323,8 @@ async fn handle<R: AsyncBufRead + Unpin>(
                 conn.reply_err(&req, errno::EINVAL, "read beyond the end of the export", None);
             } else {
                 let Some(permit) = acquire(budget, ctx, req.len).await else { return Ok(Flow::Stop) };
-                let conn = Arc::clone(conn);
-                tokio::spawn(async move {
-                    match read_bytes(conn.dev(), req.offset, req.len).await {
-                        Ok(data) => conn.reply_read(&req, data, Some(permit)),
-                        Err(e) => conn.reply_err(&req, e.nbd_errno(), &e.to_string(), Some(permit)),
-                    }
+                spawn_request(conn, req, Some(permit), move |conn| async move {
+                    Done::Data(read_bytes(conn.dev(), req.offset, req.len).await)
                 });
             }
         }
@@ -288,11 +333,7 @@ async fn handle<R: AsyncBufRead + Unpin>(
                 conn.reply_err(&req, errno::EINVAL, "unsupported flags for NBD_CMD_FLUSH", None);
             } else {
                 let Some(permit) = acquire(budget, ctx, 0).await else { return Ok(Flow::Stop) };
-                let conn = Arc::clone(conn);
-                tokio::spawn(async move {
-                    let r = conn.dev().flush().await;
-                    conn.reply_dev(&req, r, Some(permit));
-                });
+                spawn_request(conn, req, Some(permit), |conn| async move { Done::Unit(conn.dev().flush().await) });
             }
         }
         CMD_TRIM | CMD_WRITE_ZEROES => {
@@ -313,8 +354,7 @@ async fn handle<R: AsyncBufRead + Unpin>(
                 let Some(permit) = acquire(budget, ctx, 0).await else { return Ok(Flow::Stop) };
                 let (a0, a1) = aligned(req.offset, end, bs);
                 let (guard, deps) = conn.export.order.register(a0, a1);
-                let conn = Arc::clone(conn);
-                tokio::spawn(async move {
+                spawn_request(conn, req, Some(permit), move |conn| async move {
                     deps.wait().await;
                     let fua = req.flags & CMD_FLAG_FUA != 0;
                     let r = if trim {
@@ -323,7 +363,7 @@ async fn handle<R: AsyncBufRead + Unpin>(
                         zero_bytes(conn.dev(), req.offset, end, req.flags & CMD_FLAG_NO_HOLE != 0, fua).await
                     };
                     drop(guard);
-                    conn.reply_dev(&req, r, Some(permit));
+                    Done::Unit(r)
                 });
             }
         }
@@ -336,13 +376,9 @@ async fn handle<R: AsyncBufRead + Unpin>(
                 conn.reply_err(&req, errno::EINVAL, "block status range empty or beyond the end", None);
             } else {
                 let Some(permit) = acquire(budget, ctx, 0).await else { return Ok(Flow::Stop) };
-                let conn = Arc::clone(conn);
-                tokio::spawn(async move {
+                spawn_request(conn, req, Some(permit), move |conn| async move {
                     let one = req.flags & CMD_FLAG_REQ_ONE != 0;
-                    match block_status(conn.dev(), req.offset, req.len, one).await {
-                        Ok(d) => conn.reply_status(&req, &d, Some(permit)),
-                        Err(e) => conn.reply_err(&req, e.nbd_errno(), &e.to_string(), Some(permit)),
-                    }
+                    Done::Status(block_status(conn.dev(), req.offset, req.len, one).await)
                 });
             }
         }
