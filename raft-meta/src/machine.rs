@@ -88,8 +88,11 @@ impl SlateMachine {
         if root.epoch() < state.root_epoch {
             // Crash after persisting a shredded state but before storing the ratcheted key.
             root = root.ratchet_to(state.root_epoch).expect("forward ratchet");
-            provider.store(&root)?;
-            tracing::warn!(epoch = root.epoch(), "root key file was behind the state; ratcheted it forward");
+            match provider.store(&root) {
+                Ok(()) => tracing::warn!(epoch = root.epoch(), "root key was behind the state; ratcheted it forward"),
+                // A read-only provider (environment variable): keep the ratcheted key in memory only.
+                Err(e) => tracing::error!(error = %e, "root key is behind the state and cannot be stored"),
+            }
         } else if root.epoch() > state.root_epoch && state.applied_index > 0 {
             return Err(KeyError::Epoch {
                 file: root.epoch(),
