@@ -167,6 +167,14 @@ h.set_opt_mode(True)
 h.connect_uri(uri_list)
 h.opt_abort()
 
+# --- STARTTLS offered by a client, refused by a server without TLS: plain text goes on
+h = nbd.NBD()
+h.set_tls(nbd.TLS_ALLOW)
+h.connect_uri(uri_vol)
+assert not h.get_tls_negotiated()
+assert h.pread(10000, 12345) == data
+h.shutdown()
+
 # --- multi-conn: a write through one connection is seen by another after flush
 a = nbd.NBD(); a.connect_uri(uri_vol)
 b = nbd.NBD(); b.connect_uri(uri_vol)
