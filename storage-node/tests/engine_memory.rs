@@ -49,8 +49,8 @@ async fn metadata_cache_stays_within_its_bound() {
     let limit = h.stats().metadata_cache_limit_bytes;
     assert!(limit <= cache_bytes, "limit {limit} above the configured {cache_bytes}");
     h.assign_segment(V, SegmentIndex(0), 1 << 20).await.unwrap();
-    // One block in each of 5000 extents: 5000 metadata pages, ~2x what the cache holds.
-    let extents = 5000u64;
+    // One block in each of 3500 extents: 3500 metadata pages, more than the cache holds.
+    let extents = 3500u64;
     for i in 0..extents {
         let b = i * EXTENT_BLOCKS + i % EXTENT_BLOCKS;
         let data = block(b);

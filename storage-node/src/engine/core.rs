@@ -141,6 +141,8 @@ pub(crate) struct Core {
     free: BTreeSet<u32>,
     dirty: VecDeque<u32>,
     queued_dirty: BTreeSet<u32>,
+    /// lsn of the entry that released a dirty extent, while that entry is not yet durable.
+    dirty_at: HashMap<u32, u64>,
     zero_job: Option<ZeroJob>,
     zero_tokens: f64,
     zero_refill: Instant,
@@ -256,6 +258,7 @@ impl Core {
             free: BTreeSet::new(),
             dirty: VecDeque::new(),
             queued_dirty: BTreeSet::new(),
+            dirty_at: HashMap::new(),
             zero_job: None,
             zero_tokens: 0.0,
             zero_refill: now,
@@ -493,6 +496,17 @@ impl Core {
         Ok(())
     }
 
+    /// Forgets cached (unpinned) pages of an extent that no longer has an owner.
+    fn drop_cached_pages(&mut self, extent: u32) {
+        for p in 0..self.sb.pages_per_extent {
+            let page = u64::from(extent) * self.sb.pages_per_extent + p;
+            if self.cache.peek(page).is_some_and(|c| !c.pinned) {
+                self.cache.remove(page);
+            }
+        }
+        self.note_cache_size();
+    }
+
     fn page_bits(&mut self, extent: u32, off: u32) -> Result<(bool, bool, u32), EngineError> {
         let (page, i) = self.page_of(extent, off);
         self.load_page(page)?;
@@ -612,6 +626,9 @@ impl Core {
                 self.stat_extent_move(e.state, st);
                 match st {
                     ExtentState::Dirty => {
+                        if !self.replaying {
+                            self.dirty_at.insert(*extent, lsn);
+                        }
                         e = ExtentEntry { zero_failures: e.zero_failures, ..ExtentEntry::dirty() };
                         self.free.remove(extent);
                         if self.queued_dirty.insert(*extent) {
@@ -846,7 +863,7 @@ impl Core {
     /// speed if none is free but some are dirty.
     fn alloc(&mut self, out: &mut Vec<Record>, key: SegKey, layer: u64, slot: u32) -> Result<u32, EngineError> {
         while self.free.is_empty() {
-            if self.zero_job.is_none() && self.dirty.is_empty() {
+            if !self.has_zero_work() {
                 return Err(EngineError::NoSpace);
             }
             self.zero_step(true)?;
@@ -860,7 +877,8 @@ impl Core {
     }
 
     fn has_zero_work(&self) -> bool {
-        self.zero_job.is_some() || !self.dirty.is_empty()
+        self.zero_job.is_some()
+            || self.dirty.iter().any(|e| self.dirty_at.get(e).is_none_or(|l| *l <= self.durable_lsn))
     }
 
     fn refill_tokens(&mut self) {
@@ -885,7 +903,12 @@ impl Core {
             j
         } else {
             {
-                let Some(extent) = self.dirty.pop_front() else { return Ok(false) };
+                // Only extents whose release is durable: an unacknowledged release must
+                // not destroy data that a crash would bring back.
+                let durable = self.durable_lsn;
+                let pos = self.dirty.iter().position(|e| self.dirty_at.get(e).is_none_or(|l| *l <= durable));
+                let Some(extent) = pos.and_then(|p| self.dirty.remove(p)) else { return Ok(false) };
+                self.dirty_at.remove(&extent);
                 let st = self.et.get(extent).map(|e| e.state);
                 if !matches!(st, Some(ExtentState::Dirty | ExtentState::Zeroing)) {
                     self.queued_dirty.remove(&extent);
@@ -901,6 +924,23 @@ impl Core {
         let base = Superblock::off(self.sb.extent_block(job.extent));
         match job.phase {
             ZeroPhase::Write(done) => {
+                if done == 0 {
+                    // Erase the extent's per-block metadata (crcs, bitmaps) as well: the
+                    // previous owner's metadata goes with its data, and on a preallocated
+                    // file the page slots are initialised before they are needed.
+                    self.drop_cached_pages(job.extent);
+                    let first = self.sb.chunk_page_block(u64::from(job.extent) * self.sb.pages_per_extent, 0);
+                    let total = (2 * self.sb.pages_per_extent) as usize * ALIGN;
+                    let mut at = 0usize;
+                    while at < total {
+                        let len = (total - at).min(self.zero_buf.len());
+                        let res = self.disk.write_at(Superblock::off(first) + at as u64, &self.zero_buf[..len]);
+                        if let Err(e) = res {
+                            return Err(self.fail(format!("zeroing metadata write failed: {e}")));
+                        }
+                        at += len;
+                    }
+                }
                 let mut len = ZERO_STEP_BYTES.min(ext_bytes - done);
                 let half = ext_bytes / 2;
                 let crash_mid = done < half && done + len >= half && crash_point("mid_zeroing");

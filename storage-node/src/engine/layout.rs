@@ -310,8 +310,18 @@ pub fn format(path: &Path, opts: &FormatOptions) -> Result<FormatReport, EngineE
     disk.write_at(0, &zero)?;
     disk.write_at(Superblock::off(sb.sb_b_block()), &zero)?;
     disk.sync()?;
-    // Empty journal head, empty catalog copy 0, checkpoint slot 0 pointing at them.
-    disk.write_at(Superblock::off(sb.journal_start), &zero)?;
+    // Zero the journal, catalog and extent table regions: on a preallocated file
+    // their blocks are then allocated and initialised, so a later fdatasync of a
+    // journal entry never has to convert unwritten extents (a filesystem journal
+    // commit on the acknowledgement path).
+    let big = AlignedBuf::zeroed(1 << 20);
+    let mut blk = sb.journal_start;
+    while blk < sb.chunk_start {
+        let n = (sb.chunk_start - blk).min((big.len() / ALIGN) as u64);
+        disk.write_at(Superblock::off(blk), &big[..n as usize * ALIGN])?;
+        blk += n;
+    }
+    // Empty catalog copy 0, checkpoint slot 0 pointing at it.
     let catalog = super::meta::Catalog::default().encode(nonce, 0);
     disk.write_at(Superblock::off(sb.catalog_start), &catalog)?;
     let ckpt = Checkpoint { seq: 1, tail_lsn: 1, tail_off: 0, catalog_copy: 0, lsn: 0 };
