@@ -148,6 +148,12 @@ pub enum Event {
         why: String,
     },
     Fatal(VolumeError),
+    /// A renewed capability and sessions opened with it.
+    Renewed {
+        capability: SignedCapability,
+        links: Vec<(NodeId, Arc<dyn NodeLink>)>,
+    },
+    RenewFailed(String),
 }
 
 /// Which part of an operation a reply is for.
@@ -243,6 +249,11 @@ pub struct Init {
     pub reconciled_blocks: u64,
 }
 
+/// When to renew the capability: two thirds into its lifetime, counted from when it was received.
+fn renew_at(received_unix_secs: u64, expires_unix_secs: u64) -> u64 {
+    received_unix_secs.saturating_add(expires_unix_secs.saturating_sub(received_unix_secs) / 3 * 2)
+}
+
 /// Outcome of one reply, as the engine treats it.
 #[derive(Debug)]
 pub(super) enum Outcome {
@@ -303,6 +314,12 @@ pub struct Actor {
     counters: Counters,
     closing: Option<oneshot::Sender<()>>,
     cmds_closed: bool,
+    /// False for a read-only attachment: no repairs, no rebuilds, no replacements.
+    writable: bool,
+    /// Unix time at which to renew the capability; `None` while a renewal runs.
+    renew_at: Option<u64>,
+    /// Sessions replaced by a renewal, kept until their last replies are in.
+    retired: Vec<(Instant, Arc<dyn NodeLink>)>,
 }
 
 impl std::fmt::Debug for Actor {
@@ -321,6 +338,8 @@ pub async fn run(init: Init, cmds: mpsc::Receiver<Cmd>) {
         init.layout.segments.iter().map(|s| SegmentSet::from_layout(s, init.layout.segment_len(s.segment))).collect();
     sets.sort_by_key(|s| s.segment);
     let target = Target { volume: init.layout.volume, generation: init.layout.generation };
+    let writable = init.capability.claims.rights.contains(slate_protocol::Rights::WRITE);
+    let renew = renew_at(slate_protocol::now_unix_secs(), init.capability.claims.expires_unix_secs);
     let mut actor = Actor {
         layout: init.layout,
         target,
@@ -342,6 +361,9 @@ pub async fn run(init: Init, cmds: mpsc::Receiver<Cmd>) {
         counters: Counters { blocks_reconciled: init.reconciled_blocks, ..Counters::default() },
         closing: None,
         cmds_closed: false,
+        writable,
+        renew_at: Some(renew),
+        retired: Vec::new(),
     };
     for (node, why) in init.down {
         actor.node_failed(node, &why);
@@ -416,6 +438,9 @@ impl Actor {
         match cmd {
             Cmd::Read { start, count, permit, reply } => self.new_read(start, count, false, permit, reply),
             Cmd::BlockStatus { start, count, reply } => self.new_read(start, count, true, None, reply),
+            Cmd::Write { reply, .. } | Cmd::Trim { reply, .. } if !self.writable => {
+                let _ = reply.send(Err(VolumeError::ReadOnly));
+            }
             Cmd::Write { start, fua, crcs, data, permit, reply } => {
                 if !self.in_range(start, crcs.len() as u64)
                     || data.len() != crcs.len() * slate_protocol::BLOCK_SIZE_BYTES
@@ -675,8 +700,8 @@ impl Actor {
                 match check_data(count, &written, &crcs, &data) {
                     Ok(()) => {
                         let start = BlockIndex(p.piece.start);
-                        let repairs: Vec<(NodeId, Vec<Request>)> = p
-                            .corrupt
+                        let bad_copies = if self.writable { p.corrupt.as_slice() } else { &[] };
+                        let repairs: Vec<(NodeId, Vec<Request>)> = bad_copies
                             .iter()
                             .map(|(bad, block)| {
                                 let only =
@@ -1018,7 +1043,8 @@ impl Actor {
     }
 
     fn request_replacement(&mut self, segment: SegmentIndex, failed: NodeId) {
-        if self.fatal.is_some() || !self.replacing.insert((segment, failed)) {
+        // A read-only attachment leaves replacements to the metadata service (node heartbeats).
+        if self.fatal.is_some() || !self.writable || !self.replacing.insert((segment, failed)) {
             return;
         }
         let control = Arc::clone(&self.control);
@@ -1192,7 +1218,7 @@ impl Actor {
     // ----- rebuild ----------------------------------------------------------------------------
 
     fn spawn_rebuild(&mut self, segment: SegmentIndex, node: NodeId) {
-        if self.fatal.is_some() || self.rebuilds.contains_key(&(segment, node)) {
+        if self.fatal.is_some() || !self.writable || self.rebuilds.contains_key(&(segment, node)) {
             return;
         }
         let Some(set) = self.set(segment) else { return };
@@ -1330,11 +1356,88 @@ impl Actor {
                 }
             }
             Event::Fatal(e) => self.go_fatal(e),
+            Event::Renewed { capability, links } => self.on_renewed(capability, links),
+            Event::RenewFailed(why) => self.on_renew_failed(&why),
         }
+    }
+
+    /// Renews the capability when it is due; retires old sessions.
+    fn renew_if_due(&mut self) {
+        let grace = self.cfg.request_timeout * 2;
+        self.retired.retain(|(t, _)| t.elapsed() < grace);
+        let due = self.renew_at.is_some_and(|at| slate_protocol::now_unix_secs() >= at);
+        if !due || self.fatal.is_some() {
+            return;
+        }
+        self.renew_at = None;
+        let control = Arc::clone(&self.control);
+        let connector = Arc::clone(&self.connector);
+        let tx = self.events_tx.clone();
+        let target = self.target;
+        let timeout = self.cfg.request_timeout;
+        let mut nodes: Vec<(NodeId, String)> =
+            self.sets.iter().flat_map(|s| s.members().iter().map(|m| (m.node, m.addr.clone()))).collect();
+        nodes.sort();
+        nodes.dedup_by_key(|(n, _)| *n);
+        let h = tokio::spawn(async move {
+            let cap = match control.renew_capability(target.volume, target.generation).await {
+                Ok(c) if c.claims.volume == target.volume && c.claims.generation == target.generation => c,
+                Ok(_) => {
+                    let _ = tx.send(Event::RenewFailed("renewed capability is for another attachment".into()));
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx.send(Event::RenewFailed(e.to_string()));
+                    return;
+                }
+            };
+            let mut links = Vec::new();
+            for (node, addr) in nodes {
+                match tokio::time::timeout(timeout, connector.connect(node, &addr, &cap)).await {
+                    Ok(Ok(link)) => links.push((node, link)),
+                    Ok(Err(LinkError::Remote(e))) if e.kind == ErrorKind::StaleGeneration => {
+                        let _ = tx.send(Event::Fatal(VolumeError::Fenced));
+                        return;
+                    }
+                    // The old session serves until the node fails it; then the node is replaced as usual.
+                    Ok(Err(e)) => warn!(%node, error = %e, "could not reopen a session with the renewed capability"),
+                    Err(_) => warn!(%node, "timed out reopening a session with the renewed capability"),
+                }
+            }
+            let _ = tx.send(Event::Renewed { capability: cap, links });
+        });
+        self.helpers.retain(|h| !h.is_finished());
+        self.helpers.push(h);
+    }
+
+    fn on_renewed(&mut self, capability: SignedCapability, links: Vec<(NodeId, Arc<dyn NodeLink>)>) {
+        if self.fatal.is_some() {
+            return;
+        }
+        info!(volume = %self.target.volume, expires = capability.claims.expires_unix_secs, "capability renewed");
+        self.renew_at = Some(renew_at(slate_protocol::now_unix_secs(), capability.claims.expires_unix_secs));
+        self.capability = capability;
+        self.counters.capability_renewals += 1;
+        for (node, link) in links {
+            if self.dead.contains(&node) {
+                continue;
+            }
+            if let Some(old) = self.links.insert(node, link) {
+                self.retired.push((Instant::now(), old));
+            }
+        }
+    }
+
+    fn on_renew_failed(&mut self, why: &str) {
+        warn!(volume = %self.target.volume, %why, "capability renewal failed; retrying");
+        let now = slate_protocol::now_unix_secs();
+        let left = self.capability.claims.expires_unix_secs.saturating_sub(now);
+        self.renew_at = Some(now + (left / 2).clamp(1, 10));
     }
 
     /// Fails writes that have waited too long for a second copy (a replacement that never comes).
     fn on_tick(&mut self) {
+        self.renew_if_due();
         let limit = self.cfg.stall_timeout;
         let stuck: Vec<u64> = self
             .ops

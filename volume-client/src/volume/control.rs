@@ -7,7 +7,7 @@
 //! in-test fake and the lead can implement it over slate-meta's HTTP API.
 
 use super::layout::{SegmentReplicas, VolumeLayout};
-use slate_protocol::{NodeId, SegmentIndex, SignedCapability, VolumeId};
+use slate_protocol::{Generation, NodeId, SegmentIndex, SignedCapability, VolumeId};
 
 /// A control-plane call failed; the engine retries with backoff.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -42,6 +42,19 @@ pub trait ControlPlane: Send + Sync + std::fmt::Debug + 'static {
     async fn report_rebuilt(&self, volume: VolumeId, segment: SegmentIndex, node: NodeId) -> Result<(), ControlError> {
         let _ = (volume, segment, node);
         Ok(())
+    }
+
+    /// A fresh capability for the same attachment (same volume and
+    /// generation, later expiry). The engine asks for it when two thirds of
+    /// the current one's lifetime have passed and reopens its node sessions
+    /// with it; without renewal the volume stops serving at expiry.
+    async fn renew_capability(
+        &self,
+        volume: VolumeId,
+        generation: Generation,
+    ) -> Result<SignedCapability, ControlError> {
+        let _ = (volume, generation);
+        Err(ControlError("capability renewal is not supported".into()))
     }
 
     /// The volume's current layout (after a reconfiguration made elsewhere).

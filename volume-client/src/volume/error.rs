@@ -20,6 +20,9 @@ pub enum VolumeError {
     /// No replica could serve or store the blocks.
     #[error("I/O error: {0}")]
     Io(String),
+    /// The attachment is read-only.
+    #[error("the volume is attached read-only")]
+    ReadOnly,
     /// The attach information does not describe a usable volume.
     #[error("invalid attach information: {0}")]
     Layout(String),
@@ -34,6 +37,7 @@ impl From<VolumeError> for DevError {
             VolumeError::Fenced => DevError::Fenced,
             VolumeError::OutOfRange => DevError::OutOfRange,
             VolumeError::Closed => DevError::Shutdown,
+            VolumeError::ReadOnly => DevError::ReadOnly,
             VolumeError::Denied(s) | VolumeError::Io(s) | VolumeError::Layout(s) => DevError::Io(s),
         }
     }

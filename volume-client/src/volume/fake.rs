@@ -165,6 +165,8 @@ impl FakeNode {
 #[derive(Debug)]
 pub struct FakeLink {
     pub node: Arc<FakeNode>,
+    /// The session's capability expiry: later requests are refused as `Expired`.
+    pub expires_unix_secs: u64,
 }
 
 impl NodeLink for FakeLink {
@@ -179,7 +181,11 @@ impl NodeLink for FakeLink {
             let st = node.lock();
             (node.next_delay(st.max_delay_us), st.dead, st.hung)
         };
+        let expired = slate_protocol::now_unix_secs() >= self.expires_unix_secs;
         Box::pin(async move {
+            if expired {
+                return Ok(err(ErrorKind::Expired, "capability expired"));
+            }
             if dead {
                 node.lock().refused += 1;
                 return Err(LinkError::Closed("connection reset".into()));
@@ -221,6 +227,7 @@ impl Connector for FakeConnector {
     ) -> BoxFuture<Result<Arc<dyn NodeLink>, LinkError>> {
         let n = self.nodes.lock().unwrap_or_else(PoisonError::into_inner).get(&node).cloned();
         let generation = cap.claims.generation;
+        let expires_unix_secs = cap.claims.expires_unix_secs;
         Box::pin(async move {
             let n = n.ok_or_else(|| LinkError::Closed("connection refused".into()))?;
             {
@@ -233,7 +240,10 @@ impl Connector for FakeConnector {
                 }
                 st.highest = st.highest.max(generation);
             }
-            Ok(Arc::new(FakeLink { node: n }) as Arc<dyn NodeLink>)
+            if slate_protocol::now_unix_secs() >= expires_unix_secs {
+                return Err(LinkError::Remote(WireError::new(ErrorKind::Expired, "capability expired")));
+            }
+            Ok(Arc::new(FakeLink { node: n, expires_unix_secs }) as Arc<dyn NodeLink>)
         })
     }
 }
@@ -246,6 +256,8 @@ pub struct FakeControl {
     pub delay: Duration,
     pub failed_reports: Mutex<Vec<(SegmentIndex, NodeId)>>,
     pub rebuilt_reports: Mutex<Vec<(SegmentIndex, NodeId)>>,
+    /// Renews capabilities for this many seconds when set.
+    pub renew: Mutex<Option<(ed25519_dalek::SigningKey, Vec<NodeId>, u64)>>,
 }
 
 impl FakeControl {
@@ -256,6 +268,7 @@ impl FakeControl {
             delay,
             failed_reports: Mutex::default(),
             rebuilt_reports: Mutex::default(),
+            renew: Mutex::default(),
         })
     }
 }
@@ -306,6 +319,23 @@ impl ControlPlane for FakeControl {
             r.role = ReplicaRole::InSync;
         }
         Ok(())
+    }
+
+    async fn renew_capability(
+        &self,
+        volume: VolumeId,
+        generation: Generation,
+    ) -> Result<SignedCapability, ControlError> {
+        let renew = self.renew.lock().unwrap_or_else(PoisonError::into_inner);
+        let (key, nodes, secs) = renew.as_ref().ok_or_else(|| ControlError("no renewal".into()))?;
+        Ok(slate_protocol::Capability {
+            volume,
+            generation,
+            rights: slate_protocol::Rights::READ_WRITE,
+            expires_unix_secs: slate_protocol::now_unix_secs() + secs,
+            nodes: nodes.clone(),
+        }
+        .sign(key))
     }
 
     async fn refresh_layout(&self, _volume: VolumeId) -> Result<VolumeLayout, ControlError> {

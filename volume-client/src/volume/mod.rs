@@ -195,7 +195,12 @@ impl Volume {
             }
         }
 
-        let report = reconcile::reconcile(&layout, &links, cfg.request_timeout).await?;
+        // Reconciling writes; a read-only attachment cannot, and reads whatever the replicas hold.
+        let report = if capability.claims.rights.contains(slate_protocol::Rights::WRITE) {
+            reconcile::reconcile(&layout, &links, cfg.request_timeout).await?
+        } else {
+            reconcile::ReconcileReport::default()
+        };
         for (node, why) in report.down {
             links.remove(&node);
             down.push((node, why));

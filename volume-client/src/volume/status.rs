@@ -21,6 +21,7 @@ pub struct Counters {
     pub blocks_rebuilt: u64,
     /// Blocks copied between replicas by write-intent reconciliation at open.
     pub blocks_reconciled: u64,
+    pub capability_renewals: u64,
 }
 
 /// One segment's replica set.

@@ -18,15 +18,24 @@ fn key() -> Dek {
 }
 
 fn info(l: &VolumeLayout, nodes: &[u64]) -> AttachInfo {
-    let signing = slate_protocol::capability::generate_signing_key();
+    info_with(l, nodes, Rights::READ_WRITE, u64::MAX, &slate_protocol::capability::generate_signing_key())
+}
+
+fn info_with(
+    l: &VolumeLayout,
+    nodes: &[u64],
+    rights: Rights,
+    expires_unix_secs: u64,
+    signing: &ed25519_dalek::SigningKey,
+) -> AttachInfo {
     let capability = Capability {
         volume: l.volume,
         generation: l.generation,
-        rights: Rights::READ_WRITE,
-        expires_unix_secs: u64::MAX,
+        rights,
+        expires_unix_secs,
         nodes: nodes.iter().map(|n| NodeId(*n)).collect(),
     }
-    .sign(&signing);
+    .sign(signing);
     AttachInfo { layout: l.clone(), capability, dek: key() }
 }
 
@@ -385,4 +394,61 @@ async fn bad_attach_info_is_refused() {
     rig.node(1).lock().dead = true;
     rig.node(2).lock().dead = true;
     assert!(matches!(rig.open().await, Err(VolumeError::Io(_))));
+}
+
+#[tokio::test]
+async fn the_capability_is_renewed_before_it_expires() {
+    let rig = Rig::new(&[&[1, 2]], &[], Duration::ZERO);
+    let signing = slate_protocol::capability::generate_signing_key();
+    let nodes: Vec<NodeId> = rig.all.iter().map(|n| NodeId(*n)).collect();
+    *rig.control.renew.lock().unwrap() = Some((signing.clone(), nodes, 3));
+    let expires = slate_protocol::now_unix_secs() + 3;
+    let i = info_with(&rig.layout, &rig.all, Rights::READ_WRITE, expires, &signing);
+    let v = Volume::open(i, rig.control.clone(), rig.connector.clone(), cfg()).await.unwrap();
+    // Keep writing well past the first capability's expiry.
+    let mut k = 0u64;
+    while slate_protocol::now_unix_secs() < expires + 3 {
+        v.write_blocks(k % SEG, &pattern(k % SEG, 1), false).await.expect("writes go on across renewals");
+        k += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = v.status().await.unwrap();
+    assert!(s.counters.capability_renewals >= 1, "{:?}", s.counters);
+    assert_eq!(s.counters.node_failures, 0);
+}
+
+#[tokio::test]
+async fn without_renewal_an_expired_capability_stops_the_volume() {
+    let rig = Rig::new(&[&[1, 2]], &[], Duration::ZERO);
+    let signing = slate_protocol::capability::generate_signing_key();
+    let expires = slate_protocol::now_unix_secs() + 2;
+    let i = info_with(&rig.layout, &rig.all, Rights::READ_WRITE, expires, &signing);
+    let v = Volume::open(i, rig.control.clone(), rig.connector.clone(), cfg()).await.unwrap();
+    v.write_blocks(0, &pattern(0, 1), false).await.unwrap();
+    while slate_protocol::now_unix_secs() < expires {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(matches!(v.write_blocks(0, &pattern(0, 2), false).await, Err(VolumeError::Denied(_))));
+    assert!(matches!(v.read_blocks(0, 1).await, Err(VolumeError::Denied(_))));
+    assert!(rig.control.failed_reports.lock().unwrap().is_empty(), "an expired capability is not a node failure");
+}
+
+#[tokio::test]
+async fn a_read_only_attachment_reads_but_never_writes() {
+    let rig = Rig::new(&[&[1, 2]], &[3], Duration::ZERO);
+    let rw = rig.open().await.unwrap();
+    rw.write_blocks(0, &pattern(0, 4), false).await.unwrap();
+    rw.close().await;
+    let signing = slate_protocol::capability::generate_signing_key();
+    let i = info_with(&rig.layout, &rig.all, Rights::READ, u64::MAX, &signing);
+    let ro = Volume::open(i, rig.control.clone(), rig.connector.clone(), cfg()).await.unwrap();
+    assert_eq!(ro.write_blocks(0, &pattern(0, 5), false).await.unwrap_err(), VolumeError::ReadOnly);
+    assert_eq!(ro.trim_blocks(0, 1, false).await.unwrap_err(), VolumeError::ReadOnly);
+    rig.node(1).lock().corrupt.insert(0);
+    for _ in 0..3 {
+        assert_eq!(&ro.read_blocks(0, 1).await.unwrap()[..], &pattern(0, 4)[..]);
+    }
+    let s = ro.status().await.unwrap();
+    assert_eq!(s.counters.repairs, 0, "a read-only attachment does not write repairs");
+    assert!(rig.node(1).lock().corrupt.contains(&0));
 }
