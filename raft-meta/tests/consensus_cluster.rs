@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use slate_meta::consensus::{Consensus, ConsensusConfig, ConsensusError, ConsensusHandle, Role, StateMachine};
+use slate_meta::consensus::{Consensus, ConsensusConfig, ConsensusError, ConsensusHandle, PeerTls, Role, StateMachine};
 
 // ---------------------------------------------------------------- the test state machine
 
@@ -145,6 +145,8 @@ struct Cluster {
     peers: Vec<(u64, SocketAddr)>,
     snapshot_every: u64,
     write_each_apply: bool,
+    /// Per-node peer TLS (index = id - 1), or plaintext.
+    tls: Vec<PeerTls>,
 }
 
 fn free_addrs(n: usize) -> Vec<SocketAddr> {
@@ -193,7 +195,7 @@ impl Cluster {
                 running: None,
             })
             .collect();
-        let mut c = Self { _tmp: tmp, nodes, peers, snapshot_every, write_each_apply };
+        let mut c = Self { _tmp: tmp, nodes, peers, snapshot_every, write_each_apply, tls: Vec::new() };
         for i in 0..n {
             c.start(i as u64 + 1);
         }
@@ -213,8 +215,9 @@ impl Cluster {
         }
         let mut cfg = config(id, n.addr, peers, &n.dir, snapshot_every);
         cfg.join = join;
+        cfg.tls = self.tls.get(id as usize - 1).cloned();
         let sm = KvMachine::open(&n.dir.join("sm"), Arc::clone(&n.counters), self.write_each_apply);
-        n.running = Some(Consensus::start(cfg, sm).expect("start node"));
+        n.running = Some(Consensus::start(cfg, sm).unwrap_or_else(|e| panic!("start node {id}: {e}")));
     }
 
     fn start(&mut self, id: u64) {
@@ -584,6 +587,82 @@ async fn without_quorum_requests_fail_fast_with_no_leader() {
     assert!(matches!(h.propose(put("k", "v")).await, Err(ConsensusError::Shutdown)));
 }
 
+/// A well-formed raft MsgPropose, sent as a stranger claiming to be node 9: the attack a peer port must refuse.
+async fn inject_proposal(addr: SocketAddr, to: u64, command: Vec<u8>) {
+    use protobuf::Message as _;
+    use tokio::io::AsyncWriteExt;
+    let mut m = raft::eraftpb::Message::default();
+    m.set_msg_type(raft::eraftpb::MessageType::MsgPropose);
+    m.to = to;
+    m.from = 9;
+    let e = raft::eraftpb::Entry { data: command.into(), ..Default::default() };
+    m.entries = vec![e].into();
+    let body = m.write_to_bytes().unwrap();
+    let hello = [&b"SLRAFT01"[..], &9u64.to_be_bytes(), &14u16.to_be_bytes(), b"127.0.0.1:9999"].concat();
+    let frame = [&(hello.len() as u32).to_be_bytes()[..], &hello, &(body.len() as u32).to_be_bytes(), &body].concat();
+    if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+        let _ = s.write_all(&frame).await;
+        let _ = s.flush().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+struct TestCa {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    fn new() -> Self {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        Self { cert, key }
+    }
+
+    fn peer_tls(&self) -> PeerTls {
+        let mut p = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        p.extended_key_usages =
+            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
+        PeerTls::from_pem(self.cert.pem().as_bytes(), cert.pem().as_bytes(), key.serialize_pem().as_bytes()).unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_peers_replicate_and_strangers_are_refused() {
+    let ca = TestCa::new();
+    let mut c = Cluster::new_with(3, 0, 10_000, true);
+    // Restart the plaintext cluster's nodes with TLS (fresh data dirs are not needed: same cluster).
+    c.shutdown_all().await;
+    c.tls = (0..3).map(|_| ca.peer_tls()).collect();
+    for id in 1..=3 {
+        c.start(id);
+    }
+    let leader = c.wait_leader().await;
+    propose_retry(c.node(c.follower_of(leader)).handle(), put("over-tls", "v")).await;
+    for id in 1..=3 {
+        assert_eq!(c.map_after_barrier(id).await["over-tls"], "v");
+    }
+    // A stranger speaking plaintext raft, and one with a certificate from another CA, change nothing.
+    inject_proposal(c.node(leader).addr, leader, put("evil", "plain")).await;
+    let other = TestCa::new().peer_tls();
+    let stream = tokio::net::TcpStream::connect(c.node(leader).addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(c.node(leader).addr.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(other.client).connect(name, stream).await;
+    assert!(tls.is_err(), "a certificate from another CA must not pass");
+    propose_retry(c.node(leader).handle(), put("after", "v")).await;
+    for id in 1..=3 {
+        let m = c.map_after_barrier(id).await;
+        assert!(!m.contains_key("evil"), "node {id} applied a stranger's proposal");
+        assert_eq!(m.len(), 2);
+    }
+    c.shutdown_all().await;
+}
+
 fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -612,7 +691,11 @@ async fn garbage_on_the_peer_port_is_refused_and_harmless() {
         let _ = s.write_all(&a).await;
         let _ = s.shutdown().await;
     }
+    // Without TLS the port trusts the network: a well-formed proposal from a stranger is accepted. This is
+    // what `PeerTls` is for, and it shows the injection used by the TLS test is a real one.
+    inject_proposal(addr, leader, put("stranger", "accepted")).await;
     propose_retry(c.node(leader).handle(), put("still", "alive")).await;
+    assert_eq!(c.map_after_barrier(leader).await["stranger"], "accepted");
     for id in 1..=3 {
         assert_eq!(c.map_after_barrier(id).await["still"], "alive");
         assert_ne!(c.node(id).handle().status().role, Role::Failed);

@@ -80,6 +80,65 @@ pub struct ConsensusConfig {
     pub max_command_bytes: usize,
     /// Capacity of the per-peer outbound queue (messages beyond it are dropped; raft retransmits).
     pub peer_queue_len: usize,
+    /// Mutual TLS on the peer transport. `None` = plaintext (only on a trusted network: whoever reaches the
+    /// peer port can speak raft, including proposing commands).
+    pub tls: Option<PeerTls>,
+}
+
+/// Mutual TLS for the peer transport: every node presents a certificate of the cluster CA and verifies the
+/// peer's. The client side verifies the server against the IP address it dialed, so node certificates must
+/// carry their peer IP as a subject alternative name.
+#[derive(Clone)]
+pub struct PeerTls {
+    /// Accepting side; must require and verify client certificates.
+    pub server: Arc<rustls::ServerConfig>,
+    /// Connecting side; trusts the cluster CA and presents this node's certificate.
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for PeerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerTls(..)")
+    }
+}
+
+impl PeerTls {
+    /// Mutual TLS from PEM: the cluster CA certificate(s), this node's certificate chain and private key.
+    /// Uses the ring provider explicitly (no process-wide provider needed).
+    pub fn from_pem(ca_pem: &[u8], cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, ConsensusError> {
+        let bad = |what: &str, e: &dyn std::fmt::Display| ConsensusError::Config(format!("peer TLS {what}: {e}"));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut &ca_pem[..]) {
+            roots.add(c.map_err(|e| bad("CA", &e))?).map_err(|e| bad("CA", &e))?;
+        }
+        if roots.is_empty() {
+            return Err(ConsensusError::Config("peer TLS CA: no certificate".to_owned()));
+        }
+        let roots = Arc::new(roots);
+        let chain: Vec<_> =
+            rustls_pemfile::certs(&mut &cert_pem[..]).collect::<Result<_, _>>().map_err(|e| bad("cert", &e))?;
+        let key = rustls_pemfile::private_key(&mut &key_pem[..])
+            .map_err(|e| bad("key", &e))?
+            .ok_or_else(|| ConsensusError::Config("peer TLS key: none found".to_owned()))?;
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), provider.clone())
+                .build()
+                .map_err(|e| bad("client verifier", &e))?;
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad("server", &e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(|e| bad("server cert", &e))?;
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad("client", &e))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| bad("client cert", &e))?;
+        Ok(Self { server: Arc::new(server), client: Arc::new(client) })
+    }
 }
 
 impl ConsensusConfig {
@@ -100,6 +159,7 @@ impl ConsensusConfig {
             no_leader_timeout: Duration::from_secs(3),
             max_command_bytes: 8 << 20,
             peer_queue_len: 4096,
+            tls: None,
         }
     }
 
@@ -292,7 +352,7 @@ impl Consensus {
         if let Some(join) = this.thread.take() {
             let _ = tokio::task::spawn_blocking(move || join.join()).await;
         }
-        this.transport.shutdown();
+        this.transport.close().await;
     }
 }
 

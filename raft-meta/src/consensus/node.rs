@@ -104,7 +104,7 @@ pub(crate) fn start<S: StateMachine>(
     let sink_tx = tx.clone();
     let sink: Sink = Arc::new(move |ev| sink_tx.try_send(Event::Transport(ev)).is_ok());
     let advertise = cfg.peers.iter().find(|(id, _)| *id == cfg.id).map_or(cfg.listen, |(_, a)| *a);
-    let transport = Transport::start(cfg.id, cfg.listen, advertise, cfg.peer_queue_len, sink)?;
+    let transport = Transport::start(cfg.id, cfg.listen, advertise, cfg.peer_queue_len, cfg.tls.clone(), sink)?;
     for (id, addr) in &peers {
         transport.set_peer(*id, *addr);
     }

@@ -10,6 +10,8 @@
 //! - Inbound connections start with a hello frame (magic, sender id, sender's listen address) so that a
 //!   node that joined later becomes reachable without a configuration change; then raft frames follow.
 //!   Frames are bounded in size, and an undecodable frame closes the connection: bad input never panics.
+//! - With `PeerTls`, every connection is mutual TLS (cluster CA on both sides) before the hello; without it
+//!   the port must sit on a trusted network.
 //! - Only raft messages travel here. Proposals on a follower and ReadIndex requests are forwarded to the
 //!   leader by raft-rs itself (MsgPropose / MsgReadIndex), so there is no second RPC protocol.
 
@@ -21,10 +23,10 @@ use std::time::Duration;
 
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio::task::{AbortHandle, JoinSet};
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 
 /// Largest frame accepted (a snapshot travels in one message).
 pub(crate) const MAX_FRAME_BYTES: usize = 256 << 20;
@@ -35,6 +37,13 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 const WRITE_BATCH: usize = 64;
+
+use super::PeerTls;
+
+/// A plaintext or TLS connection.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+type BoxIo = Box<dyn Io>;
 
 /// What the transport hands to the raft thread.
 #[derive(Debug)]
@@ -61,8 +70,9 @@ struct Inner {
     rt: tokio::runtime::Handle,
     sink: Sink,
     queue_len: usize,
+    tls: Option<PeerTls>,
     peers: Mutex<HashMap<u64, Peer>>,
-    listener: Mutex<Option<AbortHandle>>,
+    listener: Mutex<Option<JoinHandle<()>>>,
     closed: AtomicBool,
 }
 
@@ -84,6 +94,7 @@ impl Transport {
         listen: SocketAddr,
         advertise: SocketAddr,
         queue_len: usize,
+        tls: Option<PeerTls>,
         sink: Sink,
     ) -> std::io::Result<Self> {
         let rt = tokio::runtime::Handle::try_current()
@@ -98,6 +109,7 @@ impl Transport {
             rt: rt.clone(),
             sink,
             queue_len,
+            tls,
             peers: Mutex::new(HashMap::new()),
             listener: Mutex::new(None),
             closed: AtomicBool::new(false),
@@ -107,7 +119,7 @@ impl Transport {
             TcpListener::from_std(std_listener)?
         };
         let task = rt.spawn(accept_loop(listener, Arc::clone(&inner)));
-        *lock(&inner.listener) = Some(task.abort_handle());
+        *lock(&inner.listener) = Some(task);
         Ok(Self { inner })
     }
 
@@ -158,11 +170,20 @@ impl Transport {
     /// Stop accepting, close every connection.
     pub fn shutdown(&self) {
         self.inner.closed.store(true, Ordering::SeqCst);
-        if let Some(l) = lock(&self.inner.listener).take() {
+        if let Some(l) = lock(&self.inner.listener).as_ref() {
             l.abort();
         }
         for (_, p) in lock(&self.inner.peers).drain() {
             p.task.abort();
+        }
+    }
+
+    /// `shutdown`, then wait until the listening socket is closed (so that the address can be bound again).
+    pub async fn close(&self) {
+        self.shutdown();
+        let listener = lock(&self.inner.listener).take();
+        if let Some(l) = listener {
+            let _ = l.await;
         }
     }
 }
@@ -198,7 +219,7 @@ async fn write_frame<W: AsyncWriteExt + Unpin>(w: &mut W, body: &[u8]) -> std::i
 }
 
 /// Read one frame of at most `max` bytes; `Ok(None)` on a clean end of stream.
-async fn read_frame(r: &mut TcpStream, max: usize) -> std::io::Result<Option<Vec<u8>>> {
+async fn read_frame<R: AsyncRead + Unpin + ?Sized>(r: &mut R, max: usize) -> std::io::Result<Option<Vec<u8>>> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -236,8 +257,22 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
     }
 }
 
-async fn inbound(mut stream: TcpStream, inner: Arc<Inner>) {
+async fn inbound(stream: TcpStream, inner: Arc<Inner>) {
     let _ = stream.set_nodelay(true);
+    let mut stream: BoxIo = match &inner.tls {
+        None => Box::new(stream),
+        Some(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.server));
+            match tokio::time::timeout(IO_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => Box::new(s),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "raft peer TLS handshake refused");
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    };
     let Ok(Ok(Some(hello))) = tokio::time::timeout(IO_TIMEOUT, read_frame(&mut stream, MAX_HELLO_BYTES)).await else {
         return;
     };
@@ -271,10 +306,7 @@ async fn inbound(mut stream: TcpStream, inner: Arc<Inner>) {
 async fn outbound(inner: Arc<Inner>, to: u64, addr: SocketAddr, mut rx: mpsc::Receiver<Message>) {
     let mut backoff = BACKOFF_MIN;
     loop {
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => Some(s),
-            _ => None,
-        };
+        let stream = connect(&inner, addr).await;
         if let Some(stream) = stream {
             backoff = BACKOFF_MIN;
             match run_outbound(&inner, stream, &mut rx).await {
@@ -300,8 +332,25 @@ async fn outbound(inner: Arc<Inner>, to: u64, addr: SocketAddr, mut rx: mpsc::Re
     }
 }
 
-async fn run_outbound(inner: &Inner, stream: TcpStream, rx: &mut mpsc::Receiver<Message>) -> std::io::Result<()> {
+async fn connect(inner: &Inner, addr: SocketAddr) -> Option<BoxIo> {
+    let Ok(Ok(stream)) = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await else {
+        return None;
+    };
     let _ = stream.set_nodelay(true);
+    let Some(tls) = &inner.tls else { return Some(Box::new(stream)) };
+    let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.client));
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    match tokio::time::timeout(IO_TIMEOUT, connector.connect(name, stream)).await {
+        Ok(Ok(s)) => Some(Box::new(s)),
+        Ok(Err(e)) => {
+            tracing::warn!(peer = %addr, error = %e, "raft peer TLS handshake failed");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+async fn run_outbound(inner: &Inner, stream: BoxIo, rx: &mut mpsc::Receiver<Message>) -> std::io::Result<()> {
     let mut w = BufWriter::with_capacity(256 << 10, stream);
     let io = |r: Result<std::io::Result<()>, tokio::time::error::Elapsed>| {
         r.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
