@@ -129,7 +129,17 @@ pub fn init_logs(default: &str) {
 
 /// The `slate-node` binary: parse, set up logs, run, exit 1 with the error chain on failure.
 pub fn main() {
-    let cli = Cli::parse();
+    main_from(std::env::args_os());
+}
+
+/// Same as [`main`] with explicit arguments (the first is the program name), so that
+/// another binary (`slate run-node ...`) can embed the storage node.
+pub fn main_from<I, T>(args: I)
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = Cli::parse_from(args);
     // The demo prints its own story; its logs stay quiet unless RUST_LOG asks for them.
     init_logs(if matches!(cli.cmd, Command::Demo { .. }) { "warn" } else { "info" });
     if let Err(e) = run(cli.cmd) {

@@ -1,6 +1,7 @@
 //! slate (work in progress).
 
 pub mod blockdev;
+pub mod cli;
 pub mod crypto;
 pub mod nbd;
 pub mod volume;

@@ -1,0 +1,334 @@
+//! `slate attach`: attach a volume through slate-meta and serve it over NBD
+//! until SIGTERM or SIGINT.
+//!
+//! The attach reply carries the segment map, a capability and the volume key.
+//! Before any I/O this process tells every replica's node that it holds its
+//! segment (`AssignSegment`, idempotent, with the attachment's admin right):
+//! the metadata service decides placement, the client carries it to the
+//! nodes, so slate-meta stays off the data path. [`MetaControl`] does the same
+//! for replacement replicas after a failure report.
+
+use super::api::ApiClient;
+use crate::blockdev::BlockDevice;
+use crate::nbd::{ExportConfig, ExportRegistry, NbdServer, ServerConfig};
+use crate::volume::{
+    AttachInfo, ControlError, ControlPlane, Dek, ReplicaInfo, ReplicaRole, ReplicaUpdate, SegmentReplicas, Volume,
+    VolumeConfig, VolumeLayout,
+};
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use slate_node::client::NodeClient;
+use slate_protocol::{Epoch, Generation, NodeId, Reply, Request, SegmentIndex, SignedCapability, Target, VolumeId};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tracing::{info, warn};
+use zeroize::Zeroizing;
+
+/// Options of `slate attach`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AttachArgs {
+    /// The volume, by name or id.
+    pub volume: String,
+    /// Take the volume over from a live read-write attachment (fences it).
+    #[arg(long)]
+    pub force: bool,
+    /// Attach read-only (shared).
+    #[arg(long)]
+    pub read_only: bool,
+    /// Serve NBD on this unix socket.
+    #[arg(long)]
+    pub nbd_unix: Option<PathBuf>,
+    /// Serve NBD on this TCP address (e.g. 127.0.0.1:10809).
+    #[arg(long)]
+    pub nbd_tcp: Option<String>,
+    /// The NBD export name (default: the volume's name).
+    #[arg(long)]
+    pub export_name: Option<String>,
+    /// This host's name, recorded with the attachment.
+    #[arg(long, default_value = "localhost")]
+    pub host: String,
+    /// Require TLS (NBD STARTTLS) with this certificate chain (PEM)...
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// ...and this private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+struct CapabilityView {
+    token: String,
+}
+
+#[derive(Deserialize)]
+struct ReplicaView {
+    node: u64,
+    addr: String,
+    state: String,
+}
+
+#[derive(Deserialize)]
+struct SegmentView {
+    index: u32,
+    epoch: u64,
+    replicas: Vec<ReplicaView>,
+}
+
+#[derive(Deserialize)]
+struct VolumeView {
+    id: u64,
+    name: String,
+    size_bytes: u64,
+    generation: u64,
+    segment_blocks: u64,
+    segments: Vec<SegmentView>,
+}
+
+#[derive(Deserialize)]
+struct AttachmentView {
+    id: u64,
+}
+
+#[derive(Deserialize)]
+struct AttachReply {
+    attachment: AttachmentView,
+    volume: VolumeView,
+    capability: CapabilityView,
+    dek_hex: String,
+}
+
+fn segment_from_view(s: &SegmentView) -> SegmentReplicas {
+    SegmentReplicas {
+        segment: SegmentIndex(s.index),
+        epoch: Epoch(s.epoch),
+        replicas: s
+            .replicas
+            .iter()
+            .map(|r| ReplicaInfo {
+                node: NodeId(r.node),
+                addr: r.addr.clone(),
+                role: if r.state == "in_sync" { ReplicaRole::InSync } else { ReplicaRole::Rebuilding },
+            })
+            .collect(),
+    }
+}
+
+fn layout_from_view(v: &VolumeView, generation: u64) -> VolumeLayout {
+    VolumeLayout {
+        volume: VolumeId(v.id),
+        size_bytes: v.size_bytes,
+        segment_blocks: v.segment_blocks,
+        generation: Generation(generation),
+        segments: v.segments.iter().map(segment_from_view).collect(),
+    }
+}
+
+fn parse_capability(token: &str) -> Result<SignedCapability, ControlError> {
+    SignedCapability::from_token(token).map_err(|e| ControlError(format!("capability from slate-meta: {e}")))
+}
+
+/// Finds a volume's id by name or id.
+pub async fn resolve_volume(api: &ApiClient, name_or_id: &str) -> Result<u64> {
+    if let Ok(id) = name_or_id.parse::<u64>() {
+        return Ok(id);
+    }
+    let vols: Vec<Value> = api.get("/v1/volumes").await?;
+    let hits: Vec<u64> = vols.iter().filter(|v| v["name"] == name_or_id).filter_map(|v| v["id"].as_u64()).collect();
+    match hits.as_slice() {
+        [id] => Ok(*id),
+        [] => bail!("no volume named {name_or_id:?} is visible to you"),
+        _ => bail!("several volumes are named {name_or_id:?}; use the id"),
+    }
+}
+
+/// Tells the nodes of `set` that they hold the segment (idempotent).
+async fn assign(set: &SegmentReplicas, cap: &SignedCapability, segment_blocks: u64) -> Result<(), ControlError> {
+    let target = Target { volume: cap.claims.volume, generation: cap.claims.generation };
+    for r in &set.replicas {
+        let addr = r.addr.parse().map_err(|e| ControlError(format!("node address {}: {e}", r.addr)))?;
+        let client = NodeClient::connect(addr, cap.clone())
+            .await
+            .map_err(|e| ControlError(format!("connecting to {} ({}): {e}", r.node, r.addr)))?;
+        let req = Request::AssignSegment { target, segment: set.segment, segment_blocks };
+        match client.request(req).await {
+            Ok(Reply::Done) => {}
+            Ok(Reply::Error(e)) => return Err(ControlError(format!("{} refused the assignment: {e}", r.node))),
+            Ok(other) => return Err(ControlError(format!("{}: unexpected reply {other:?}", r.node))),
+            Err(e) => return Err(ControlError(format!("{}: {e}", r.node))),
+        }
+    }
+    Ok(())
+}
+
+/// The volume engine's control plane over slate-meta's API.
+#[derive(Debug)]
+pub struct MetaControl {
+    api: ApiClient,
+    volume: u64,
+    segment_blocks: u64,
+    generation: u64,
+    capability: tokio::sync::Mutex<SignedCapability>,
+}
+
+#[async_trait::async_trait]
+impl ControlPlane for MetaControl {
+    async fn report_failed_replica(
+        &self,
+        volume: VolumeId,
+        segment: SegmentIndex,
+        node: NodeId,
+    ) -> Result<ReplicaUpdate, ControlError> {
+        let reply: Value = self
+            .api
+            .post(&format!("/v1/volumes/{}/report-failure", volume.0), &json!({"segment": segment.0, "node": node.0}))
+            .await
+            .map_err(|e| ControlError(format!("{e:#}")))?;
+        let seg: SegmentView =
+            serde_json::from_value(reply["segment"].clone()).map_err(|e| ControlError(e.to_string()))?;
+        let set = segment_from_view(&seg);
+        let capability = match reply["capability"]["token"].as_str() {
+            Some(t) => Some(parse_capability(t)?),
+            None => None,
+        };
+        let cap = match &capability {
+            Some(c) => {
+                *self.capability.lock().await = c.clone();
+                c.clone()
+            }
+            None => self.capability.lock().await.clone(),
+        };
+        // The new replica must know it holds the segment before the engine writes to it.
+        let fresh = SegmentReplicas {
+            segment: set.segment,
+            epoch: set.epoch,
+            replicas: set.replicas.iter().filter(|r| r.role == ReplicaRole::Rebuilding).cloned().collect(),
+        };
+        assign(&fresh, &cap, self.segment_blocks).await?;
+        info!(volume = %volume, %segment, failed = %node, new = ?reply["new_node"], "replica replaced");
+        Ok(ReplicaUpdate { set, capability })
+    }
+
+    async fn report_rebuilt(&self, volume: VolumeId, segment: SegmentIndex, node: NodeId) -> Result<(), ControlError> {
+        let _: Value = self
+            .api
+            .post(&format!("/v1/volumes/{}/mark-in-sync", volume.0), &json!({"segment": segment.0, "node": node.0}))
+            .await
+            .map_err(|e| ControlError(format!("{e:#}")))?;
+        Ok(())
+    }
+
+    async fn refresh_layout(&self, volume: VolumeId) -> Result<VolumeLayout, ControlError> {
+        let v: VolumeView =
+            self.api.get(&format!("/v1/volumes/{}", volume.0)).await.map_err(|e| ControlError(format!("{e:#}")))?;
+        let _ = self.volume;
+        Ok(layout_from_view(&v, self.generation))
+    }
+}
+
+/// Attaches and serves until a signal; detaches on the way out.
+pub async fn run(api: ApiClient, args: AttachArgs) -> Result<()> {
+    if args.nbd_unix.is_none() && args.nbd_tcp.is_none() {
+        bail!("give --nbd-unix PATH and/or --nbd-tcp ADDR to serve the volume");
+    }
+    let id = resolve_volume(&api, &args.volume).await?;
+    let mode = if args.read_only { "read_only" } else { "read_write" };
+    let reply: AttachReply = api
+        .post(&format!("/v1/volumes/{id}/attach"), &json!({"mode": mode, "host": args.host, "force": args.force}))
+        .await
+        .with_context(|| format!("attaching volume {}", args.volume))?;
+    let generation = reply.volume.generation;
+    let capability = parse_capability(&reply.capability.token)?;
+    let generation = capability.claims.generation.0.max(generation);
+    let layout = layout_from_view(&reply.volume, generation);
+    let dek = {
+        let bytes = Zeroizing::new(hex::decode(reply.dek_hex.as_str()).context("the volume key is not hex")?);
+        let arr: [u8; 64] = bytes.as_slice().try_into().context("the volume key is not 64 bytes")?;
+        let dek = Dek::new(arr);
+        drop(bytes);
+        dek
+    };
+    let name = reply.volume.name.clone();
+    let attachment = reply.attachment.id;
+    let mut reply = reply;
+    zeroize::Zeroize::zeroize(&mut reply.dek_hex);
+    drop(reply);
+    if !args.read_only {
+        for s in &layout.segments {
+            assign(s, &capability, layout.segment_blocks).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+    }
+    let control = Arc::new(MetaControl {
+        api: api.clone(),
+        volume: id,
+        segment_blocks: layout.segment_blocks,
+        generation,
+        capability: tokio::sync::Mutex::new(capability.clone()),
+    });
+    let volume = Volume::attach(AttachInfo { layout, capability, dek }, control, VolumeConfig::default())
+        .await
+        .context("opening the volume on its storage nodes")?;
+    let volume = Arc::new(volume);
+    info!(volume = id, generation, "attached");
+
+    let registry = ExportRegistry::new();
+    let export_name = args.export_name.clone().unwrap_or(name);
+    let mut ecfg = ExportConfig::new(export_name.clone());
+    ecfg.read_only = args.read_only;
+    ecfg.multi_conn = true;
+    ecfg.description = format!("slate volume {id}");
+    registry.add(ecfg, Arc::clone(&volume) as Arc<dyn BlockDevice>)?;
+    registry.set_default(Some(&export_name));
+    let mut scfg = ServerConfig::default();
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let cert = std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+        let key = Zeroizing::new(std::fs::read(key).with_context(|| format!("reading {}", key.display()))?);
+        scfg.tls = Some(crate::nbd::tls::server_config_from_pem(&cert, &key, None)?);
+    }
+    let server = NbdServer::new(registry, scfg)?;
+    let mut tasks = Vec::new();
+    if let Some(path) = &args.nbd_unix {
+        let _ = std::fs::remove_file(path);
+        let l = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+        let s = server.clone();
+        tasks.push(tokio::spawn(async move { s.serve_unix(l).await }));
+        println!("serving {export_name} on nbd+unix:///{export_name}?socket={}", path.display());
+    }
+    if let Some(addr) = &args.nbd_tcp {
+        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        let s = server.clone();
+        tasks.push(tokio::spawn(async move { s.serve_tcp(l).await }));
+        println!("serving {export_name} on nbd://{addr}/{export_name}");
+    }
+    shutdown_signal().await;
+    info!("stopping: finishing in-flight requests");
+    server.shutdown().await;
+    for t in tasks {
+        t.abort();
+    }
+    if let Err(e) = volume.flush_all().await {
+        warn!(error = %e, "final flush failed");
+    }
+    volume.close().await;
+    if let Some(path) = &args.nbd_unix {
+        let _ = std::fs::remove_file(path);
+    }
+    if let Err(e) = api.post::<_, Value>(&format!("/v1/volumes/{id}/detach"), &json!({"attachment": attachment})).await
+    {
+        warn!(error = %format!("{e:#}"), "detach failed (a later attach may need --force)");
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

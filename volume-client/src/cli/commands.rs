@@ -1,0 +1,426 @@
+//! The management commands: thin wrappers over slate-meta's API that print
+//! a human table or, with `--json`, the API's JSON.
+
+use super::api::ApiClient;
+use super::attach::resolve_volume;
+use super::up::parse_size;
+use super::Cmd;
+use anyhow::{bail, Result};
+use clap::Subcommand;
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCmd {
+    /// Create a volume.
+    Create {
+        name: String,
+        /// Size, e.g. 10G.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Replicas (at least 2).
+        #[arg(long, default_value_t = 2)]
+        replicas: u8,
+        /// The tenant (operators only; tenant principals create in their own tenant).
+        #[arg(long)]
+        tenant: Option<u64>,
+        /// Failure-domain level to spread replicas over: zone, rack or host.
+        #[arg(long)]
+        level: Option<String>,
+        #[arg(long)]
+        iops_limit: Option<u64>,
+        #[arg(long)]
+        mbps_limit: Option<u64>,
+    },
+    /// List volumes.
+    List,
+    /// Show a volume: segments, replica sets, attachments, snapshots, key age.
+    Show { volume: String },
+    /// Grow a volume.
+    Resize {
+        volume: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Delete a volume: its key is crypto-shredded and its extents zeroed.
+    Delete {
+        volume: String,
+        /// Delete even while attached.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCmd {
+    /// List storage nodes.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DiskCmd {
+    /// List disks.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TenantCmd {
+    Create {
+        name: String,
+    },
+    List,
+    /// Delete a tenant: its key is crypto-shredded, and with it every volume's key.
+    Delete {
+        id: u64,
+    },
+    /// Rotate the tenant key (re-wraps every volume key of the tenant).
+    RotateKey {
+        id: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Create a principal and its first token (printed once).
+    Create {
+        name: String,
+        /// operator, tenant_admin, tenant_member or host.
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        tenant: Option<u64>,
+    },
+    /// List principals.
+    List,
+    /// Revoke a token by id.
+    Revoke { id: u64 },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GrantCmd {
+    Create {
+        #[arg(long)]
+        principal: u64,
+        #[arg(long)]
+        volume: String,
+        /// read_write, read_only, snapshot or backup.
+        #[arg(long, default_value = "read_write")]
+        access: String,
+    },
+    List,
+    Delete {
+        id: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCmd {
+    /// List audit records you may see.
+    List,
+    /// Walk the hash chain; names the first broken record.
+    Verify,
+}
+
+fn print(json_out: bool, v: &Value, human: impl FnOnce(&Value) -> String) {
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    } else {
+        print!("{}", human(v));
+    }
+}
+
+fn bytes_h(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = n as f64;
+    let mut i = 0;
+    while x >= 1024.0 && i < U.len() - 1 {
+        x /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{x:.1} {}", U[i])
+    }
+}
+
+fn table(rows: &Value, cols: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    let items = rows.as_array().cloned().unwrap_or_default();
+    let cells: Vec<Vec<String>> = items
+        .iter()
+        .map(|r| {
+            cols.iter()
+                .map(|(_, k)| match &r[*k] {
+                    Value::String(s) => s.clone(),
+                    Value::Null => "-".into(),
+                    v => v.to_string(),
+                })
+                .collect()
+        })
+        .collect();
+    let widths: Vec<usize> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, (h, _))| cells.iter().map(|c| c[i].len()).max().unwrap_or(0).max(h.len()))
+        .collect();
+    for (i, (h, _)) in cols.iter().enumerate() {
+        let _ = write!(out, "{h:<w$}  ", w = widths[i]);
+    }
+    out.push('\n');
+    for row in cells {
+        for (i, c) in row.iter().enumerate() {
+            let _ = write!(out, "{c:<w$}  ", w = widths[i]);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Runs one management command.
+pub async fn run(api: &ApiClient, cmd: Cmd, json_out: bool) -> Result<()> {
+    match cmd {
+        Cmd::Volume(v) => volume(api, v, json_out).await,
+        Cmd::Node(NodeCmd::List) => {
+            let v: Value = api.get("/v1/nodes").await?;
+            print(json_out, &v, |v| {
+                table(
+                    v,
+                    &[
+                        ("ID", "id"),
+                        ("NAME", "name"),
+                        ("ADDR", "addr"),
+                        ("DOMAIN", "failure_domain"),
+                        ("STATE", "state"),
+                        ("REPLICAS", "replicas"),
+                    ],
+                )
+            });
+            Ok(())
+        }
+        Cmd::Disk(DiskCmd::List) => {
+            let v: Value = api.get("/v1/disks").await?;
+            print(json_out, &v, |v| {
+                table(v, &[("ID", "id"), ("NODE", "node"), ("NAME", "name"), ("CAPACITY", "capacity_bytes")])
+            });
+            Ok(())
+        }
+        Cmd::Tenant(t) => {
+            let v: Value = match t {
+                TenantCmd::Create { name } => api.post("/v1/tenants", &json!({"name": name})).await?,
+                TenantCmd::List => api.get("/v1/tenants").await?,
+                TenantCmd::Delete { id } => api.delete(&format!("/v1/tenants/{id}")).await?,
+                TenantCmd::RotateKey { id } => api.post(&format!("/v1/tenants/{id}/rotate-key"), &json!(null)).await?,
+            };
+            print(json_out, &v, |v| {
+                if v.is_array() {
+                    table(v, &[("ID", "id"), ("NAME", "name"), ("VOLUMES", "volumes"), ("KEY VERSION", "key_version")])
+                } else {
+                    format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default())
+                }
+            });
+            Ok(())
+        }
+        Cmd::Token(t) => {
+            let v: Value = match t {
+                TokenCmd::Create { name, role, tenant } => {
+                    api.post("/v1/principals", &json!({"name": name, "role": role, "tenant": tenant})).await?
+                }
+                TokenCmd::List => api.get("/v1/principals").await?,
+                TokenCmd::Revoke { id } => api.delete(&format!("/v1/tokens/{id}")).await?,
+            };
+            print(json_out, &v, |v| {
+                if v.is_array() {
+                    table(
+                        v,
+                        &[("ID", "id"), ("NAME", "name"), ("ROLE", "role"), ("TENANT", "tenant"), ("TOKENS", "tokens")],
+                    )
+                } else if let Some(tok) = v["token"].as_str() {
+                    format!(
+                        "principal {} created; its token (shown once, keep it secret):\n{tok}\n",
+                        v["principal"]["id"]
+                    )
+                } else {
+                    format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default())
+                }
+            });
+            Ok(())
+        }
+        Cmd::Grant(g) => {
+            let v: Value = match g {
+                GrantCmd::Create { principal, volume, access } => {
+                    let vol = resolve_volume(api, &volume).await?;
+                    api.post("/v1/grants", &json!({"principal": principal, "volume": vol, "access": access})).await?
+                }
+                GrantCmd::List => api.get("/v1/grants").await?,
+                GrantCmd::Delete { id } => api.delete(&format!("/v1/grants/{id}")).await?,
+            };
+            print(json_out, &v, |v| {
+                if v.is_array() {
+                    table(v, &[("ID", "id"), ("PRINCIPAL", "principal"), ("VOLUME", "volume"), ("ACCESS", "access")])
+                } else {
+                    format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default())
+                }
+            });
+            Ok(())
+        }
+        Cmd::Audit(AuditCmd::List) => {
+            let v: Value = api.get("/v1/audit").await?;
+            print(json_out, &v, |v| {
+                table(
+                    v,
+                    &[
+                        ("SEQ", "seq"),
+                        ("TIME", "time_ms"),
+                        ("ACTOR", "actor"),
+                        ("ACTION", "action"),
+                        ("OBJECT", "object"),
+                        ("RESULT", "result"),
+                    ],
+                )
+            });
+            Ok(())
+        }
+        Cmd::Audit(AuditCmd::Verify) => {
+            let v: Value = api.get("/v1/audit/verify").await?;
+            let ok = v["ok"].as_bool().unwrap_or(false);
+            print(json_out, &v, |v| {
+                if ok {
+                    format!("audit chain verified: {} records\n", v["records"])
+                } else {
+                    format!("audit chain BROKEN: {}\n", serde_json::to_string(v).unwrap_or_default())
+                }
+            });
+            if !ok {
+                bail!("the audit chain does not verify");
+            }
+            Ok(())
+        }
+        Cmd::Status => {
+            let v: Value = api.get("/v1/status").await?;
+            print(json_out, &v, |v| format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default()));
+            Ok(())
+        }
+        Cmd::Detach { volume, attachment } => {
+            let id = resolve_volume(api, &volume).await?;
+            let ids: Vec<u64> = if let Some(a) = attachment {
+                vec![a]
+            } else {
+                let v: Value = api.get(&format!("/v1/volumes/{id}")).await?;
+                v["attachments"].as_array().into_iter().flatten().filter_map(|a| a["id"].as_u64()).collect()
+            };
+            for a in ids {
+                let _: Value = api.post(&format!("/v1/volumes/{id}/detach"), &json!({"attachment": a})).await?;
+                if !json_out {
+                    println!("detached attachment {a} of volume {id}");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Up(_) | Cmd::Attach(_) => unreachable!("dispatched by the caller"),
+    }
+}
+
+async fn volume(api: &ApiClient, cmd: VolumeCmd, json_out: bool) -> Result<()> {
+    match cmd {
+        VolumeCmd::Create { name, size, replicas, tenant, level, iops_limit, mbps_limit } => {
+            let mut body = json!({"name": name, "size_bytes": size, "replicas": replicas, "tenant": tenant,
+                                  "qos": {"iops_limit": iops_limit, "mbps_limit": mbps_limit}});
+            if let Some(l) = level {
+                body["failure_domain_level"] = json!(l);
+            }
+            let v: Value = api.post("/v1/volumes", &body).await?;
+            print(json_out, &v, |v| {
+                format!(
+                    "created volume {} ({}), {}\n",
+                    v["id"],
+                    v["name"],
+                    bytes_h(v["size_bytes"].as_u64().unwrap_or(0))
+                )
+            });
+        }
+        VolumeCmd::List => {
+            let v: Value = api.get("/v1/volumes").await?;
+            print(json_out, &v, |v| {
+                table(
+                    v,
+                    &[
+                        ("ID", "id"),
+                        ("NAME", "name"),
+                        ("TENANT", "tenant"),
+                        ("SIZE", "size_bytes"),
+                        ("R", "replicas"),
+                        ("STATE", "state"),
+                        ("GEN", "generation"),
+                    ],
+                )
+            });
+        }
+        VolumeCmd::Show { volume } => {
+            let id = resolve_volume(api, &volume).await?;
+            let v: Value = api.get(&format!("/v1/volumes/{id}")).await?;
+            print(json_out, &v, show_volume);
+        }
+        VolumeCmd::Resize { volume, size } => {
+            let id = resolve_volume(api, &volume).await?;
+            let v: Value = api.post(&format!("/v1/volumes/{id}/resize"), &json!({"size_bytes": size})).await?;
+            print(json_out, &v, |v| {
+                format!("volume {} is now {}\n", v["id"], bytes_h(v["size_bytes"].as_u64().unwrap_or(0)))
+            });
+        }
+        VolumeCmd::Delete { volume, force } => {
+            let id = resolve_volume(api, &volume).await?;
+            let q = if force { "?force=true" } else { "" };
+            let v: Value = api.delete(&format!("/v1/volumes/{id}{q}")).await?;
+            print(json_out, &v, |_| format!("volume {id} deleted: its key is shredded; its extents will be zeroed\n"));
+        }
+    }
+    Ok(())
+}
+
+fn show_volume(v: &Value) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "volume {} ({})", v["id"], v["name"].as_str().unwrap_or("?"));
+    let _ = writeln!(s, "  tenant:      {}", v["tenant"]);
+    let _ = writeln!(s, "  size:        {}", bytes_h(v["size_bytes"].as_u64().unwrap_or(0)));
+    let _ = writeln!(s, "  replicas:    {} across {}", v["replicas"], v["failure_domain_level"]);
+    let _ = writeln!(s, "  state:       {}", v["state"].as_str().unwrap_or("?"));
+    let _ = writeln!(s, "  generation:  {}", v["generation"]);
+    let _ = writeln!(s, "  key age:     {} s (tenant key v{})", v["dek"]["age_secs"], v["dek"]["tenant_key_version"]);
+    let _ = writeln!(s, "  segments:");
+    for seg in v["segments"].as_array().into_iter().flatten() {
+        let reps: Vec<String> = seg["replicas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                let mut t = format!(
+                    "node-{}@{} [{}]",
+                    r["node"],
+                    r["failure_domain"].as_str().unwrap_or("?"),
+                    r["state"].as_str().unwrap_or("?")
+                );
+                if let (Some(d), Some(tot)) = (r["rebuild_done_blocks"].as_u64(), r["rebuild_total_blocks"].as_u64()) {
+                    if tot > 0 {
+                        let _ = write!(t, " {:.0}%", d as f64 * 100.0 / tot as f64);
+                    }
+                }
+                t
+            })
+            .collect();
+        let _ = writeln!(s, "    {:>4} epoch {:<3} {}", seg["index"], seg["epoch"], reps.join(", "));
+    }
+    let atts = v["attachments"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(s, "  attachments: {}", if atts.is_empty() { "none".into() } else { String::new() });
+    for a in atts {
+        let _ = writeln!(
+            s,
+            "    #{} {} on {} (generation {})",
+            a["id"],
+            a["mode"].as_str().unwrap_or("?"),
+            a["host"].as_str().unwrap_or("?"),
+            a["generation"]
+        );
+    }
+    s
+}

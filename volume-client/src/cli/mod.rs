@@ -1,0 +1,134 @@
+//! The `slate` command line: `up` (the embedded default), `attach`, and the
+//! management commands against slate-meta's API. Human output by default,
+//! `--json` for scripts. With no flags, commands find the cluster through
+//! `./slate-data/cluster.json` (or `--cluster PATH` / `SLATE_CLUSTER`).
+
+pub mod api;
+pub mod attach;
+pub mod cluster;
+pub mod commands;
+pub mod metactl;
+pub mod procs;
+pub mod up;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Slate: replicated, encrypted block volumes over NBD.
+#[derive(Parser, Debug)]
+#[command(name = "slate", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The cluster file written by `slate up` (default: ./slate-data/cluster.json).
+    #[arg(long, global = true, env = "SLATE_CLUSTER")]
+    pub cluster: Option<PathBuf>,
+    /// The management API (overrides the cluster file), e.g. https://127.0.0.1:7443.
+    #[arg(long, global = true, env = "SLATE_API")]
+    pub cluster_api: Option<String>,
+    /// CA certificate (PEM) to trust for the API (with --cluster-api).
+    #[arg(long, global = true, env = "SLATE_CA")]
+    pub ca: Option<PathBuf>,
+    /// File holding the bearer token (with --cluster-api).
+    #[arg(long, global = true, env = "SLATE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run a local cluster (3 metadata, 3 storage nodes) serving a demo volume over NBD, until Ctrl-C.
+    Up(up::UpArgs),
+    /// Attach a volume and serve it over NBD until stopped.
+    Attach(attach::AttachArgs),
+    /// Detach a volume's attachment (when its client is gone).
+    Detach {
+        volume: String,
+        /// The attachment id (default: every attachment of yours).
+        #[arg(long)]
+        attachment: Option<u64>,
+    },
+    /// Volumes.
+    #[command(subcommand)]
+    Volume(commands::VolumeCmd),
+    /// Storage nodes.
+    #[command(subcommand)]
+    Node(commands::NodeCmd),
+    /// Disks of the storage nodes.
+    #[command(subcommand)]
+    Disk(commands::DiskCmd),
+    /// Tenants.
+    #[command(subcommand)]
+    Tenant(commands::TenantCmd),
+    /// Principals and their API tokens.
+    #[command(subcommand)]
+    Token(commands::TokenCmd),
+    /// Grants of volume access to principals.
+    #[command(subcommand)]
+    Grant(commands::GrantCmd),
+    /// The audit chain.
+    #[command(subcommand)]
+    Audit(commands::AuditCmd),
+    /// The metadata service's status.
+    Status,
+}
+
+impl Cli {
+    /// An API client from the flags or the cluster file.
+    pub fn api(&self) -> Result<api::ApiClient> {
+        if let Some(url) = &self.cluster_api {
+            let ca = self.ca.as_ref().ok_or_else(|| anyhow::anyhow!("--cluster-api needs --ca"))?;
+            let tok = self.token_file.as_ref().ok_or_else(|| anyhow::anyhow!("--cluster-api needs --token-file"))?;
+            return api::ApiClient::new(vec![url.clone()], ca, tok);
+        }
+        let (_, file) = cluster::ClusterFile::locate(self.cluster.as_deref())?;
+        let mut bases = vec![file.api.clone()];
+        bases.extend(file.apis.iter().filter(|a| **a != file.api).cloned());
+        let token = self.token_file.clone().unwrap_or(file.token_file);
+        api::ApiClient::new(bases, &file.ca, &token)
+    }
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let default_filter = if matches!(cli.cmd, Cmd::Attach(_)) { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("slate: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Cmd::Up(args) = &cli.cmd {
+        return up::run(args.clone());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let api = cli.api()?;
+        match cli.cmd {
+            Cmd::Up(_) => unreachable!("handled above"),
+            Cmd::Attach(args) => attach::run(api, args).await,
+            other => commands::run(&api, other, cli.json).await,
+        }
+    })
+}
+
+/// Replaces this process with the sibling binary `name`, passing the arguments after the role word.
+pub fn exec_sibling(name: &str) -> std::process::ExitCode {
+    use std::os::unix::process::CommandExt;
+    let bin = procs::sibling_binary(name);
+    let err = std::process::Command::new(&bin).args(std::env::args_os().skip(2)).exec();
+    eprintln!("slate: cannot run {} ({err}); build the workspace with `cargo build --release`", bin.display());
+    std::process::ExitCode::FAILURE
+}

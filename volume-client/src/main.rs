@@ -1,0 +1,15 @@
+//! `slate`: the volume client and CLI. `slate run-node ...` and
+//! `slate run-meta ...` run the storage node and the metadata service from the
+//! same binary, so that `slate up` needs nothing but itself.
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match args.get(1).and_then(|a| a.to_str()) {
+        Some("run-node") => {
+            slate_node::cli::main_from(std::iter::once("slate-node".into()).chain(args.into_iter().skip(2)));
+            std::process::ExitCode::SUCCESS
+        }
+        Some("run-meta") => slate::cli::exec_sibling("slate-meta"),
+        _ => slate::cli::main(),
+    }
+}
