@@ -221,11 +221,20 @@ async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let node = crate::node::RunningNode::start(&cfg).await?;
+    let stop_heartbeat = tokio_util::sync::CancellationToken::new();
+    let heartbeat = match &cfg.meta {
+        Some(link) => Some(crate::heartbeat::spawn(cfg.node_id, link, stop_heartbeat.clone())?),
+        None => None,
+    };
     let which = tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
     tracing::info!(signal = which, "stopping");
+    stop_heartbeat.cancel();
+    if let Some(h) = heartbeat {
+        let _ = h.await;
+    }
     node.shutdown().await
 }
 

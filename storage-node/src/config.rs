@@ -62,9 +62,8 @@ pub struct StaticAssignment {
     pub segment_blocks: u64,
 }
 
-/// Where the metadata service is, for the node's own link to it (heartbeats and
-/// assignment sync). Parsed and validated now so that configs written by
-/// `slate up` load; this version of the node does not dial it yet.
+/// Where the metadata service is, for the node's own link to it: the node
+/// heartbeats to it (see `heartbeat.rs`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetaLink {

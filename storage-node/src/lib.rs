@@ -10,6 +10,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod heartbeat;
 pub mod metrics;
 pub mod node;
 pub mod server;

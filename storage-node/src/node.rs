@@ -117,9 +117,6 @@ impl RunningNode {
             let l = crate::admin::bind(path).with_context(|| format!("binding admin socket {}", path.display()))?;
             tasks.push(tokio::spawn(crate::admin::serve(l, path.clone(), handle.clone(), shutdown_rx.clone())));
         }
-        if let Some(m) = &cfg.meta {
-            tracing::warn!(apis = ?m.apis, "a [meta] link is configured, but this node version does not dial the metadata service yet");
-        }
         info!(%addr, metrics = ?metrics_addr, "storage node serving");
         Ok(Self { addr, metrics_addr, engine: Some(engine), handle, metrics, shutdown, tasks })
     }
