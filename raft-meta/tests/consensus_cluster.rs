@@ -324,6 +324,9 @@ async fn three_nodes_replicate_forwarded_proposals_and_read_barrier() {
         let r = propose_retry(c.node(follower).handle(), put(&format!("F{i}"), "y")).await;
         assert_eq!(r, b"null");
     }
+    // A read closure that panics fails that read only.
+    let bad: Result<(), _> = c.node(follower).handle().read(|_: &KvMachine| panic!("read closure bug")).await;
+    assert!(bad.is_err());
     // Overwrite through a follower: the response is apply()'s, computed on the follower itself.
     let r = propose_retry(c.node(follower).handle(), put("L0", "z")).await;
     assert_eq!(r, br#""x""#);

@@ -39,6 +39,8 @@ const BOOTSTRAP_TERM: u64 = 1;
 const EVENT_QUEUE: usize = 8192;
 /// Events handled per wake-up before the Ready is processed (batches many proposals into one fsync).
 const EVENT_BATCH: usize = 512;
+/// Requests waiting in the raft thread at once (proposals, queued requests and reads); beyond: `Busy`.
+const MAX_PENDING: usize = 65_536;
 
 pub(crate) fn start<S: StateMachine>(
     cfg: ConsensusConfig,
@@ -290,6 +292,10 @@ impl<S: StateMachine> Node<S> {
         let now = Instant::now();
         match ev {
             Event::Propose { command, reply } => {
+                if self.pending_count() >= MAX_PENDING {
+                    let _ = reply.send(Err(ConsensusError::Busy));
+                    return;
+                }
                 let request = self.request_id();
                 let q = self.queued_op(request, Op::Propose(command, reply), now);
                 self.try_submit(q, now);
@@ -304,6 +310,10 @@ impl<S: StateMachine> Node<S> {
                 self.try_submit(q, now);
             }
             Event::ReadIndex { reply } => {
+                if self.pending_count() >= MAX_PENDING {
+                    let _ = reply.send(Err(ConsensusError::Busy));
+                    return;
+                }
                 let request = self.request_id();
                 let read = PendingRead {
                     reply,
@@ -315,9 +325,19 @@ impl<S: StateMachine> Node<S> {
                 self.reads.insert(request, read);
                 self.send_read_index(request, now);
             }
-            Event::Read { f } => f(&self.sm),
+            Event::Read { f } => {
+                // A panicking read closure drops its reply (the caller gets an error) but not the node.
+                let sm = &self.sm;
+                if std::panic::catch_unwind(AssertUnwindSafe(|| f(sm))).is_err() {
+                    tracing::error!("a read closure panicked on the raft thread");
+                }
+            }
             Event::Transport(t) => self.handle_inbound(t),
         }
+    }
+
+    fn pending_count(&self) -> usize {
+        self.proposals.len() + self.queued.len() + self.reads.len()
     }
 
     fn queued_op(&self, request: u64, op: Op, now: Instant) -> Queued {
