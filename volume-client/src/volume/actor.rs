@@ -43,7 +43,7 @@ use slate_protocol::message::{BlockRange, MAX_IO_BLOCKS, MAX_RANGE_BLOCKS};
 use slate_protocol::{BlockIndex, ErrorKind, NodeId, Reply, Request, SegmentIndex, SignedCapability, Target};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
@@ -67,43 +67,24 @@ pub struct ReadChunk {
 
 type Responder<T> = oneshot::Sender<Result<T, VolumeError>>;
 
+/// What one operation holds of the volume's in-flight limits (bytes and
+/// operations); released when the operation completes.
+#[derive(Debug)]
+pub struct Budget {
+    pub bytes: Option<OwnedSemaphorePermit>,
+    pub op: OwnedSemaphorePermit,
+}
+
 /// A caller's request.
 #[derive(Debug)]
 pub enum Cmd {
-    Read {
-        start: u64,
-        count: u64,
-        permit: Option<OwnedSemaphorePermit>,
-        reply: Responder<Vec<ReadChunk>>,
-    },
-    BlockStatus {
-        start: u64,
-        count: u64,
-        reply: Responder<Vec<ReadChunk>>,
-    },
-    Write {
-        start: u64,
-        fua: bool,
-        crcs: Vec<u32>,
-        data: Bytes,
-        permit: Option<OwnedSemaphorePermit>,
-        reply: Responder<()>,
-    },
-    Trim {
-        start: u64,
-        count: u64,
-        zeroes: bool,
-        reply: Responder<()>,
-    },
-    Flush {
-        reply: Responder<()>,
-    },
-    Status {
-        reply: oneshot::Sender<VolumeStatus>,
-    },
-    Close {
-        reply: oneshot::Sender<()>,
-    },
+    Read { start: u64, count: u64, permit: Option<Budget>, reply: Responder<Vec<ReadChunk>> },
+    BlockStatus { start: u64, count: u64, permit: Option<Budget>, reply: Responder<Vec<ReadChunk>> },
+    Write { start: u64, fua: bool, crcs: Vec<u32>, data: Bytes, permit: Option<Budget>, reply: Responder<()> },
+    Trim { start: u64, count: u64, zeroes: bool, permit: Option<Budget>, reply: Responder<()> },
+    Flush { reply: Responder<()> },
+    Status { reply: oneshot::Sender<VolumeStatus> },
+    Close { reply: oneshot::Sender<()> },
 }
 
 /// What spawned tasks tell the actor.
@@ -231,7 +212,7 @@ struct Op {
     kind: OpKind,
     locked: bool,
     started: bool,
-    _permit: Option<OwnedSemaphorePermit>,
+    _permit: Option<Budget>,
 }
 
 /// The state the actor starts from (built by `Volume::open`).
@@ -320,6 +301,8 @@ pub struct Actor {
     renew_at: Option<u64>,
     /// Sessions replaced by a renewal, kept until their last replies are in.
     retired: Vec<(Instant, Arc<dyn NodeLink>)>,
+    /// When each rebuild's progress was last reported to the control plane.
+    progress_reported: HashMap<(SegmentIndex, NodeId), Instant>,
 }
 
 impl std::fmt::Debug for Actor {
@@ -364,6 +347,7 @@ pub async fn run(init: Init, cmds: mpsc::Receiver<Cmd>) {
         writable,
         renew_at: Some(renew),
         retired: Vec::new(),
+        progress_reported: HashMap::new(),
     };
     for (node, why) in init.down {
         actor.node_failed(node, &why);
@@ -437,7 +421,7 @@ impl Actor {
         }
         match cmd {
             Cmd::Read { start, count, permit, reply } => self.new_read(start, count, false, permit, reply),
-            Cmd::BlockStatus { start, count, reply } => self.new_read(start, count, true, None, reply),
+            Cmd::BlockStatus { start, count, permit, reply } => self.new_read(start, count, true, permit, reply),
             Cmd::Write { reply, .. } | Cmd::Trim { reply, .. } if !self.writable => {
                 let _ = reply.send(Err(VolumeError::ReadOnly));
             }
@@ -477,7 +461,7 @@ impl Actor {
                 self.counters.blocks_written += crcs.len() as u64;
                 self.new_write(start, crcs.len() as u64, pieces, permit, reply);
             }
-            Cmd::Trim { start, count, zeroes, reply } => {
+            Cmd::Trim { start, count, zeroes, permit, reply } => {
                 if !self.in_range(start, count) {
                     let _ = reply.send(Err(VolumeError::OutOfRange));
                     return;
@@ -502,7 +486,7 @@ impl Actor {
                         }
                     })
                     .collect();
-                self.new_write(start, count, pieces, None, reply);
+                self.new_write(start, count, pieces, permit, reply);
             }
             Cmd::Flush { reply } => {
                 let mut nodes: Vec<NodeId> = self.sets.iter().flat_map(SegmentSet::write_set).collect();
@@ -542,7 +526,7 @@ impl Actor {
     }
 
     /// Queues an operation on its range; starts it if nothing earlier conflicts.
-    fn enqueue(&mut self, start: u64, count: u64, mode: LockMode, kind: OpKind, permit: Option<OwnedSemaphorePermit>) {
+    fn enqueue(&mut self, start: u64, count: u64, mode: LockMode, kind: OpKind, permit: Option<Budget>) {
         let id = self.alloc_op();
         let granted = self.deps.acquire(id, start, start + count, mode);
         self.ops.insert(id, Op { kind, locked: true, started: false, _permit: permit });
@@ -556,7 +540,7 @@ impl Actor {
         start: u64,
         count: u64,
         allocated_only: bool,
-        permit: Option<OwnedSemaphorePermit>,
+        permit: Option<Budget>,
         reply: Responder<Vec<ReadChunk>>,
     ) {
         if !self.in_range(start, count) {
@@ -589,7 +573,7 @@ impl Actor {
         start: u64,
         count: u64,
         pieces: Vec<WritePiece>,
-        permit: Option<OwnedSemaphorePermit>,
+        permit: Option<Budget>,
         reply: Responder<()>,
     ) {
         let remaining = pieces.len();
@@ -1283,8 +1267,20 @@ impl Actor {
 
     fn on_unlock(&mut self, lock: u64, progress: Option<(SegmentIndex, NodeId, u64)>) {
         if let Some((seg, node, done)) = progress {
+            let total = self.set(seg).map_or(0, |s| s.len_blocks);
             if let Some(s) = self.set_mut(seg) {
                 s.set_progress(node, done);
+            }
+            let due = self.progress_reported.get(&(seg, node)).is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+            if due && done < total {
+                self.progress_reported.insert((seg, node), Instant::now());
+                let control = Arc::clone(&self.control);
+                let volume = self.target.volume;
+                let h = tokio::spawn(async move {
+                    let _ = control.report_rebuild_progress(volume, seg, node, done, total).await;
+                });
+                self.helpers.retain(|h| !h.is_finished());
+                self.helpers.push(h);
             }
         }
         if matches!(self.ops.get(&lock), Some(Op { kind: OpKind::Lock(_), .. })) {
@@ -1294,6 +1290,7 @@ impl Actor {
 
     fn on_rebuild_done(&mut self, segment: SegmentIndex, node: NodeId, copied_blocks: u64) {
         self.rebuilds.remove(&(segment, node));
+        self.progress_reported.remove(&(segment, node));
         self.counters.blocks_rebuilt += copied_blocks;
         if self.fatal.is_some() || !self.set_mut(segment).is_some_and(|s| s.mark_in_sync(node)) {
             return;

@@ -44,6 +44,20 @@ pub trait ControlPlane: Send + Sync + std::fmt::Debug + 'static {
         Ok(())
     }
 
+    /// How far the rebuild of `node` for `segment` has got (for `slate volume
+    /// show`). Called at most about once a second per rebuild; failures are ignored.
+    async fn report_rebuild_progress(
+        &self,
+        volume: VolumeId,
+        segment: SegmentIndex,
+        node: NodeId,
+        done_blocks: u64,
+        total_blocks: u64,
+    ) -> Result<(), ControlError> {
+        let _ = (volume, segment, node, done_blocks, total_blocks);
+        Ok(())
+    }
+
     /// A fresh capability for the same attachment (same volume and
     /// generation, later expiry). The engine asks for it when two thirds of
     /// the current one's lifetime have passed and reopens its node sessions

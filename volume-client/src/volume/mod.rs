@@ -52,7 +52,7 @@ pub use status::VolumeStatus;
 
 use crate::blockdev::{BlockDevice, DevError, DevFuture, Extent};
 use crate::crypto::{VolumeCipher, XtsKey};
-use actor::{Cmd, ReadChunk};
+use actor::{Budget, Cmd, ReadChunk};
 use bytes::{Bytes, BytesMut};
 use slate_protocol::{block_crc, ErrorKind, NodeId, VolumeId, BLOCK_SIZE_BYTES, BLOCK_SIZE_BYTES_U64};
 use std::collections::HashMap;
@@ -72,6 +72,8 @@ pub struct VolumeConfig {
     pub stall_timeout: Duration,
     /// Most plaintext bytes of reads and writes in flight at once.
     pub max_in_flight_bytes: u64,
+    /// Most operations (reads, writes, trims, block-status queries) in flight at once.
+    pub max_in_flight_ops: usize,
     /// Commands queued to the volume's task before callers wait.
     pub queue_depth: usize,
     /// Blocks copied per range lock during a rebuild.
@@ -85,6 +87,7 @@ impl Default for VolumeConfig {
             retry_delay: Duration::from_millis(100),
             stall_timeout: Duration::from_mins(2),
             max_in_flight_bytes: 64 << 20,
+            max_in_flight_ops: 1024,
             queue_depth: 1024,
             rebuild_chunk_blocks: 256,
         }
@@ -101,8 +104,8 @@ impl VolumeConfig {
         if self.max_in_flight_bytes < 4 << 20 {
             return bad("max_in_flight_bytes must be at least 4 MiB (one full-size request)");
         }
-        if self.queue_depth == 0 || self.rebuild_chunk_blocks == 0 {
-            return bad("queue_depth and rebuild_chunk_blocks must be > 0");
+        if self.queue_depth == 0 || self.rebuild_chunk_blocks == 0 || self.max_in_flight_ops == 0 {
+            return bad("queue_depth, max_in_flight_ops and rebuild_chunk_blocks must be > 0");
         }
         Ok(())
     }
@@ -117,6 +120,7 @@ pub struct Volume {
     cipher: Arc<VolumeCipher>,
     budget: Arc<Semaphore>,
     budget_blocks: u64,
+    op_slots: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Volume {
@@ -216,6 +220,7 @@ impl Volume {
         }
 
         let (tx, rx) = mpsc::channel(cfg.queue_depth);
+        let max_ops = cfg.max_in_flight_ops;
         let budget_blocks = (cfg.max_in_flight_bytes / BLOCK_SIZE_BYTES_U64).max(1);
         let volume = layout.volume;
         let size_bytes = layout.size_bytes;
@@ -229,6 +234,7 @@ impl Volume {
             cipher,
             budget: Arc::new(Semaphore::new(budget_blocks as usize)),
             budget_blocks,
+            op_slots: Arc::new(Semaphore::new(max_ops)),
         })
     }
 
@@ -246,9 +252,16 @@ impl Volume {
         rx.await.map_err(|_| VolumeError::Closed)?
     }
 
-    async fn permit(&self, blocks: u64) -> Result<tokio::sync::OwnedSemaphorePermit, VolumeError> {
-        let n = blocks.clamp(1, self.budget_blocks) as u32;
-        Arc::clone(&self.budget).acquire_many_owned(n).await.map_err(|_| VolumeError::Closed)
+    /// Waits for room for one more operation carrying `blocks` blocks of data (0 for none).
+    async fn permit(&self, blocks: u64) -> Result<Budget, VolumeError> {
+        let op = Arc::clone(&self.op_slots).acquire_owned().await.map_err(|_| VolumeError::Closed)?;
+        let bytes = if blocks == 0 {
+            None
+        } else {
+            let n = blocks.min(self.budget_blocks) as u32;
+            Some(Arc::clone(&self.budget).acquire_many_owned(n).await.map_err(|_| VolumeError::Closed)?)
+        };
+        Ok(Budget { bytes, op })
     }
 
     fn blocks_of(&self, offset: u64, len: u64) -> Result<(u64, u64), VolumeError> {
@@ -307,12 +320,14 @@ impl Volume {
 
     /// Unmaps blocks (they read as zeros); `zeroes` asks for write-zeroes semantics.
     pub async fn trim_blocks(&self, start: u64, count: u64, zeroes: bool) -> Result<(), VolumeError> {
-        self.ask(|reply| Cmd::Trim { start, count, zeroes, reply }).await
+        let permit = self.permit(0).await?;
+        self.ask(|reply| Cmd::Trim { start, count, zeroes, permit: Some(permit), reply }).await
     }
 
     /// Which blocks are written: one bit per block (LSB first) from block `start`.
     pub async fn allocated_blocks(&self, start: u64, count: u64) -> Result<Vec<bool>, VolumeError> {
-        let chunks = self.ask(|reply| Cmd::BlockStatus { start, count, reply }).await?;
+        let permit = self.permit(0).await?;
+        let chunks = self.ask(|reply| Cmd::BlockStatus { start, count, permit: Some(permit), reply }).await?;
         let mut out = vec![false; count as usize];
         for c in chunks {
             for i in 0..c.count as usize {

@@ -130,6 +130,30 @@ async fn copy_range(ctx: &RebuildCtx, grant: &RebuildGrant, range: BlockRange) -
         Outcome::Fatal(e) => return Err(CopyError::Fatal(e)),
         other => return Err(CopyError::Source(*src, format!("allocated query failed: {other:?}"))),
     };
+    // Blocks the new replica holds but the source does not (a fresh replica has none; this
+    // covers a replica left half-rebuilt by an earlier attachment) are unmapped there.
+    let target_bits = match call(&grant.target, &Request::Allocated { target: t, range }, timeout).await {
+        Outcome::Ok(Reply::Bitmap(b)) => b,
+        Outcome::Fatal(e) => return Err(CopyError::Fatal(e)),
+        other => return Err(CopyError::Target(format!("allocated query failed: {other:?}"))),
+    };
+    let mut extra = Vec::with_capacity(bits.len().max(target_bits.len()));
+    for i in 0..bits.len().max(target_bits.len()) {
+        extra.push(target_bits.get(i).copied().unwrap_or(0) & !bits.get(i).copied().unwrap_or(0));
+    }
+    for (first, len, set) in bit_runs(&extra, range.count as usize) {
+        if set {
+            let trim = Request::Trim {
+                target: t,
+                range: BlockRange { start: BlockIndex(range.start.0 + first as u64), count: len as u64 },
+            };
+            match call(&grant.target, &trim, timeout).await {
+                Outcome::Ok(Reply::Done) => {}
+                Outcome::Fatal(e) => return Err(CopyError::Fatal(e)),
+                other => return Err(CopyError::Target(format!("rebuild trim failed: {other:?}"))),
+            }
+        }
+    }
     let mut copied = 0u64;
     for (first, len, set) in bit_runs(&bits, range.count as usize) {
         if !set {

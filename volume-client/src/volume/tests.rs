@@ -4,6 +4,7 @@
 
 use super::fake::{layout, FakeConnector, FakeControl, FakeNode};
 use super::*;
+use bytes::Bytes;
 use slate_protocol::SegmentIndex;
 use slate_protocol::{Capability, Generation, Rights};
 
@@ -451,4 +452,49 @@ async fn a_read_only_attachment_reads_but_never_writes() {
     let s = ro.status().await.unwrap();
     assert_eq!(s.counters.repairs, 0, "a read-only attachment does not write repairs");
     assert!(rig.node(1).lock().corrupt.contains(&0));
+}
+
+#[tokio::test]
+async fn a_rebuild_cut_short_by_a_crash_starts_over_at_the_next_attach() {
+    let rig = Rig::new(&[&[1, 2]], &[], Duration::ZERO);
+    let v = rig.open().await.unwrap();
+    for b in 0..SEG / 2 {
+        v.write_blocks(b, &pattern(b, 1), false).await.unwrap();
+    }
+    v.trim_blocks(3, 2, false).await.unwrap();
+    v.close().await;
+    // The metadata service lists node 3 as a rebuilding member: half-filled, with stale blocks.
+    {
+        let mut l = rig.control.layout.lock().unwrap();
+        l.segments[0].replicas.push(super::layout::ReplicaInfo {
+            node: NodeId(3),
+            addr: "fake:3".into(),
+            role: ReplicaRole::Rebuilding,
+        });
+    }
+    let n3 = FakeNode::new(3);
+    rig.connector.nodes.lock().unwrap().insert(NodeId(3), Arc::clone(&n3));
+    {
+        let n1 = rig.node(1).lock();
+        let mut st = n3.lock();
+        for b in 0..10 {
+            if let Some(e) = n1.blocks.get(&b) {
+                st.blocks.insert(b, e.clone());
+            }
+        }
+        let junk = Bytes::from(vec![9u8; BLOCK_SIZE_BYTES]);
+        for b in [3, 4, 40, 50] {
+            st.blocks.insert(b, (junk.clone(), slate_protocol::block_crc(&junk)));
+        }
+    }
+    let mut all = rig.all.clone();
+    all.push(3);
+    let l = rig.control.layout.lock().unwrap().clone();
+    let v = Volume::open(info(&l, &all), rig.control.clone(), rig.connector.clone(), cfg()).await.unwrap();
+    let s = wait_in_sync(&v).await;
+    assert_eq!(s.segments[0].replicas.len(), 3);
+    for b in 0..SEG {
+        assert_eq!(n3.block(b), rig.node(1).block(b), "block {b}");
+    }
+    assert_eq!(rig.control.rebuilt_reports.lock().unwrap().as_slice(), &[(SegmentIndex(0), NodeId(3))]);
 }

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 pub const VOLUME: VolumeId = VolumeId(42);
 pub const SEGMENT_BLOCKS: u64 = 1024;
-pub const DISK_BYTES: u64 = 64 << 20;
+pub const DISK_BYTES: u64 = 32 << 20;
 
 /// The `slate-node` binary, built on first use into this test's target dir.
 pub fn node_binary() -> PathBuf {
