@@ -52,6 +52,8 @@ use tracing::{debug, error, info, warn};
 pub const MIN_COPIES: usize = 2;
 /// Retries of one request to one node after a transient refusal (bad crc in transit, node busy).
 const MAX_RETRIES: u32 = 5;
+/// Longest wait between two attempts at a control-plane call.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Blocks of one read piece, as the node returned them (ciphertext).
 #[derive(Debug, Clone)]
@@ -303,6 +305,8 @@ pub struct Actor {
     retired: Vec<(Instant, Arc<dyn NodeLink>)>,
     /// When each rebuild's progress was last reported to the control plane.
     progress_reported: HashMap<(SegmentIndex, NodeId), Instant>,
+    /// Replacement requests per segment since its last finished rebuild (for backoff).
+    replacement_attempts: HashMap<SegmentIndex, u32>,
 }
 
 impl std::fmt::Debug for Actor {
@@ -348,6 +352,7 @@ pub async fn run(init: Init, cmds: mpsc::Receiver<Cmd>) {
         renew_at: Some(renew),
         retired: Vec::new(),
         progress_reported: HashMap::new(),
+        replacement_attempts: HashMap::new(),
     };
     for (node, why) in init.down {
         actor.node_failed(node, &why);
@@ -1039,7 +1044,14 @@ impl Actor {
         let known: HashSet<NodeId> = self.links.keys().copied().collect();
         let retry = self.cfg.retry_delay;
         let connect_timeout = self.cfg.request_timeout;
+        // A segment whose replacements keep failing (unreachable, or the same dead node offered
+        // again) is asked again with a growing delay rather than in a tight loop.
+        let attempt = self.replacement_attempts.entry(segment).or_insert(0);
+        let first_delay =
+            if *attempt == 0 { Duration::ZERO } else { (retry * 2u32.pow((*attempt).min(6))).min(MAX_BACKOFF) };
+        *attempt += 1;
         let h = tokio::spawn(async move {
+            tokio::time::sleep(first_delay).await;
             let mut delay = retry;
             let update = loop {
                 match control.report_failed_replica(volume, segment, failed).await {
@@ -1047,7 +1059,7 @@ impl Actor {
                     Err(e) => {
                         warn!(%volume, %segment, node = %failed, error = %e, "replacement request failed; retrying");
                         tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                        delay = (delay * 2).min(MAX_BACKOFF);
                     }
                 }
             };
@@ -1112,15 +1124,15 @@ impl Actor {
         // Members that cannot serve: already failed, or unreachable now.
         let members: Vec<NodeId> = self.set(segment).map(|s| s.write_set().collect()).unwrap_or_default();
         for n in members {
-            if self.dead.contains(&n) || unreachable.contains(&n) || !self.links.contains_key(&n) {
+            if self.dead.contains(&n) {
+                // Failed earlier: drop it here too and ask again.
                 if let Some(s) = self.set_mut(segment) {
                     s.remove(n);
                 }
-                if self.dead.contains(&n) {
-                    self.request_replacement(segment, n);
-                } else {
-                    self.node_failed(n, "unreachable when it joined");
-                }
+                self.request_replacement(segment, n);
+            } else if unreachable.contains(&n) || !self.links.contains_key(&n) {
+                // Drops it from every set it is in and asks for replacements.
+                self.node_failed(n, "unreachable when it joined");
             }
         }
         for n in out.joined {
@@ -1291,6 +1303,7 @@ impl Actor {
     fn on_rebuild_done(&mut self, segment: SegmentIndex, node: NodeId, copied_blocks: u64) {
         self.rebuilds.remove(&(segment, node));
         self.progress_reported.remove(&(segment, node));
+        self.replacement_attempts.remove(&segment);
         self.counters.blocks_rebuilt += copied_blocks;
         if self.fatal.is_some() || !self.set_mut(segment).is_some_and(|s| s.mark_in_sync(node)) {
             return;

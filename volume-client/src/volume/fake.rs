@@ -248,7 +248,7 @@ impl Connector for FakeConnector {
     }
 }
 
-/// Replaces a failed replica with the first spare not already in the segment's set.
+/// Replaces a failed replica with the first spare not already in the segment's set and never reported failed.
 #[derive(Debug)]
 pub struct FakeControl {
     pub layout: Mutex<VolumeLayout>,
@@ -291,9 +291,11 @@ impl ControlPlane for FakeControl {
             .ok_or_else(|| ControlError("no such segment".into()))?;
         if set.replicas.iter().any(|r| r.node == node) {
             set.replicas.retain(|r| r.node != node);
+            let failed: Vec<NodeId> =
+                self.failed_reports.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(_, n)| *n).collect();
             let spare = {
                 let spares = self.spares.lock().unwrap_or_else(PoisonError::into_inner);
-                spares.iter().find(|s| !set.replicas.iter().any(|r| r.node == **s)).copied()
+                spares.iter().find(|s| !set.replicas.iter().any(|r| r.node == **s) && !failed.contains(s)).copied()
             };
             let spare = spare.ok_or_else(|| ControlError("no spare node".into()))?;
             set.replicas.push(ReplicaInfo {

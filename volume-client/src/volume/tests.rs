@@ -498,3 +498,18 @@ async fn a_rebuild_cut_short_by_a_crash_starts_over_at_the_next_attach() {
     }
     assert_eq!(rig.control.rebuilt_reports.lock().unwrap().as_slice(), &[(SegmentIndex(0), NodeId(3))]);
 }
+
+#[tokio::test]
+async fn an_unreachable_replacement_is_replaced_in_turn() {
+    let rig = Rig::new(&[&[1, 2]], &[3, 4], Duration::ZERO);
+    rig.node(3).lock().dead = true;
+    let v = rig.open().await.unwrap();
+    rig.node(2).lock().dead = true;
+    v.write_blocks(0, &pattern(0, 1), false).await.unwrap();
+    let s = wait_in_sync(&v).await;
+    let nodes: Vec<NodeId> = s.segments[0].replicas.iter().map(|m| m.node).collect();
+    assert_eq!(nodes, vec![NodeId(1), NodeId(4)]);
+    let reports = rig.control.failed_reports.lock().unwrap().clone();
+    assert_eq!(reports, vec![(SegmentIndex(0), NodeId(2)), (SegmentIndex(0), NodeId(3))]);
+    rig.assert_replicas_identical(&s);
+}
