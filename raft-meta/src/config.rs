@@ -67,8 +67,14 @@ pub struct Config {
     pub root_key_env: Option<String>,
     /// ed25519 capability signing key (hex seed), same on every node.
     pub signing_key_file: PathBuf,
+    /// This node's certificate and key: served by the API and, with `ca_cert`, used for mutual TLS
+    /// between metadata nodes (the certificate must name the node's IP and allow client auth too).
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
+    /// The cluster CA. When set, the Raft peer transport uses mutual TLS; without it the Raft port is
+    /// plaintext and must only be reachable by the other metadata nodes.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
     /// SHA-256 (hex) of the first operator token, used once to bootstrap the cluster.
     #[serde(default)]
     pub bootstrap_token_hash_file: Option<PathBuf>,

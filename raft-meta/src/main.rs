@@ -233,6 +233,7 @@ fn init(
             signing_key_file: keys.join("signing.key"),
             tls_cert: tlsd.join("node.crt"),
             tls_key: tlsd.join("node.key"),
+            ca_cert: Some(dir.join("ca.crt")),
             bootstrap_token_hash_file: Some(keys.join("bootstrap.sha256")),
             max_body_bytes: 64 * 1024,
             sweep_interval_ms: 5_000,

@@ -8,7 +8,7 @@
 
 use crate::api::{self, ApiState};
 use crate::config::Config;
-use crate::consensus::{Consensus, ConsensusConfig, Role};
+use crate::consensus::{Consensus, ConsensusConfig, PeerTls, Role};
 use crate::keys::{EnvRootKeyProvider, FileRootKeyProvider, RootKeyProvider};
 use crate::machine::SlateMachine;
 use crate::metrics::Metrics;
@@ -68,6 +68,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyh
     ccfg.heartbeat_ticks = cfg.raft.heartbeat_ticks;
     ccfg.snapshot_every_entries = cfg.raft.snapshot_every_entries;
     ccfg.request_timeout = Duration::from_millis(cfg.raft.request_timeout_ms);
+    if let Some(ca) = &cfg.ca_cert {
+        let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        ccfg.tls = Some(PeerTls::from_pem(&read(ca)?, &read(&cfg.tls_cert)?, &read(&cfg.tls_key)?)?);
+    } else {
+        tracing::warn!("no ca_cert configured: the Raft peer port is plaintext and unauthenticated");
+    }
     let (consensus, handle) = Consensus::start(ccfg, sm).context("starting consensus")?;
 
     let state = Arc::new(ApiState {

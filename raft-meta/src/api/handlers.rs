@@ -700,7 +700,7 @@ async fn verify_audit(State(s): S, caller: Caller) -> JsonResult {
     responses((status = 200, body = [MemberView]), (status = "4XX", body = ErrorBody)))]
 async fn list_members(State(s): S, caller: Caller) -> JsonResult {
     // Authorize and audit like every call; the member list itself comes from consensus.
-    s.call(&caller, Command::GetSettings).await?;
+    s.call(&caller, Command::ListMembers).await?;
     let st = s.handle.status();
     let list: Vec<MemberView> =
         st.peers.iter().map(|(id, a)| MemberView { id: *id, raft_addr: a.map(|a| a.to_string()) }).collect();

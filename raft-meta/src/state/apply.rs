@@ -240,7 +240,7 @@ impl MetaState {
         self.last_time_ms = now;
         let cmd = &env.command;
         if matches!(env.credential, Credential::System) {
-            return self.apply_system(now, cmd, root);
+            return self.apply_system(now, cmd);
         }
         if matches!(cmd, Command::Bootstrap { .. } | Command::Tick) {
             return Applied {
@@ -304,7 +304,7 @@ impl MetaState {
         Applied { response, shredded: ctx.shredded }
     }
 
-    fn apply_system(&mut self, now: u64, cmd: &Command, root: &mut RootKey) -> Applied {
+    fn apply_system(&mut self, now: u64, cmd: &Command) -> Applied {
         let mut ctx = Ctx {
             now,
             actor: Actor::system(),
@@ -322,7 +322,8 @@ impl MetaState {
                 self.sweep(&mut ctx);
                 Ok(serde_json::Value::Null)
             }
-            other => self.execute(&mut ctx, other, root),
+            // Only the two leader duties run as the system; nothing else may borrow its authority.
+            _ => Err(Refusal::forbidden("only bootstrap and liveness sweeps run as the system")),
         };
         let response = match result {
             Ok(body) => Response::Ok { body, dek_hex: None },
@@ -951,6 +952,10 @@ impl MetaState {
                     return Err(Refusal::forbidden("verifying the audit chain needs an operator or tenant admin"));
                 }
                 json(&audit::verify(&self.audit.records))
+            }
+            Command::ListMembers => {
+                require_operator(&ctx.actor)?;
+                Ok(serde_json::Value::Null)
             }
             Command::ChangeMembership { req, add } => {
                 require_operator(&ctx.actor)?;

@@ -354,6 +354,8 @@ pub enum Command {
         add: bool,
         req: MemberRequest,
     },
+    /// Authorizes and audits a membership listing (the list itself comes from consensus).
+    ListMembers,
 }
 
 impl Command {
@@ -404,6 +406,7 @@ impl Command {
             Self::VerifyAudit => "audit.verify",
             Self::ChangeMembership { add: true, .. } => "cluster.member_add",
             Self::ChangeMembership { add: false, .. } => "cluster.member_remove",
+            Self::ListMembers => "cluster.member_list",
         }
     }
 }
