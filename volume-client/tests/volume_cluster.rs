@@ -351,3 +351,51 @@ async fn a_newer_attachment_fences_the_old_one_for_good() {
     new.close().await;
     old.close().await;
 }
+
+/// Throughput figures over two replicas on loopback (run with `--ignored --nocapture`,
+/// preferably with `--release`). Prints; asserts nothing about speed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run explicitly"]
+async fn measure_throughput() {
+    let cluster = Cluster::start(2, &[&[1, 2], &[1, 2]]);
+    let layout = cluster.layout(1);
+    let (vol, _control) = attach(&cluster, &layout, &[]).await;
+    let vol = Arc::new(vol);
+    let blocks = 2 * SEGMENT_BLOCKS;
+
+    async fn run(vol: &Arc<Volume>, qd: u64, ops: u64, blocks_per_op: u64, span: u64, write: bool) -> Duration {
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for q in 0..qd {
+            let vol = Arc::clone(vol);
+            tasks.push(tokio::spawn(async move {
+                let data = vec![0x5au8; (blocks_per_op as usize) * BLOCK_SIZE_BYTES];
+                for i in 0..ops / qd {
+                    let slot = (q * 7919 + i * 104_729) % (span / blocks_per_op);
+                    let b = slot * blocks_per_op;
+                    if write {
+                        vol.write_blocks(b, &data, false).await.unwrap();
+                    } else {
+                        vol.read_blocks(b, blocks_per_op).await.unwrap();
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        t0.elapsed()
+    }
+    let seq_ops = 64;
+    let d = run(&vol, 4, seq_ops, 256, blocks, true).await;
+    let mib = (seq_ops * 256 * 4096) as f64 / (1 << 20) as f64;
+    println!("write 1 MiB x QD4: {:.1} MiB/s", mib / d.as_secs_f64());
+    let d = run(&vol, 4, seq_ops, 256, blocks, false).await;
+    println!("read 1 MiB x QD4: {:.1} MiB/s", mib / d.as_secs_f64());
+    let small_ops = 4096;
+    let d = run(&vol, 32, small_ops, 1, blocks, true).await;
+    println!("write 4 KiB random QD32: {:.0} IOPS", small_ops as f64 / d.as_secs_f64());
+    let d = run(&vol, 32, small_ops, 1, blocks, false).await;
+    println!("read 4 KiB random QD32: {:.0} IOPS", small_ops as f64 / d.as_secs_f64());
+    vol.close().await;
+}
