@@ -7,6 +7,8 @@
 //! binaries across packages) in one place. No helper ever kills by name: a
 //! guard signals exactly the PID it spawned.
 
+pub mod cluster;
+
 use rustix::process::{kill_process, Pid, Signal};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

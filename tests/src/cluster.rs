@@ -1,0 +1,460 @@
+//! A whole Slate cluster for end-to-end tests: `slate up` in a scratch
+//! directory, driven the way a user drives it.
+//!
+//! [`Cluster`] starts `slate up` as a child process, waits for `cluster.json`
+//! (which `slate up` writes only once the volume is served), parses it, and on
+//! drop stops `slate up` with SIGTERM and checks that every process named in
+//! `cluster.json` is gone. On any failure to come up it prints the tail of
+//! every log under `DIR/logs`, since that is where the cause is.
+//!
+//! Next to it are small wrappers for the real clients the acceptance tests use
+//! (`qemu-io`, the `slate` CLI, the management API through `curl`), so that a
+//! test reads as a list of user actions and checks. Every wrapper returns or
+//! prints what it ran, so a failure names the exact command to rerun by hand.
+
+use crate::{find_binary, scratch_dir, ProcessGuard};
+use rustix::process::Signal;
+use serde::Deserialize;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// One process `slate up` started, as listed in `cluster.json`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ProcessEntry {
+    /// "meta", "node" or "client".
+    pub role: String,
+    pub id: u64,
+    pub pid: u32,
+    pub addr: String,
+    #[serde(default)]
+    pub failure_domain: String,
+    pub data: PathBuf,
+}
+
+/// One served volume, as listed in `cluster.json`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct VolumeEntry {
+    pub name: String,
+    pub nbd_unix: String,
+    pub nbd_tcp: String,
+}
+
+/// The parts of `cluster.json` the tests use.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ClusterJson {
+    pub ready: bool,
+    pub api: String,
+    pub ca: PathBuf,
+    pub token_file: PathBuf,
+    pub processes: Vec<ProcessEntry>,
+    pub volumes: Vec<VolumeEntry>,
+}
+
+impl ClusterJson {
+    /// The processes of one role, by id.
+    pub fn role(&self, role: &str) -> Vec<&ProcessEntry> {
+        let mut v: Vec<&ProcessEntry> = self.processes.iter().filter(|p| p.role == role).collect();
+        v.sort_by_key(|p| p.id);
+        v
+    }
+}
+
+/// Options for `slate up` (first start only; a restart reuses the directory's state).
+#[derive(Clone, Debug)]
+pub struct UpOptions {
+    pub volume_size_bytes: u64,
+    pub disk_size_bytes: u64,
+    /// Blocks per segment of the demo volume (`None`: slate's default, 1 GiB).
+    pub segment_blocks: Option<u64>,
+    /// How long to wait for `cluster.json`.
+    pub ready_timeout: Duration,
+}
+
+impl Default for UpOptions {
+    fn default() -> Self {
+        Self {
+            volume_size_bytes: 256 << 20,
+            disk_size_bytes: 1 << 30,
+            segment_blocks: None,
+            ready_timeout: Duration::from_mins(4),
+        }
+    }
+}
+
+/// A running `slate up`, stopped with SIGTERM on drop.
+#[derive(Debug)]
+pub struct Cluster {
+    dir: PathBuf,
+    scratch: Option<tempfile::TempDir>,
+    up: Option<ProcessGuard>,
+    info: Option<ClusterJson>,
+    opts: UpOptions,
+}
+
+impl Cluster {
+    /// Starts `slate up` in a fresh scratch directory and waits until it serves the volume.
+    pub fn start(prefix: &str, opts: UpOptions) -> Self {
+        let scratch = scratch_dir(prefix);
+        let dir = scratch.path().join("slate-data");
+        let mut c = Self { dir, scratch: Some(scratch), up: None, info: None, opts };
+        c.launch();
+        c
+    }
+
+    /// The `slate` binary under test.
+    pub fn slate_bin() -> PathBuf {
+        find_binary("slate")
+    }
+
+    fn launch(&mut self) {
+        assert!(self.up.is_none(), "slate up is already running");
+        std::fs::create_dir_all(&self.dir).expect("create the cluster dir");
+        let log = self.dir.join("up.log");
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("open up.log");
+        let err = out.try_clone().expect("dup up.log");
+        let mut cmd = Command::new(Self::slate_bin());
+        cmd.arg("up")
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--volume-size")
+            .arg(self.opts.volume_size_bytes.to_string())
+            .arg("--disk-size")
+            .arg(self.opts.disk_size_bytes.to_string());
+        if let Some(sb) = self.opts.segment_blocks {
+            cmd.arg("--segment-blocks").arg(sb.to_string());
+        }
+        cmd.stdout(out).stderr(err);
+        let started = Instant::now();
+        let guard = ProcessGuard::spawn("slate up", &mut cmd).expect("spawn slate up");
+        eprintln!("[cluster] started slate up (pid {}) in {}", guard.pid(), self.dir.display());
+        self.up = Some(guard);
+        let path = self.cluster_json_path();
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                if let Ok(info) = serde_json::from_str::<ClusterJson>(&text) {
+                    if info.ready {
+                        eprintln!("[cluster] ready after {:.1} s", started.elapsed().as_secs_f64());
+                        self.info = Some(info);
+                        return;
+                    }
+                }
+            }
+            let alive = self.up.as_mut().is_some_and(ProcessGuard::is_alive);
+            if !alive || started.elapsed() > self.opts.ready_timeout {
+                self.dump_logs();
+                panic!(
+                    "slate up {} within {:?} (no ready {}); logs above",
+                    if alive { "was not ready" } else { "exited" },
+                    self.opts.ready_timeout,
+                    path.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The directory given to `slate up --dir`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where scratch files of the test (outside the cluster's directory) may go.
+    pub fn scratch(&self) -> &Path {
+        self.dir.parent().unwrap_or(&self.dir)
+    }
+
+    /// `DIR/cluster.json`.
+    pub fn cluster_json_path(&self) -> PathBuf {
+        self.dir.join("cluster.json")
+    }
+
+    /// The parsed `cluster.json` of the current run.
+    pub fn info(&self) -> &ClusterJson {
+        self.info.as_ref().expect("the cluster is not running")
+    }
+
+    /// The demo volume's entry.
+    pub fn volume(&self) -> &VolumeEntry {
+        &self.info().volumes[0]
+    }
+
+    /// The demo volume's NBD URI over the unix socket.
+    pub fn nbd_unix(&self) -> String {
+        self.volume().nbd_unix.clone()
+    }
+
+    /// The demo volume's NBD URI over TCP.
+    pub fn nbd_tcp(&self) -> String {
+        self.volume().nbd_tcp.clone()
+    }
+
+    /// The path of the demo volume's NBD unix socket (from its URI).
+    pub fn nbd_socket(&self) -> PathBuf {
+        let uri = &self.volume().nbd_unix;
+        let p = uri.split("socket=").nth(1).expect("nbd_unix URI without socket=");
+        PathBuf::from(p.split('&').next().unwrap_or(p))
+    }
+
+    /// The host token file `slate up` wrote for its demo host principal.
+    pub fn host_token_file(&self) -> PathBuf {
+        self.dir.join("meta").join("host.token")
+    }
+
+    /// The storage node processes.
+    pub fn nodes(&self) -> Vec<ProcessEntry> {
+        self.info().role("node").into_iter().cloned().collect()
+    }
+
+    /// A `slate` command pointed at this cluster (`--cluster DIR/cluster.json`).
+    pub fn slate(&self) -> Command {
+        let mut c = Command::new(Self::slate_bin());
+        c.arg("--cluster").arg(self.cluster_json_path()).stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `slate --json ARGS` (operator token) and parses its output; panics on failure.
+    pub fn slate_json(&self, args: &[&str]) -> Value {
+        let out = self.slate().arg("--json").args(args).output().expect("run slate");
+        assert!(
+            out.status.success(),
+            "slate {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("slate {args:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        })
+    }
+
+    /// `slate volume show NAME --json`.
+    pub fn volume_show(&self, name: &str) -> Value {
+        self.slate_json(&["volume", "show", name])
+    }
+
+    /// Calls the management API with `curl` (the token is passed in a header file, never on the command line).
+    /// Returns the HTTP status and the parsed body (`Value::Null` if empty or not JSON).
+    pub fn api(&self, method: &str, path: &str, body: Option<&Value>, token_file: &Path) -> (u16, Value) {
+        let info = self.info();
+        let token = std::fs::read_to_string(token_file).expect("read token file");
+        let header = self.scratch().join(format!("auth-{}.hdr", std::process::id()));
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&header)
+                .expect("write header file");
+            std::io::Write::write_all(&mut f, format!("Authorization: Bearer {}\n", token.trim()).as_bytes())
+                .expect("write header file");
+        }
+        let mut cmd = Command::new("curl");
+        cmd.arg("-sS")
+            .arg("--max-time")
+            .arg("20")
+            .arg("--cacert")
+            .arg(&info.ca)
+            .arg("-H")
+            .arg(format!("@{}", header.display()))
+            .arg("-X")
+            .arg(method)
+            .arg("-w")
+            .arg("\n%{http_code}");
+        if let Some(b) = body {
+            cmd.arg("-H").arg("Content-Type: application/json").arg("--data-binary").arg(b.to_string());
+        }
+        cmd.arg(format!("{}{path}", info.api));
+        let out = cmd.output().expect("run curl");
+        let _ = std::fs::remove_file(&header);
+        assert!(out.status.success(), "curl {method} {path} failed: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+        let status: u16 = code.trim().parse().unwrap_or(0);
+        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    }
+
+    /// Attaches `volume_id` read-only through the API (operator token) and returns
+    /// (attachment id, capability token). The reply's key is dropped unread.
+    pub fn read_only_capability(&self, volume_id: u64) -> (u64, String) {
+        let token = self.info().token_file.clone();
+        let body = serde_json::json!({"mode": "read_only", "host": "e2e-checker", "force": false});
+        let (status, reply) = self.api("POST", &format!("/v1/volumes/{volume_id}/attach"), Some(&body), &token);
+        assert_eq!(status, 200, "read-only attach of vol-{volume_id} refused: {}", reply["error"]);
+        let aid = reply["attachment"]["id"].as_u64().expect("attachment id");
+        let cap = reply["capability"]["token"].as_str().expect("capability token").to_owned();
+        (aid, cap)
+    }
+
+    /// Detaches an attachment through the API (operator token).
+    pub fn detach(&self, volume_id: u64, attachment: u64) {
+        let token = self.info().token_file.clone();
+        let body = serde_json::json!({"attachment": attachment});
+        let (status, reply) = self.api("POST", &format!("/v1/volumes/{volume_id}/detach"), Some(&body), &token);
+        assert_eq!(status, 200, "detach of attachment {attachment} refused: {}", reply["error"]);
+    }
+
+    /// Stops `slate up` with SIGTERM, checks it exited cleanly and that every process it listed is gone.
+    pub fn stop(&mut self) {
+        let Some(mut up) = self.up.take() else { return };
+        let pids: Vec<(String, u32)> = self
+            .info
+            .as_ref()
+            .map(|i| i.processes.iter().map(|p| (format!("{} {}", p.role, p.id), p.pid)).collect())
+            .unwrap_or_default();
+        let started = Instant::now();
+        let status = up.stop_with(Signal::TERM, Duration::from_mins(1) + Duration::from_secs(30));
+        eprintln!("[cluster] slate up stopped in {:.1} s: {status:?}", started.elapsed().as_secs_f64());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut left: Vec<(String, u32)> = pids;
+        while !left.is_empty() && Instant::now() < deadline {
+            left.retain(|(_, pid)| pid_alive(*pid));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.info = None;
+        let ok = status.is_some_and(|s| s.success());
+        if (!ok || !left.is_empty()) && !std::thread::panicking() {
+            self.dump_logs();
+            assert!(ok, "slate up did not exit cleanly on SIGTERM: {status:?}");
+            panic!("processes still alive after slate up stopped: {left:?}");
+        }
+        assert!(!self.cluster_json_path().exists() || std::thread::panicking(), "cluster.json left behind");
+    }
+
+    /// Stops `slate up` and starts it again on the same directory.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    /// Prints the tail of `up.log` and of every log under `DIR/logs`.
+    pub fn dump_logs(&self) {
+        let mut files = vec![self.dir.join("up.log")];
+        if let Ok(rd) = std::fs::read_dir(self.dir.join("logs")) {
+            let mut more: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            more.sort();
+            files.extend(more);
+        }
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(40);
+            eprintln!("===== {} (last {} lines) =====", f.display(), lines.len() - from);
+            for l in &lines[from..] {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() && self.up.is_some() {
+            self.dump_logs();
+        }
+        if self.up.is_some() {
+            self.stop();
+        }
+        if std::thread::panicking() && std::env::var_os("SLATE_TEST_KEEP").is_some() {
+            if let Some(s) = self.scratch.take() {
+                eprintln!("[cluster] keeping {}", s.keep().display());
+            }
+        }
+    }
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|st| st != "Z"),
+        Err(_) => false,
+    }
+}
+
+/// Sends SIGKILL to `pid` (a process `slate up` started for this test; never by name).
+pub fn kill9(pid: u32) {
+    let pid = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw).expect("a valid pid");
+    rustix::process::kill_process(pid, Signal::KILL).expect("kill -9");
+}
+
+/// Runs `qemu-io -f raw` with `-c` commands against `uri`.
+pub fn qemu_io(uri: &str, cmds: &[String]) -> Output {
+    let mut c = Command::new("qemu-io");
+    c.arg("-f").arg("raw");
+    for cmd in cmds {
+        c.arg("-c").arg(cmd);
+    }
+    c.arg(uri).stdin(Stdio::null()).output().expect("run qemu-io")
+}
+
+/// Runs qemu-io and asserts that every command succeeded (exit 0, no failure or mismatch in its output).
+pub fn qemu_io_ok(uri: &str, cmds: &[String]) -> String {
+    let out = qemu_io(uri, cmds);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let bad = text.lines().find(|l| {
+        let l = l.to_ascii_lowercase();
+        l.contains("failed") || l.contains("error") || l.contains("mismatch")
+    });
+    assert!(out.status.success() && bad.is_none(), "qemu-io {cmds:?} on {uri} failed ({}):\n{text}", out.status);
+    text
+}
+
+/// Runs a command, asserts it succeeded, returns its stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits until `path` is a unix socket that accepts connections.
+pub fn wait_for_unix_socket(path: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A deterministic byte stream (splitmix64) for test data that a seed reproduces.
+#[derive(Debug, Clone)]
+pub struct TestRng(u64);
+
+impl TestRng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// A value in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// The sha256 of a file or NBD-exported image, by `sha256sum`.
+pub fn sha256_file(path: &Path) -> String {
+    let out = run_ok(Command::new("sha256sum").arg(path));
+    out.split_whitespace().next().unwrap_or_default().to_owned()
+}
