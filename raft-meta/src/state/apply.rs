@@ -731,7 +731,22 @@ impl MetaState {
                 if self.nodes.values().any(|n| n.name == req.name) {
                     return Err(Refusal::conflict(format!("a node named {:?} is registered", req.name)));
                 }
-                let nid = take(&mut self.next.node);
+                let nid = match req.id {
+                    Some(0) => return Err(Refusal::bad("node id 0 is invalid")),
+                    Some(id) if self.nodes.contains_key(&id) => {
+                        return Err(Refusal::conflict(format!("node id {id} is taken")))
+                    }
+                    Some(id) => {
+                        self.next.node = self.next.node.max(id + 1);
+                        id
+                    }
+                    None => {
+                        while self.nodes.contains_key(&self.next.node) {
+                            self.next.node += 1;
+                        }
+                        take(&mut self.next.node)
+                    }
+                };
                 ctx.object = format!("node:node-{nid}({})", req.name);
                 self.nodes.insert(
                     nid,

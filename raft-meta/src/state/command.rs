@@ -126,6 +126,10 @@ pub struct DiskSpec {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterNodeRequest {
+    /// The node id to use: must equal the id in the storage node's own configuration (it is what
+    /// capabilities name). Default: the next free id.
+    #[serde(default)]
+    pub id: Option<u64>,
     /// Unique node name.
     pub name: String,
     /// Data-plane address, `ip:port`.

@@ -121,6 +121,7 @@ impl Harness {
 
     fn node(&mut self, name: &str, domain: &str) -> u64 {
         let v = self.op(Command::RegisterNode(RegisterNodeRequest {
+            id: None,
             name: name.into(),
             addr: "127.0.0.1:7000".into(),
             failure_domain: domain.into(),
@@ -441,4 +442,23 @@ fn snapshot_restore_round_trip() {
     let bytes = serde_json::to_vec(h.state()).unwrap();
     let back: MetaState = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(&back, h.state());
+}
+
+#[test]
+fn node_ids_can_be_chosen_and_system_cannot_run_client_commands() {
+    let mut h = Harness::new();
+    let reg = |id: Option<u64>, name: &str| {
+        Command::RegisterNode(RegisterNodeRequest {
+            id,
+            name: name.into(),
+            addr: "127.0.0.1:7000".into(),
+            failure_domain: "z/r/h".into(),
+            disks: vec![DiskSpec { name: "d0".into(), capacity_bytes: 1 << 30 }],
+        })
+    };
+    assert_eq!(h.op(reg(Some(7), "seven"))["id"], 7);
+    assert_eq!(h.err(tok(1, "op-secret"), reg(Some(7), "again")).code, ErrorCode::Conflict);
+    assert_eq!(h.op(reg(None, "next"))["id"], 8);
+    let r = h.run(Credential::System, Command::DeleteTenant { tenant: 1 });
+    assert!(matches!(r, Response::Err(Refusal { code: ErrorCode::Forbidden, .. })));
 }
