@@ -415,3 +415,45 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
     let text = c.client.get(format!("https://{}/metrics", c.api[0])).send().await.unwrap().text().await.unwrap();
     assert!(text.contains("slate_meta_raft_term") && text.contains("slate_meta_volumes"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn silent_storage_node_is_marked_down_and_its_replicas_replaced() {
+    let c = Cluster::start(3).await;
+    let t = c.tenant("acme").await;
+    let nodes = three_domains(&c).await;
+    let spare = c.storage_node("n4", "zone-a/rack-4/host-4").await;
+    c.op_ok(Method::PATCH, "/v1/settings", Some(json!({"heartbeat_timeout_ms": 1000}))).await;
+    // Place the volume before the spare can take anything: drain it first, then reactivate.
+    c.op_ok(Method::POST, &format!("/v1/nodes/{spare}/state"), Some(json!({"state": "draining"}))).await;
+    let v = c
+        .op_ok(Method::POST, "/v1/volumes", Some(json!({"name": "v", "size_bytes": GIB, "replicas": 3, "tenant": t})))
+        .await;
+    let vol = v["id"].as_u64().unwrap();
+    c.op_ok(Method::POST, &format!("/v1/nodes/{spare}/state"), Some(json!({"state": "active"}))).await;
+    let victim = nodes[0];
+    // Keep every node but the victim alive until the leader's sweep (every 5 s) has acted.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    loop {
+        for n in nodes.iter().skip(1).chain([&spare]) {
+            c.op_ok(Method::POST, &format!("/v1/nodes/{n}/heartbeat"), None).await;
+        }
+        let node = c.op_ok(Method::GET, &format!("/v1/nodes/{victim}"), None).await;
+        let seg = c.op_ok(Method::GET, &format!("/v1/volumes/{vol}"), None).await["segments"][0].clone();
+        let holders: Vec<u64> =
+            seg["replicas"].as_array().unwrap().iter().map(|r| r["node"].as_u64().unwrap()).collect();
+        if node["state"] == "down" && !holders.contains(&victim) {
+            assert!(holders.contains(&spare), "{seg}");
+            assert!(seg["epoch"].as_u64().unwrap() >= 2);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "victim not replaced: {node} {seg}");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    let page = c.op_ok(Method::GET, "/v1/audit?limit=10000", None).await;
+    let recs = page["records"].as_array().unwrap();
+    assert!(recs.iter().any(|r| r["action"] == "node.down" && r["object"] == format!("node:node-{victim}")));
+    assert!(recs.iter().any(|r| r["action"] == "segment.re_replicate"));
+    // A heartbeat brings it back.
+    c.op_ok(Method::POST, &format!("/v1/nodes/{victim}/heartbeat"), None).await;
+    assert_eq!(c.op_ok(Method::GET, &format!("/v1/nodes/{victim}"), None).await["state"], "active");
+}
