@@ -14,6 +14,13 @@
 //! Nothing else runs on the volume meanwhile, so no range lock is needed. A
 //! node that fails here is left out and handed to the actor as down, which
 //! replaces and rebuilds it like any failed replica.
+//!
+//! This is only as good as the nodes' intent records: a region must stay
+//! recorded on a node until every replica has the write. slate-node keeps
+//! the intents it recovers after its own crash until they are cleared here,
+//! but clears live ones after `intent_idle_clear_secs` of quiet; a client
+//! crash followed by a re-attach later than that, on nodes that stayed up,
+//! finds no intent for a region one replica wrote and another did not.
 
 use super::actor::{classify, Outcome};
 use super::error::VolumeError;
