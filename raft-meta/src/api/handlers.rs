@@ -494,7 +494,7 @@ async fn delete_volume(
 }
 
 /// A signed capability.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 pub struct CapabilityView {
     /// The token storage nodes verify (hex of the wire form; see `SignedCapability::from_token`).
     pub token: String,
@@ -506,8 +506,8 @@ pub struct CapabilityView {
     pub expires_unix_secs: u64,
 }
 
-/// What an attach returns.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+/// What an attach returns. `Debug` leaves the key out.
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 pub struct AttachReply {
     pub attachment: AttachmentView,
     /// The volume with its segment map (replica sets with node addresses).
@@ -519,9 +519,26 @@ pub struct AttachReply {
     pub verifying_key_hex: String,
 }
 
-impl std::fmt::Display for AttachReply {
+impl std::fmt::Debug for CapabilityView {
+    /// The token is a bearer credential for the data plane: left out.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "attachment {} of vol-{}", self.attachment.id, self.volume.id)
+        f.debug_struct("CapabilityView")
+            .field("volume", &self.volume)
+            .field("generation", &self.generation)
+            .field("rights", &self.rights)
+            .field("nodes", &self.nodes)
+            .field("expires_unix_secs", &self.expires_unix_secs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for AttachReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttachReply")
+            .field("attachment", &self.attachment)
+            .field("volume", &self.volume.id)
+            .field("capability", &self.capability)
+            .finish_non_exhaustive()
     }
 }
 

@@ -487,8 +487,8 @@ impl Refusal {
     }
 }
 
-/// What `apply` hands back to the proposer.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// What `apply` hands back to the proposer. `Debug` leaves the attach key out.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {
     /// The JSON body of the reply. `dek_hex` is set only by an attach.
@@ -498,4 +498,17 @@ pub enum Response {
         dek_hex: Option<String>,
     },
     Err(Refusal),
+}
+
+impl std::fmt::Debug for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Ok { body, dek_hex } => f
+                .debug_struct("Ok")
+                .field("body", body)
+                .field("dek_hex", &dek_hex.as_ref().map(|_| "<redacted>"))
+                .finish(),
+            Self::Err(r) => f.debug_tuple("Err").field(r).finish(),
+        }
+    }
 }

@@ -43,8 +43,8 @@ pub struct TokenView {
     pub expires_ms: Option<u64>,
 }
 
-/// A newly issued token. `token` is shown once and never stored.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+/// A newly issued token. `token` is shown once and never stored; `Debug` leaves it out.
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 pub struct IssuedToken {
     pub principal: PrincipalView,
     pub token_id: u64,
@@ -208,4 +208,13 @@ pub struct SettingsView {
     #[serde(flatten)]
     pub settings: Settings,
     pub root_epoch: u64,
+}
+
+impl std::fmt::Debug for IssuedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedToken")
+            .field("principal", &self.principal)
+            .field("token_id", &self.token_id)
+            .finish_non_exhaustive()
+    }
 }
