@@ -86,25 +86,25 @@ fn fio_verify_survives_node_kill() {
     let text = std::fs::read_to_string(&fio_json).unwrap_or_default();
     let report: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("fio json ({e}): {text}"));
     let job = &report["jobs"][0];
-    let w = &job["write"];
-    let r = &job["read"];
+    let wr = &job["write"];
+    let rd = &job["read"];
     eprintln!(
         "fio: error {}, write {} MiB in {} ms ({:.0} IOPS, clat max {:.1} ms), verify read {} MiB ({:.0} IOPS)",
         job["error"],
-        w["io_bytes"].as_u64().unwrap_or(0) >> 20,
-        w["runtime"],
-        w["iops"].as_f64().unwrap_or(0.0),
-        w["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1e6,
-        r["io_bytes"].as_u64().unwrap_or(0) >> 20,
-        r["iops"].as_f64().unwrap_or(0.0),
+        wr["io_bytes"].as_u64().unwrap_or(0) >> 20,
+        wr["runtime"],
+        wr["iops"].as_f64().unwrap_or(0.0),
+        wr["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1e6,
+        rd["io_bytes"].as_u64().unwrap_or(0) >> 20,
+        rd["iops"].as_f64().unwrap_or(0.0),
     );
-    if w["runtime"].as_u64().unwrap_or(0) < KILL_AFTER.as_millis() as u64 {
+    if wr["runtime"].as_u64().unwrap_or(0) < KILL_AFTER.as_millis() as u64 {
         eprintln!("WARNING: the write phase ended before the kill; raise --io_size for this machine");
     }
     assert!(status.is_some_and(|s| s.success()), "fio failed: {status:?}");
     assert_eq!(job["error"].as_u64(), Some(0), "fio reported an I/O error");
-    assert_eq!(w["io_bytes"].as_u64(), Some(160 << 20), "fio did not write everything");
-    assert_eq!(r["io_bytes"].as_u64(), Some(160 << 20), "fio did not verify everything it wrote");
+    assert_eq!(wr["io_bytes"].as_u64(), Some(160 << 20), "fio did not write everything");
+    assert_eq!(rd["io_bytes"].as_u64(), Some(160 << 20), "fio did not verify everything it wrote");
 
     // Back to R=2 in distinct domains, none on the dead node.
     let t = Instant::now();

@@ -87,7 +87,7 @@ fn no_plaintext_at_rest_or_in_flight() {
     let status = tcpdump.terminate();
     let tlog = std::fs::read_to_string(&tcpdump_log).unwrap_or_default();
     eprintln!("tcpdump: {status:?}; {}", tlog.lines().filter(|l| l.contains("packets")).collect::<Vec<_>>().join("; "));
-    let captured = std::fs::metadata(&pcap).map(|m| m.len()).unwrap_or(0);
+    let captured = std::fs::metadata(&pcap).map_or(0, |m| m.len());
     eprintln!("capture: {} MiB", captured >> 20);
     assert!(
         captured >= 2 * size,
