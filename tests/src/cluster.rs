@@ -381,8 +381,13 @@ pub fn kill9(pid: u32) {
 
 /// Runs `qemu-io -f raw` with `-c` commands against `uri`.
 pub fn qemu_io(uri: &str, cmds: &[String]) -> Output {
+    qemu_io_with(&[], uri, cmds)
+}
+
+/// Runs `qemu-io -f raw EXTRA...` (e.g. `-r` for a read-only export) with `-c` commands against `uri`.
+pub fn qemu_io_with(extra: &[&str], uri: &str, cmds: &[String]) -> Output {
     let mut c = Command::new("qemu-io");
-    c.arg("-f").arg("raw");
+    c.arg("-f").arg("raw").args(extra);
     for cmd in cmds {
         c.arg("-c").arg(cmd);
     }
@@ -391,13 +396,22 @@ pub fn qemu_io(uri: &str, cmds: &[String]) -> Output {
 
 /// Runs qemu-io and asserts that every command succeeded (exit 0, no failure or mismatch in its output).
 pub fn qemu_io_ok(uri: &str, cmds: &[String]) -> String {
-    let out = qemu_io(uri, cmds);
+    qemu_io_ok_with(&[], uri, cmds)
+}
+
+/// [`qemu_io_ok`] with extra qemu-io options.
+pub fn qemu_io_ok_with(extra: &[&str], uri: &str, cmds: &[String]) -> String {
+    let out = qemu_io_with(extra, uri, cmds);
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let bad = text.lines().find(|l| {
         let l = l.to_ascii_lowercase();
         l.contains("failed") || l.contains("error") || l.contains("mismatch")
     });
-    assert!(out.status.success() && bad.is_none(), "qemu-io {cmds:?} on {uri} failed ({}):\n{text}", out.status);
+    assert!(
+        out.status.success() && bad.is_none(),
+        "qemu-io {extra:?} {cmds:?} on {uri} failed ({}):\n{text}",
+        out.status
+    );
     text
 }
 
