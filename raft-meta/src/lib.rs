@@ -10,6 +10,7 @@ pub mod consensus;
 
 pub mod api;
 pub mod audit;
+pub mod cli;
 pub mod config;
 pub mod keys;
 pub mod machine;

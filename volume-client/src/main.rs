@@ -9,7 +9,9 @@ fn main() -> std::process::ExitCode {
             slate_node::cli::main_from(std::iter::once("slate-node".into()).chain(args.into_iter().skip(2)));
             std::process::ExitCode::SUCCESS
         }
-        Some("run-meta") => slate::cli::exec_sibling("slate-meta"),
+        Some("run-meta") => {
+            slate_meta::cli::main_from(std::iter::once("slate-meta".into()).chain(args.into_iter().skip(2)))
+        }
         _ => slate::cli::main(),
     }
 }

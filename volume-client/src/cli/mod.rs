@@ -123,12 +123,3 @@ fn run(cli: Cli) -> Result<()> {
         }
     })
 }
-
-/// Replaces this process with the sibling binary `name`, passing the arguments after the role word.
-pub fn exec_sibling(name: &str) -> std::process::ExitCode {
-    use std::os::unix::process::CommandExt;
-    let bin = procs::sibling_binary(name);
-    let err = std::process::Command::new(&bin).args(std::env::args_os().skip(2)).exec();
-    eprintln!("slate: cannot run {} ({err}); build the workspace with `cargo build --release`", bin.display());
-    std::process::ExitCode::FAILURE
-}

@@ -121,19 +121,3 @@ pub fn wait_for_port(addr: &str, timeout: Duration, proc_: &mut Proc) -> Result<
         std::thread::sleep(Duration::from_millis(50));
     }
 }
-
-/// The path of a sibling binary (`slate-node`, `slate-meta`) next to this executable,
-/// falling back to `$PATH`.
-pub fn sibling_binary(name: &str) -> PathBuf {
-    if let Ok(me) = std::env::current_exe() {
-        if let Some(dir) = me.parent() {
-            for d in [Some(dir), dir.parent()].into_iter().flatten() {
-                let p = d.join(name);
-                if p.is_file() {
-                    return p;
-                }
-            }
-        }
-    }
-    PathBuf::from(name)
-}
