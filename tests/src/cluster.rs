@@ -384,10 +384,12 @@ pub fn qemu_io(uri: &str, cmds: &[String]) -> Output {
     qemu_io_with(&[], uri, cmds)
 }
 
-/// Runs `qemu-io -f raw EXTRA...` (e.g. `-r` for a read-only export) with `-c` commands against `uri`.
+/// Runs `qemu-io -f raw EXTRA...` (e.g. `-r` for a read-only export) with `-c` commands against `uri`,
+/// killed after 5 minutes (exit status 124).
 pub fn qemu_io_with(extra: &[&str], uri: &str, cmds: &[String]) -> Output {
-    let mut c = Command::new("qemu-io");
-    c.arg("-f").arg("raw").args(extra);
+    // Under `timeout`, so that a server that stops answering fails the test instead of hanging it.
+    let mut c = Command::new("timeout");
+    c.args(["--kill-after=10", "300", "qemu-io", "-f", "raw"]).args(extra);
     for cmd in cmds {
         c.arg("-c").arg(cmd);
     }
