@@ -120,4 +120,11 @@ fn forced_attach_fences_the_first_client() {
         "the second attach did not stop cleanly: {status:?}\n{}",
         second_log()
     );
+
+    // With the second client gone (detached), the first is still fenced.
+    let (failed, text) = try_writes(&first, 0x55, &offs);
+    assert_eq!(failed, offs.len(), "the fenced client wrote after the new holder detached:\n{text}");
+    eprintln!("after the second detached: attachments {}", cluster.volume_show("demo")["attachments"]);
+    let cmp = compare_replicas(&cluster, "demo");
+    assert!(cmp.differences.is_empty(), "replicas differ at {:?}", &cmp.differences[..cmp.differences.len().min(20)]);
 }
