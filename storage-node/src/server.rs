@@ -276,7 +276,19 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<Ctx>, mut shutdown: watch:
         let arrived = Instant::now();
         tokio::spawn(async move {
             deps.wait().await;
-            let (reply, block_bytes) = execute(&ctx.engine, req).await;
+            // Re-check the generation under the volume's fence: a takeover that
+            // happened while this request waited must refuse it (see GenerationTable).
+            let (reply, block_bytes) = match req.target() {
+                Some(t) => {
+                    let fence = ctx.gens.fence(t.volume);
+                    let _shared = fence.read().await;
+                    match ctx.gens.check(t.volume, t.generation) {
+                        Ok(()) => execute(&ctx.engine, req).await,
+                        Err(e) => (Reply::Error(e), 0),
+                    }
+                }
+                None => execute(&ctx.engine, req).await,
+            };
             drop(done);
             let error = match &reply {
                 Reply::Error(e) => Some(e.kind),
@@ -307,8 +319,13 @@ async fn hello(ctx: &Ctx, req: &Request) -> Result<(Session, Reply), WireError> 
     };
     let s = session::open(*version, capability, &ctx.opts.verifying_key, ctx.opts.node_id, now_unix_secs())?;
     let (volume, generation) = (s.claims.volume, s.claims.generation);
-    ctx.engine.check_generation(volume, generation).await.map_err(|e| e.to_wire())?;
-    ctx.gens.raise(volume, generation);
+    {
+        // Exclusive: waits for admitted requests of older generations to land.
+        let fence = ctx.gens.fence(volume);
+        let _exclusive = fence.write().await;
+        ctx.engine.check_generation(volume, generation).await.map_err(|e| e.to_wire())?;
+        ctx.gens.raise(volume, generation);
+    }
     ctx.metrics.sessions_opened.inc();
     ctx.metrics.sessions_active.inc();
     info!(%volume, %generation, rights = ?s.claims.rights, expires = s.claims.expires_unix_secs, "session opened");

@@ -31,9 +31,17 @@ use tokio::sync::watch;
 /// goes through the engine's durable check first and then raises this table,
 /// so a per-request lookup here refuses exactly what the engine would refuse,
 /// without a round trip to the engine thread on every request.
+///
+/// A per-volume *fence* closes the race between a takeover and requests that
+/// were admitted under the older generation: every request holds the fence
+/// shared from its final generation check until the engine has finished it,
+/// and a hello raising the generation holds it exclusively. So a takeover
+/// completes only after every older request already admitted has landed, and
+/// no request of the older generation is admitted after it.
 #[derive(Debug, Default)]
 pub struct GenerationTable {
     highest: Mutex<HashMap<VolumeId, Generation>>,
+    fences: Mutex<HashMap<VolumeId, std::sync::Arc<tokio::sync::RwLock<()>>>>,
 }
 
 impl GenerationTable {
@@ -47,6 +55,23 @@ impl GenerationTable {
     /// The highest admitted generation of `volume`, if any session opened for it.
     pub fn highest(&self, volume: VolumeId) -> Option<Generation> {
         self.highest.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&volume).copied()
+    }
+
+    /// The fence of `volume` (see the type's docs).
+    pub fn fence(&self, volume: VolumeId) -> std::sync::Arc<tokio::sync::RwLock<()>> {
+        let mut f = self.fences.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::sync::Arc::clone(f.entry(volume).or_default())
+    }
+
+    /// Refuses `generation` of `volume` if a newer one has been admitted.
+    pub fn check(&self, volume: VolumeId, generation: Generation) -> Result<(), WireError> {
+        match self.highest(volume) {
+            Some(highest) if generation < highest => Err(WireError::new(
+                ErrorKind::StaleGeneration,
+                format!("{generation} is fenced: {volume} has attached {highest}"),
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
