@@ -302,6 +302,17 @@ impl Cluster {
 
     /// Stops `slate up` with SIGTERM, checks it exited cleanly and that every process it listed is gone.
     pub fn stop(&mut self) {
+        self.stop_with(Signal::TERM);
+    }
+
+    /// The pid of `slate up` itself.
+    pub fn up_pid(&self) -> u32 {
+        self.up.as_ref().map_or(0, ProcessGuard::pid)
+    }
+
+    /// Stops `slate up` with `sig` (SIGTERM or SIGINT), checks it exited cleanly and that every process it
+    /// listed is gone.
+    pub fn stop_with(&mut self, sig: Signal) {
         let Some(mut up) = self.up.take() else { return };
         let pids: Vec<(String, u32)> = self
             .info
@@ -309,7 +320,7 @@ impl Cluster {
             .map(|i| i.processes.iter().map(|p| (format!("{} {}", p.role, p.id), p.pid)).collect())
             .unwrap_or_default();
         let started = Instant::now();
-        let status = up.stop_with(Signal::TERM, Duration::from_mins(1) + Duration::from_secs(30));
+        let status = up.stop_with(sig, Duration::from_mins(1) + Duration::from_secs(30));
         eprintln!("[cluster] slate up stopped in {:.1} s: {status:?}", started.elapsed().as_secs_f64());
         let deadline = Instant::now() + Duration::from_secs(15);
         let mut left: Vec<(String, u32)> = pids;
@@ -321,7 +332,7 @@ impl Cluster {
         let ok = status.is_some_and(|s| s.success());
         if (!ok || !left.is_empty()) && !std::thread::panicking() {
             self.dump_logs();
-            assert!(ok, "slate up did not exit cleanly on SIGTERM: {status:?}");
+            assert!(ok, "slate up did not exit cleanly on {sig:?}: {status:?}");
             panic!("processes still alive after slate up stopped: {left:?}");
         }
         assert!(!self.cluster_json_path().exists() || std::thread::panicking(), "cluster.json left behind");
