@@ -9,6 +9,13 @@
 //! index), bounds the bytes in flight with a semaphore, and exchanges
 //! messages with the actor.
 //!
+//! Memory is bounded: an operation enters only with an op slot
+//! (`max_in_flight_ops`) and a share of `max_in_flight_bytes`, both held until
+//! it completes. A write's ciphertext is one buffer shared by every replica's
+//! request until each session encodes its own frame, so the data in flight is
+//! at most `max_in_flight_bytes x (1 + R)`; the range-lock table and the
+//! actor's per-operation state grow with the op count only.
+//!
 //! Layout of the module:
 //!
 //! | file | what |
