@@ -28,7 +28,7 @@ use super::meta::{
     Catalog, ChunkPage, ExtentEntry, ExtentState, ExtentTable, LayerMeta, PageCache, SegMeta, CACHE_ENTRY_BYTES,
     MAX_LAYERS,
 };
-use super::uring::{AlignedBuf, Disk, Io, ALIGN};
+use super::uring::{AlignedBuf, AsyncRing, Completion, Disk, Fsync, Io, Waker, ALIGN};
 use super::{Cmd, EngineError, EngineOptions, ReadResult, Reply, StatsCell, HEAD_EPOCH};
 use bytes::Bytes;
 use slate_protocol::{BlockIndex, BlockRange, Epoch, Generation, NodeId, SegmentIndex, VolumeId};
@@ -57,8 +57,8 @@ const MAX_VOLUMES: usize = 1 << 16;
 const PIN_BUDGET_PAGES: usize = 640;
 /// Data bytes (write and read buffers) one batch may hold.
 const MAX_BATCH_DATA_BYTES: usize = 64 << 20;
-/// Extra records pending from background work before they are flushed on their own.
-const PENDING_FLUSH_RECORDS: usize = 256;
+/// Background records that are committed on their own once this many are pending.
+const PENDING_FLUSH_RECORDS: usize = 512;
 
 /// A failpoint that simulates a crash: true if configured (feature `failpoints`).
 fn crash_point(name: &str) -> bool {
@@ -67,35 +67,85 @@ fn crash_point(name: &str) -> bool {
     false
 }
 
+/// What a queued command replies once its commit is durable.
 #[derive(Debug)]
-enum Done {
-    Unit(Reply<()>, Result<(), EngineError>),
-    Write { tx: Reply<()>, buf: AlignedBuf, parts: Vec<(u64, usize, usize)> },
-    Read { tx: Reply<ReadResult>, buf: AlignedBuf, parts: Vec<(u64, usize, usize)>, written: Vec<u8>, crcs: Vec<u32> },
-    ReadErr(Reply<ReadResult>, EngineError),
-    Ranges(Reply<Vec<BlockRange>>, Result<Vec<BlockRange>, EngineError>),
-    Bitmap(Reply<Vec<u8>>, Result<Vec<u8>, EngineError>),
-    Epochs(Reply<Vec<Epoch>>, Result<Vec<Epoch>, EngineError>),
+enum ItemReply {
+    /// Background records (zeroer, lazy intent clears): nobody waits.
+    None,
+    Unit(Reply<()>),
+    Ranges(Reply<Vec<BlockRange>>, Vec<BlockRange>),
+    Bitmap(Reply<Vec<u8>>, Vec<u8>),
+    Epochs(Reply<Vec<Epoch>>, Vec<Epoch>),
 }
 
+/// The data I/O of a queued write.
+#[derive(Debug)]
+enum DataState {
+    None,
+    /// Waiting for the commit of its write-intent item (`after`).
+    Deferred {
+        buf: AlignedBuf,
+        parts: Vec<(bool, u64, usize, usize)>,
+        after: u64,
+        range: (VolumeId, u64, u64),
+    },
+    InFlight {
+        range: (VolumeId, u64, u64),
+    },
+    Done,
+}
+
+/// A planned command between planning and its durable reply, in arrival order.
+#[derive(Debug)]
+struct Item {
+    seq: u64,
+    records: Vec<Record>,
+    record_bytes: usize,
+    reply: ItemReply,
+    data: DataState,
+    /// Volume blocks this uncommitted write covers (for ordering overlapping requests).
+    range: Option<(VolumeId, u64, u64)>,
+    io_err: Option<String>,
+}
+
+/// The commit in flight: one journal entry and its fdatasync.
+#[derive(Debug)]
+struct Commit {
+    items: Vec<Item>,
+    lsn: u64,
+    at: u64,
+    nblocks: u64,
+    last_seq: u64,
+    epoch: u64,
+    /// The entry is written (and, if `drained`, synced).
+    entry_done: bool,
+    drained: bool,
+    /// Items of this commit whose data is still being written.
+    data_pending: usize,
+    fsync_started: bool,
+}
+
+/// A read in flight.
+#[derive(Debug)]
+struct ReadOp {
+    tx: Reply<ReadResult>,
+    written: Vec<u8>,
+    crcs: Vec<u32>,
+    range: (VolumeId, u64, u64),
+    extents: Vec<u32>,
+}
+
+const COMMIT_TOKEN: u64 = 1 << 63;
+const COMMIT_FSYNC_TOKEN: u64 = COMMIT_TOKEN | 1;
+const READ_TOKEN: u64 = 1 << 62;
+
+/// What planning one command produced: journal records, and write-intent records
+/// that must be durable before the command's data may reach the disk.
 #[derive(Debug, Default)]
 struct Batch {
     records: Vec<Record>,
     intent_records: Vec<Record>,
     record_bytes: usize,
-    dones: Vec<Done>,
-    /// Volume block ranges with data I/O in this batch: (volume, start, end, is_write).
-    touched: Vec<(VolumeId, u64, u64, bool)>,
-    has_writes: bool,
-    /// Data bytes (writes and reads) the batch holds in buffers.
-    data_bytes: usize,
-    checkpoints: Vec<Reply<()>>,
-}
-
-impl Batch {
-    fn conflicts(&self, volume: VolumeId, start: u64, end: u64, write: bool) -> bool {
-        self.touched.iter().any(|&(v, s, e, w)| v == volume && s < end && start < e && (w || write))
-    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -155,8 +205,27 @@ pub(crate) struct Core {
     segments_changed: bool,
     failed: Option<String>,
     crashed: bool,
-    unsynced_pages: bool,
     replaying: bool,
+    ring: AsyncRing,
+    waker: Arc<Waker>,
+    /// Commands waiting to be planned (arrival order).
+    queue: VecDeque<Cmd>,
+    /// Planned commands waiting for their commit (arrival order).
+    fifo: VecDeque<Item>,
+    fifo_record_bytes: usize,
+    committing: Option<Commit>,
+    reads: HashMap<u64, ReadOp>,
+    /// In-flight reads per extent (the zeroer leaves those extents alone).
+    read_extents: HashMap<u32, u32>,
+    inflight_data_bytes: usize,
+    next_seq: u64,
+    /// The command being planned (pins the pages it changes).
+    cur_seq: u64,
+    committed_seq: u64,
+    /// Chunk pages written home since the last fdatasync, with the fsync epoch then.
+    evicted_unsynced: HashMap<u64, u64>,
+    fsync_epoch: u64,
+    want_checkpoint: bool,
     last_ckpt: Instant,
     last_intent_scan: Instant,
     waiters: Vec<(Reply<bool>, Instant)>,
@@ -170,7 +239,7 @@ impl Core {
         opts: EngineOptions,
         stats: Arc<StatsCell>,
         segments_pub: SegList,
-    ) -> Result<(Self, NodeId), EngineError> {
+    ) -> Result<(Self, NodeId, Arc<Waker>), EngineError> {
         let mut disk = Disk::open(path)?;
         let sb = read_superblock(&mut disk)?;
         if sb.total_blocks * BLOCK > disk.size_bytes() {
@@ -245,6 +314,8 @@ impl Core {
         stats.extents_total.store(sb.extent_count, Ordering::Relaxed);
         let node_id = sb.node_id;
         let now = Instant::now();
+        let waker = Arc::new(Waker::new()?);
+        let ring = AsyncRing::new(&disk, Arc::clone(&waker))?;
         let mut core = Core {
             disk,
             opts,
@@ -271,8 +342,22 @@ impl Core {
             segments_changed: true,
             failed: None,
             crashed: false,
-            unsynced_pages: false,
             replaying: true,
+            ring,
+            waker: Arc::clone(&waker),
+            queue: VecDeque::new(),
+            fifo: VecDeque::new(),
+            fifo_record_bytes: 0,
+            committing: None,
+            reads: HashMap::new(),
+            read_extents: HashMap::new(),
+            inflight_data_bytes: 0,
+            next_seq: 0,
+            cur_seq: 0,
+            committed_seq: 0,
+            evicted_unsynced: HashMap::new(),
+            fsync_epoch: 0,
+            want_checkpoint: false,
             last_ckpt: now,
             last_intent_scan: now,
             waiters: Vec::new(),
@@ -296,7 +381,7 @@ impl Core {
             core.fold_layer(key, layer)?;
         }
         core.publish();
-        Ok((core, node_id))
+        Ok((core, node_id, waker))
     }
 
     /// Rebuilds the free list, the zeroer queue and the layer maps from the extent
@@ -394,9 +479,9 @@ impl Core {
             self.journal.advance(at, n);
             replayed += 1;
         }
-        if self.unsynced_pages {
+        if !self.evicted_unsynced.is_empty() {
             self.disk.sync()?;
-            self.unsynced_pages = false;
+            self.evicted_unsynced.clear();
         }
         if replayed > 0 {
             tracing::info!(entries = replayed, last_lsn = self.durable_lsn, "journal replayed");
@@ -487,8 +572,15 @@ impl Core {
             if c.dirty {
                 let slot = 1 - c.newest_slot;
                 let buf = c.page.encode(MAGIC_CHUNK, self.sb.nonce, victim, self.durable_lsn);
+                if self.evicted_unsynced.contains_key(&victim) {
+                    // Its other slot was written since the last fdatasync: make that one
+                    // stable before overwriting this one.
+                    self.disk.sync()?;
+                    self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+                    self.evicted_unsynced.clear();
+                }
                 self.disk.write_at(Superblock::off(self.sb.chunk_page_block(victim, slot)), &buf)?;
-                self.unsynced_pages = true;
+                self.evicted_unsynced.insert(victim, self.fsync_epoch);
             }
             self.cache.remove(victim);
             self.stats.metadata_page_evictions.fetch_add(1, Ordering::Relaxed);
@@ -500,7 +592,7 @@ impl Core {
     fn drop_cached_pages(&mut self, extent: u32) {
         for p in 0..self.sb.pages_per_extent {
             let page = u64::from(extent) * self.sb.pages_per_extent + p;
-            if self.cache.peek(page).is_some_and(|c| !c.pinned) {
+            if self.cache.peek(page).is_some_and(|c| !c.pinned()) {
                 self.cache.remove(page);
             }
         }
@@ -658,7 +750,7 @@ impl Core {
                 for (i, crc) in crcs.iter().enumerate() {
                     let (page, idx) = self.page_of(*extent, offset + i as u32);
                     self.load_page(page)?;
-                    if let Some(p) = self.cache.modify(page) {
+                    if let Some(p) = self.cache.modify(page, if self.replaying { 0 } else { self.cur_seq }) {
                         p.set_written(idx, *crc);
                     }
                 }
@@ -670,7 +762,7 @@ impl Core {
                 for i in 0..*count {
                     let (page, idx) = self.page_of(*extent, offset + i);
                     self.load_page(page)?;
-                    if let Some(p) = self.cache.modify(page) {
+                    if let Some(p) = self.cache.modify(page, if self.replaying { 0 } else { self.cur_seq }) {
                         if *zero {
                             p.set_zero(idx);
                         } else {
@@ -747,12 +839,13 @@ impl Core {
     /// Writes `pending + records` as one entry and makes it durable (data I/O, if
     /// any, must already be complete and synced by the caller when it matters).
     fn commit_records(&mut self, records: Vec<Record>) -> Result<(), EngineError> {
+        debug_assert!(self.fifo.is_empty() && self.committing.is_none(), "sync commit with a busy pipeline");
         let mut all = std::mem::take(&mut self.pending);
         all.extend(records);
         if all.is_empty() {
-            if self.unsynced_pages {
+            if !self.evicted_unsynced.is_empty() {
                 self.disk.sync()?;
-                self.unsynced_pages = false;
+                self.evicted_unsynced.clear();
             }
             return Ok(());
         }
@@ -768,8 +861,9 @@ impl Core {
         }
         self.journal.advance(at, n);
         self.durable_lsn = lsn;
-        self.unsynced_pages = false;
-        self.cache.unpin_all();
+        self.evicted_unsynced.clear();
+        self.committed_seq = self.committed_seq.max(self.cur_seq);
+        self.cache.unpin_upto(u64::MAX);
         Ok(())
     }
 
@@ -850,7 +944,7 @@ impl Core {
         self.ckpt = ckpt;
         self.journal.tail = self.journal.head;
         self.journal.tail_lsn = self.journal.next_lsn;
-        self.unsynced_pages = false;
+        self.evicted_unsynced.clear();
         self.last_ckpt = Instant::now();
         self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         self.stats.fsyncs.fetch_add(2, Ordering::Relaxed);
@@ -906,7 +1000,9 @@ impl Core {
                 // Only extents whose release is durable: an unacknowledged release must
                 // not destroy data that a crash would bring back.
                 let durable = self.durable_lsn;
-                let pos = self.dirty.iter().position(|e| self.dirty_at.get(e).is_none_or(|l| *l <= durable));
+                let pos = self.dirty.iter().position(|e| {
+                    self.dirty_at.get(e).is_none_or(|l| *l <= durable) && !self.read_extents.contains_key(e)
+                });
                 let Some(extent) = pos.and_then(|p| self.dirty.remove(p)) else { return Ok(false) };
                 self.dirty_at.remove(&extent);
                 let st = self.et.get(extent).map(|e| e.state);
@@ -1015,41 +1111,41 @@ impl Core {
 
     // ----- the thread -----
 
-    /// The engine thread's loop.
+    /// The engine thread's event loop.
     pub fn run(mut self, rx: &mpsc::Receiver<Cmd>) -> Result<(), EngineError> {
-        let mut queue: VecDeque<Cmd> = VecDeque::new();
+        let mut shutting_down = false;
+        let mut completions: Vec<Completion> = Vec::new();
         loop {
-            if queue.is_empty() {
-                let timeout = self.idle_timeout();
-                match rx.recv_timeout(timeout) {
-                    Ok(c) => queue.push_back(c),
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(mpsc::RecvTimeoutError::Disconnected) => queue.push_back(Cmd::Shutdown),
-                }
-            }
-            while queue.len() < self.opts.max_batch_commands.max(1) {
-                match rx.try_recv() {
-                    Ok(c) => queue.push_back(c),
-                    Err(_) => break,
-                }
-            }
-            if queue.iter().any(|c| matches!(c, Cmd::Crash)) {
-                return Ok(());
-            }
-            if let Some(pos) = queue.iter().position(|c| matches!(c, Cmd::Shutdown)) {
-                queue.truncate(pos);
-                while !queue.is_empty() {
-                    self.run_batch(&mut queue);
-                    if self.crashed {
-                        return Ok(());
+            // Intake.
+            if !shutting_down {
+                loop {
+                    match rx.try_recv() {
+                        Ok(Cmd::Crash) => return Ok(()),
+                        Ok(Cmd::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => {
+                            shutting_down = true;
+                            break;
+                        }
+                        Ok(c) => self.queue.push_back(c),
+                        Err(mpsc::TryRecvError::Empty) => break,
                     }
                 }
-                return self.shutdown();
             }
-            if !queue.is_empty() {
-                self.run_batch(&mut queue);
+            self.plan_queue();
+            if self.crashed {
+                return Ok(());
+            }
+            self.submit_deferred();
+            self.try_commit();
+            if self.crashed {
+                return Ok(());
+            }
+            if self.pipeline_idle() {
+                self.run_drained_work();
                 if self.crashed {
                     return Ok(());
+                }
+                if shutting_down && self.queue.is_empty() && self.pipeline_idle() {
+                    return self.shutdown();
                 }
             }
             if let Err(e) = self.background() {
@@ -1058,10 +1154,59 @@ impl Core {
             if self.crashed {
                 return Ok(());
             }
+            self.try_commit();
+            // Wait for completions, a new command or the next background deadline.
+            let timeout = self.wait_timeout(shutting_down);
+            let blocking = !timeout.is_zero();
+            if blocking && !shutting_down {
+                self.waker.set_sleeping(true);
+                match rx.try_recv() {
+                    Ok(c) => {
+                        self.waker.set_sleeping(false);
+                        match c {
+                            Cmd::Crash => return Ok(()),
+                            Cmd::Shutdown => shutting_down = true,
+                            c => self.queue.push_back(c),
+                        }
+                        continue;
+                    }
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        self.waker.set_sleeping(false);
+                        shutting_down = true;
+                        continue;
+                    }
+                    Err(mpsc::TryRecvError::Empty) => {}
+                }
+            }
+            let res = self.ring.wait(Some(timeout), &mut completions);
+            self.waker.set_sleeping(false);
+            if let Err(e) = res {
+                let _ = self.fail(format!("io_uring wait failed: {e}"));
+            }
+            for c in completions.drain(..) {
+                self.complete(c);
+                if self.crashed {
+                    return Ok(());
+                }
+            }
         }
     }
 
-    fn idle_timeout(&mut self) -> Duration {
+    /// No command is between planning and its durable reply, and no read is in flight.
+    fn pipeline_idle(&self) -> bool {
+        self.fifo.is_empty() && self.committing.is_none() && self.reads.is_empty()
+    }
+
+    /// How long the loop may block: not at all if something can be done now.
+    fn wait_timeout(&mut self, shutting_down: bool) -> Duration {
+        let plannable = self.queue.front().is_some_and(|c| self.can_plan(c));
+        if plannable || (shutting_down && self.pipeline_idle()) {
+            return Duration::ZERO;
+        }
+        if self.pipeline_idle() && self.queue.front().is_some() {
+            return Duration::ZERO;
+        }
+        let mut t = Duration::from_millis(500);
         if self.has_zero_work() && self.failed.is_none() {
             self.refill_tokens();
             if self.zero_tokens >= ZERO_STEP_BYTES as f64 {
@@ -1069,16 +1214,532 @@ impl Core {
             }
             let rate = self.opts.zero_rate_bytes_per_sec.max(1) as f64;
             let wait = (ZERO_STEP_BYTES as f64 - self.zero_tokens) / rate;
-            return Duration::from_secs_f64(wait.clamp(0.001, 0.5));
+            t = t.min(Duration::from_secs_f64(wait.clamp(0.0005, 0.5)));
         }
-        if !self.pending.is_empty() || self.unsynced_pages || !self.waiters.is_empty() {
-            return Duration::from_millis(10);
+        if !self.pending.is_empty() || !self.waiters.is_empty() || !self.evicted_unsynced.is_empty() {
+            t = t.min(Duration::from_millis(5));
         }
-        Duration::from_millis(500)
+        if self.ring.busy() > 0 && t > Duration::from_millis(100) {
+            // Completions wake the wait; the bound only keeps timers honest.
+            t = Duration::from_millis(100);
+        }
+        t
     }
 
-    /// Work between batches: a zeroer step, lazy intent clearing, flushing pending
-    /// records, checkpoints, answering zero waiters.
+    /// Whether the command at the head of the queue can be planned now: it does not
+    /// overlap blocks with uncommitted writes (or, for a write, in-flight reads), and
+    /// the pipeline has room.
+    fn can_plan(&self, cmd: &Cmd) -> bool {
+        if self.want_checkpoint {
+            return false;
+        }
+        if self.fifo.len() >= self.opts.max_batch_commands.max(1) * 2
+            || self.inflight_data_bytes >= MAX_BATCH_DATA_BYTES
+            || self.fifo_record_bytes >= self.max_entry_bytes * 2
+            || self.cache.pinned_count() + PIN_BUDGET_PAGES > self.cache.cap()
+        {
+            return false;
+        }
+        let overlaps_write = |v: VolumeId, s: u64, e: u64| {
+            self.fifo
+                .iter()
+                .chain(self.committing.iter().flat_map(|c| c.items.iter()))
+                .filter_map(|i| i.range)
+                .any(|(iv, is, ie)| iv == v && is < e && s < ie)
+        };
+        let overlaps_read =
+            |v: VolumeId, s: u64, e: u64| self.reads.values().any(|r| r.range.0 == v && r.range.1 < e && s < r.range.2);
+        match cmd {
+            Cmd::Write { volume, start, crcs, .. } => {
+                let end = start.0.saturating_add(crcs.len() as u64);
+                !overlaps_write(*volume, start.0, end) && !overlaps_read(*volume, start.0, end)
+            }
+            Cmd::Read { volume, start, count, .. } => {
+                !overlaps_write(*volume, start.0, start.0.saturating_add(u64::from(*count)))
+            }
+            // These run alone, with the pipeline drained.
+            Cmd::DeleteLayer { .. } | Cmd::Checkpoint { .. } => false,
+            _ => true,
+        }
+    }
+
+    fn plan_queue(&mut self) {
+        while let Some(cmd) = self.queue.front() {
+            if !self.can_plan(cmd) {
+                break;
+            }
+            let Some(cmd) = self.queue.pop_front() else { break };
+            self.plan(cmd);
+            if self.crashed {
+                return;
+            }
+        }
+    }
+
+    fn new_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.cur_seq = self.next_seq;
+        self.next_seq
+    }
+
+    /// Appends a planned command to the commit queue.
+    fn push_item(&mut self, seq: u64, records: Vec<Record>, record_bytes: usize, reply: ItemReply, data: DataState) {
+        let range = match &data {
+            DataState::Deferred { range, .. } | DataState::InFlight { range } => Some(*range),
+            DataState::None | DataState::Done => None,
+        };
+        self.fifo_record_bytes += record_bytes;
+        self.fifo.push_back(Item { seq, records, record_bytes, reply, data, range, io_err: None });
+    }
+
+    /// Records emitted by a command that then failed still have to be journaled.
+    fn salvage(&mut self, b: Batch) {
+        self.pending.extend(b.intent_records);
+        self.pending.extend(b.records);
+    }
+
+    fn plan(&mut self, cmd: Cmd) {
+        let failed = self.failed.clone().map(EngineError::Failed);
+        let seq = self.new_seq();
+        let mut b = Batch::default();
+        match cmd {
+            Cmd::Write { volume, start, crcs, data, tx } => {
+                if let Some(e) = failed {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+                match self.plan_write(&mut b, volume, start, &crcs, &data) {
+                    Ok((buf, parts)) => {
+                        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+                        self.stats.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        let range = (volume, start.0, start.0 + crcs.len() as u64);
+                        let parts: Vec<(bool, u64, usize, usize)> =
+                            parts.into_iter().map(|(off, s, e)| (true, off, s, e)).collect();
+                        if b.intent_records.is_empty() {
+                            self.inflight_data_bytes += buf.len();
+                            self.ring.start(seq, buf, &parts, Fsync::No);
+                            self.push_item(
+                                seq,
+                                b.records,
+                                b.record_bytes,
+                                ItemReply::Unit(tx),
+                                DataState::InFlight { range },
+                            );
+                        } else {
+                            // The intent must be durable before any of the data can reach the disk.
+                            let intents = std::mem::take(&mut b.intent_records);
+                            let n = intents.len() * 24;
+                            self.push_item(seq, intents, n, ItemReply::None, DataState::None);
+                            let wseq = self.new_seq();
+                            self.push_item(
+                                wseq,
+                                b.records,
+                                b.record_bytes,
+                                ItemReply::Unit(tx),
+                                DataState::Deferred { buf, parts, after: seq, range },
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        self.salvage(b);
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            }
+            Cmd::Read { volume, epoch, start, count, tx } => match self.plan_read(volume, epoch, start, count) {
+                Ok((buf, parts, written, crcs)) => {
+                    self.stats.reads.fetch_add(1, Ordering::Relaxed);
+                    self.stats.bytes_read.fetch_add(u64::from(count) * BLOCK, Ordering::Relaxed);
+                    if parts.is_empty() {
+                        let len = crcs.len() * ALIGN;
+                        let _ = tx.send(Ok(ReadResult { written, crcs, data: Bytes::from_owner(buf).slice(0..len) }));
+                        return;
+                    }
+                    let extents: Vec<u32> = parts.iter().map(|p| self.extent_at(p.0)).collect();
+                    for e in &extents {
+                        *self.read_extents.entry(*e).or_insert(0) += 1;
+                    }
+                    let token = READ_TOKEN | seq;
+                    let parts: Vec<(bool, u64, usize, usize)> =
+                        parts.into_iter().map(|(off, s, e)| (false, off, s, e)).collect();
+                    self.inflight_data_bytes += buf.len();
+                    self.ring.start(token, buf, &parts, Fsync::No);
+                    let range = (volume, start.0, start.0 + u64::from(count));
+                    self.reads.insert(token, ReadOp { tx, written, crcs, range, extents });
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            },
+            Cmd::Flush { tx } => match failed {
+                Some(e) => {
+                    let _ = tx.send(Err(e));
+                }
+                None => self.push_item(seq, Vec::new(), 0, ItemReply::Unit(tx), DataState::None),
+            },
+            Cmd::Trim { volume, range, tx } => {
+                let r = match failed {
+                    Some(e) => Err(e),
+                    None => self.plan_trim(&mut b, volume, range),
+                };
+                self.finish_meta(seq, b, tx, r);
+            }
+            Cmd::CheckGeneration { volume, gen, tx } => {
+                let r = self.check_generation(&mut b, volume, gen);
+                self.finish_meta(seq, b, tx, r);
+            }
+            Cmd::AssignSegment { volume, segment, segment_blocks, tx } => {
+                let r = match failed {
+                    Some(e) => Err(e),
+                    None => self.assign(&mut b, volume, segment, segment_blocks),
+                };
+                self.finish_meta(seq, b, tx, r);
+            }
+            Cmd::ReleaseSegment { volume, segment, tx } => {
+                let r = match failed {
+                    Some(e) => Err(e),
+                    None => self.release(&mut b, volume, segment),
+                };
+                self.finish_meta(seq, b, tx, r);
+            }
+            Cmd::Snapshot { volume, epoch, tx } => {
+                let r = match failed {
+                    Some(e) => Err(e),
+                    None => self.snapshot(&mut b, volume, epoch),
+                };
+                self.finish_meta(seq, b, tx, r);
+            }
+            Cmd::ClearIntents { volume, ranges, tx } => {
+                let r = self.clear_intents(&mut b, volume, &ranges);
+                self.finish_meta(seq, b, tx, r);
+            }
+            Cmd::Allocated { volume, range, tx } => match self.allocated(volume, range) {
+                Ok(v) => self.push_item(seq, Vec::new(), 0, ItemReply::Bitmap(tx, v), DataState::None),
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            },
+            Cmd::ChangedBlocks { volume, segment, from, to, tx } => {
+                match self.changed_blocks((volume, segment), from, to) {
+                    Ok(v) => self.push_item(seq, Vec::new(), 0, ItemReply::Ranges(tx, v), DataState::None),
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            }
+            Cmd::Layers { volume, segment, tx } => {
+                match self
+                    .cat
+                    .segments
+                    .get(&(volume, segment))
+                    .map(|s| s.layers.iter().skip(1).map(|l| l.base).collect())
+                {
+                    Some(v) => self.push_item(seq, Vec::new(), 0, ItemReply::Epochs(tx, v), DataState::None),
+                    None => {
+                        let _ = tx.send(Err(EngineError::NotAssigned));
+                    }
+                }
+            }
+            Cmd::WriteIntents { volume, tx } => {
+                let rb = self.opts.intent_region_blocks;
+                let mut out: Vec<BlockRange> = Vec::new();
+                for r in self.cat.intents.get(&volume).into_iter().flatten() {
+                    let start = r * rb;
+                    match out.last_mut() {
+                        Some(last) if last.start.0 + last.count == start => last.count += rb,
+                        _ => out.push(BlockRange { start: BlockIndex(start), count: rb }),
+                    }
+                }
+                self.push_item(seq, Vec::new(), 0, ItemReply::Ranges(tx, out), DataState::None);
+            }
+            Cmd::WaitZeroed { tx, deadline } => self.waiters.push((tx, deadline)),
+            // Never planned here (see can_plan / run_drained_work).
+            Cmd::DeleteLayer { tx, .. } | Cmd::Checkpoint { tx } => {
+                let _ = tx.send(Err(EngineError::Invalid("internal: command needs a drained pipeline".into())));
+            }
+            Cmd::Crash | Cmd::Shutdown => {}
+        }
+    }
+
+    /// A metadata command: its records wait for the next commit, its reply for that commit.
+    fn finish_meta(&mut self, seq: u64, mut b: Batch, tx: Reply<()>, r: Result<(), EngineError>) {
+        match r {
+            Ok(()) => {
+                let mut records = std::mem::take(&mut b.intent_records);
+                records.append(&mut b.records);
+                let bytes = b.record_bytes + records.len() * 16;
+                self.push_item(seq, records, bytes, ItemReply::Unit(tx), DataState::None);
+            }
+            Err(e) => {
+                self.salvage(b);
+                let _ = tx.send(Err(e));
+            }
+        }
+    }
+
+    fn extent_at(&self, disk_offset: u64) -> u32 {
+        ((disk_offset / BLOCK).saturating_sub(self.sb.data_start) / self.sb.extent_blocks) as u32
+    }
+
+    /// Starts the data of writes whose write-intent records are now durable.
+    fn submit_deferred(&mut self) {
+        let committed = self.committed_seq;
+        for i in 0..self.fifo.len() {
+            let ready = matches!(&self.fifo[i].data, DataState::Deferred { after, .. } if *after <= committed);
+            if !ready {
+                continue;
+            }
+            let seq = self.fifo[i].seq;
+            let data = std::mem::replace(&mut self.fifo[i].data, DataState::None);
+            if let DataState::Deferred { buf, parts, range, .. } = data {
+                self.inflight_data_bytes += buf.len();
+                self.ring.start(seq, buf, &parts, Fsync::No);
+                self.fifo[i].data = DataState::InFlight { range };
+            }
+        }
+    }
+
+    /// Starts a commit of the longest prefix of the queue whose data is written: one
+    /// journal entry (background records first, then the prefix's records in arrival
+    /// order) and one fdatasync behind it.
+    fn try_commit(&mut self) {
+        if self.committing.is_some() || self.crashed {
+            return;
+        }
+        let mut n = 0;
+        let mut bytes = 0;
+        for item in &self.fifo {
+            // Data still being written may join: the fdatasync waits for it. Data not yet
+            // submitted (waiting for its intent to be durable) may not.
+            let ready = !matches!(item.data, DataState::Deferred { .. });
+            if !ready || (n > 0 && bytes + item.record_bytes > self.max_entry_bytes) {
+                break;
+            }
+            bytes += item.record_bytes;
+            n += 1;
+        }
+        if n == 0 {
+            // Background records alone (zeroer transitions, lazy intent clears) are
+            // committed in bulk, when the zeroer has nothing left, or by a checkpoint.
+            let flush = self.pending.len() >= PENDING_FLUSH_RECORDS || !self.has_zero_work();
+            if self.pending.is_empty() || !self.fifo.is_empty() || !flush || self.want_checkpoint {
+                return;
+            }
+        }
+        let items: Vec<Item> = self.fifo.drain(..n).collect();
+        self.fifo_record_bytes = self.fifo_record_bytes.saturating_sub(bytes);
+        let last_seq = items.last().map_or(self.committed_seq, |i| i.seq);
+        let mut records = std::mem::take(&mut self.pending);
+        for item in &items {
+            records.extend(item.records.iter().cloned());
+        }
+        if let Some(f) = self.failed.clone() {
+            Self::reply_items(items, Some(&f));
+            return;
+        }
+        let data_pending = items.iter().filter(|i| matches!(i.data, DataState::InFlight { .. })).count();
+        if records.is_empty() && data_pending == 0 {
+            // Only queries and flushes: everything before them is durable already.
+            self.committed_seq = self.committed_seq.max(last_seq);
+            Self::reply_items(items, None);
+            return;
+        }
+        if crash_point("after_data_write_before_journal") {
+            self.crashed = true;
+            return;
+        }
+        let lsn = self.journal.next_lsn;
+        let entry = encode_entry(self.sb.nonce, lsn, &records);
+        let nblocks = (entry.len() / ALIGN) as u64;
+        let Some(at) = self.journal.place(nblocks) else {
+            let j = &self.journal;
+            let why = format!("journal full: entry {nblocks} blocks, head {} tail {} of {}", j.head, j.tail, j.blocks);
+            let f = self.fail(why).to_string();
+            Self::reply_items(items, Some(&f));
+            return;
+        };
+        let offset = self.journal.disk_offset(at);
+        if crash_point("after_journal_before_fsync") {
+            let _ = self.disk.write_at(offset, &entry);
+            self.crashed = true;
+            return;
+        }
+        self.stats.journal_bytes_written.fetch_add(entry.len() as u64, Ordering::Relaxed);
+        let len = entry.len();
+        // With nothing else in flight but this commit's data, the fdatasync can be
+        // drained behind the entry and the data in the same submission.
+        let drained = self.ring.busy() == data_pending;
+        let fsync = if drained { Fsync::Drain } else { Fsync::No };
+        self.ring.start(COMMIT_TOKEN, entry, &[(true, offset, 0, len)], fsync);
+        self.fsync_epoch += 1;
+        self.committing = Some(Commit {
+            items,
+            lsn,
+            at,
+            nblocks,
+            last_seq,
+            epoch: self.fsync_epoch - 1,
+            entry_done: false,
+            drained,
+            data_pending,
+            fsync_started: drained,
+        });
+    }
+
+    /// Starts the commit's fdatasync once its entry and all its data are written.
+    fn maybe_commit_fsync(&mut self) {
+        if let Some(c) = &mut self.committing {
+            if c.entry_done && c.data_pending == 0 && !c.fsync_started {
+                c.fsync_started = true;
+                self.ring.start_fsync(COMMIT_FSYNC_TOKEN);
+            }
+        }
+    }
+
+    fn complete(&mut self, c: Completion) {
+        if c.user == COMMIT_TOKEN {
+            let done = match &mut self.committing {
+                Some(commit) => {
+                    commit.entry_done = true;
+                    commit.drained || c.result.is_err()
+                }
+                None => return,
+            };
+            if done {
+                self.finish_commit(c.result);
+            } else {
+                self.maybe_commit_fsync();
+            }
+        } else if c.user == COMMIT_FSYNC_TOKEN {
+            self.finish_commit(c.result);
+        } else if c.user & READ_TOKEN != 0 {
+            let Some(op) = self.reads.remove(&c.user) else { return };
+            for e in &op.extents {
+                if let Some(n) = self.read_extents.get_mut(e) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.read_extents.remove(e);
+                    }
+                }
+            }
+            let Some(buf) = c.buf else { return };
+            self.inflight_data_bytes = self.inflight_data_bytes.saturating_sub(buf.len());
+            let r = match c.result {
+                Ok(()) => {
+                    let len = op.crcs.len() * ALIGN;
+                    Ok(ReadResult { written: op.written, crcs: op.crcs, data: Bytes::from_owner(buf).slice(0..len) })
+                }
+                Err(e) => Err(EngineError::Io(e)),
+            };
+            let _ = op.tx.send(r);
+        } else {
+            // A write's data.
+            if let Some(buf) = &c.buf {
+                self.inflight_data_bytes = self.inflight_data_bytes.saturating_sub(buf.len());
+            }
+            let err = c.result.err().map(|e| e.to_string());
+            if let Ok(i) = self.fifo.binary_search_by_key(&c.user, |i| i.seq) {
+                self.fifo[i].io_err = err;
+                self.fifo[i].data = DataState::Done;
+            } else if let Some(commit) = &mut self.committing {
+                if let Ok(i) = commit.items.binary_search_by_key(&c.user, |i| i.seq) {
+                    commit.items[i].io_err = err;
+                    commit.items[i].data = DataState::Done;
+                    commit.data_pending -= 1;
+                }
+                self.maybe_commit_fsync();
+            }
+        }
+    }
+
+    fn finish_commit(&mut self, result: std::io::Result<()>) {
+        let Some(commit) = self.committing.take() else { return };
+        self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = result {
+            let f = self.fail(format!("journal commit failed: {e}")).to_string();
+            Self::reply_items(commit.items, Some(&f));
+            return;
+        }
+        self.journal.advance(commit.at, commit.nblocks);
+        self.durable_lsn = commit.lsn;
+        self.committed_seq = self.committed_seq.max(commit.last_seq);
+        self.cache.unpin_upto(commit.last_seq);
+        self.evicted_unsynced.retain(|_, e| *e > commit.epoch);
+        if crash_point("before_ack") {
+            self.crashed = true;
+            return;
+        }
+        self.publish();
+        Self::reply_items(commit.items, None);
+        self.note_cache_size();
+    }
+
+    fn reply_items(items: Vec<Item>, failed: Option<&str>) {
+        for item in items {
+            let err = failed
+                .map(|f| EngineError::Failed(f.to_string()))
+                .or_else(|| item.io_err.map(|e| EngineError::Io(std::io::Error::other(e))));
+            match item.reply {
+                ItemReply::None => {}
+                ItemReply::Unit(tx) => {
+                    let _ = tx.send(err.map_or(Ok(()), Err));
+                }
+                ItemReply::Ranges(tx, v) => {
+                    let _ = tx.send(err.map_or(Ok(v), Err));
+                }
+                ItemReply::Bitmap(tx, v) => {
+                    let _ = tx.send(err.map_or(Ok(v), Err));
+                }
+                ItemReply::Epochs(tx, v) => {
+                    let _ = tx.send(err.map_or(Ok(v), Err));
+                }
+            }
+        }
+    }
+
+    /// Work that needs the pipeline drained: layer folds, explicit and due checkpoints.
+    fn run_drained_work(&mut self) {
+        while self.pipeline_idle() && !self.crashed {
+            match self.queue.front() {
+                Some(Cmd::DeleteLayer { .. }) => {
+                    let Some(Cmd::DeleteLayer { volume, segment, epoch, tx }) = self.queue.pop_front() else { break };
+                    let r = if let Some(f) = self.failed.clone() {
+                        Err(EngineError::Failed(f))
+                    } else {
+                        self.new_seq();
+                        self.delete_layer((volume, segment), epoch)
+                    };
+                    if self.crashed {
+                        return;
+                    }
+                    self.publish();
+                    let _ = tx.send(r);
+                }
+                Some(Cmd::Checkpoint { .. }) => {
+                    let Some(Cmd::Checkpoint { tx }) = self.queue.pop_front() else { break };
+                    let r = match self.failed.clone() {
+                        Some(f) => Err(EngineError::Failed(f)),
+                        None => self.checkpoint(),
+                    };
+                    if self.crashed {
+                        return;
+                    }
+                    let _ = tx.send(r);
+                }
+                _ => break,
+            }
+        }
+        if self.pipeline_idle() && self.want_checkpoint && self.failed.is_none() {
+            if let Err(e) = self.checkpoint() {
+                tracing::warn!(error = %e, "checkpoint failed");
+            }
+        }
+        self.want_checkpoint = false;
+    }
+
+    /// Work between events: a zeroer step, lazy intent clearing, checkpoint triggers,
+    /// syncing evicted pages, answering zero waiters.
     fn background(&mut self) -> Result<(), EngineError> {
         if self.failed.is_some() {
             self.answer_waiters();
@@ -1098,16 +1759,16 @@ impl Core {
             self.last_intent_scan = now;
             self.clear_idle_intents(now)?;
         }
-        let journal_half = self.journal.used() * 2 > self.journal.blocks;
+        let journal_quarter = self.journal.used() * 4 > self.journal.blocks;
         let interval = Duration::from_secs(self.opts.checkpoint_interval_secs.max(1));
-        let something = !self.et.dirty_pages.is_empty() || self.journal.used() > 0 || !self.pending.is_empty();
-        if journal_half || (something && now.duration_since(self.last_ckpt) >= interval) {
-            self.checkpoint()?;
-        } else if self.pending.len() >= PENDING_FLUSH_RECORDS || (!self.has_zero_work() && !self.pending.is_empty()) {
-            self.commit_records(Vec::new())?;
-        } else if self.unsynced_pages {
+        let something = !self.et.dirty_pages.is_empty() || self.journal.used() > 0;
+        if journal_quarter || (something && now.duration_since(self.last_ckpt) >= interval) {
+            self.want_checkpoint = true;
+        }
+        if !self.evicted_unsynced.is_empty() && self.committing.is_none() && self.fifo.is_empty() {
             self.disk.sync()?;
-            self.unsynced_pages = false;
+            self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+            self.evicted_unsynced.clear();
         }
         self.answer_waiters();
         Ok(())
@@ -1117,7 +1778,7 @@ impl Core {
         if self.waiters.is_empty() {
             return;
         }
-        let clean = !self.has_zero_work() && self.pending.is_empty();
+        let clean = !self.has_zero_work() && self.pending.is_empty() && self.zero_job.is_none();
         let now = Instant::now();
         let waiters = std::mem::take(&mut self.waiters);
         for (tx, deadline) in waiters {
@@ -1173,322 +1834,6 @@ impl Core {
         let list: Vec<_> = self.cat.segments.iter().map(|(k, s)| (k.0, k.1, s.blocks)).collect();
         if let Ok(mut g) = self.segments_pub.write() {
             *g = list;
-        }
-    }
-
-    // ----- batches -----
-
-    fn run_batch(&mut self, queue: &mut VecDeque<Cmd>) {
-        let mut b = Batch::default();
-        while let Some(cmd) = queue.front() {
-            if !b.dones.is_empty() || !b.checkpoints.is_empty() {
-                if b.record_bytes > self.max_entry_bytes / 2
-                    || b.data_bytes >= MAX_BATCH_DATA_BYTES
-                    || self.cache.pinned_count() + PIN_BUDGET_PAGES > self.cache.cap()
-                {
-                    break;
-                }
-                let stop = match cmd {
-                    Cmd::Write { volume, start, crcs, .. } => {
-                        b.conflicts(*volume, start.0, start.0.saturating_add(crcs.len() as u64), true)
-                    }
-                    Cmd::Read { volume, start, count, .. } => {
-                        b.conflicts(*volume, start.0, start.0.saturating_add(u64::from(*count)), false)
-                    }
-                    // Layer folds copy data: run them alone.
-                    Cmd::DeleteLayer { .. } => true,
-                    _ => false,
-                };
-                if stop {
-                    break;
-                }
-            }
-            let Some(cmd) = queue.pop_front() else { break };
-            let isolated = matches!(cmd, Cmd::DeleteLayer { .. });
-            self.plan(cmd, &mut b);
-            if self.crashed {
-                return;
-            }
-            if isolated {
-                break;
-            }
-        }
-        self.execute(b);
-        self.publish();
-    }
-
-    fn plan(&mut self, cmd: Cmd, b: &mut Batch) {
-        let failed = self.failed.clone();
-        match cmd {
-            Cmd::Write { volume, start, crcs, data, tx } => {
-                if let Some(f) = failed {
-                    b.dones.push(Done::Unit(tx, Err(EngineError::Failed(f))));
-                    return;
-                }
-                match self.plan_write(b, volume, start, &crcs, &data) {
-                    Ok((buf, parts)) => {
-                        b.touched.push((volume, start.0, start.0 + crcs.len() as u64, true));
-                        b.has_writes = true;
-                        b.data_bytes += data.len();
-                        self.stats.writes.fetch_add(1, Ordering::Relaxed);
-                        self.stats.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
-                        b.dones.push(Done::Write { tx, buf, parts });
-                    }
-                    Err(e) => b.dones.push(Done::Unit(tx, Err(e))),
-                }
-            }
-            Cmd::Read { volume, epoch, start, count, tx } => match self.plan_read(volume, epoch, start, count) {
-                Ok((buf, parts, written, crcs)) => {
-                    b.touched.push((volume, start.0, start.0 + u64::from(count), false));
-                    b.data_bytes += count as usize * ALIGN;
-                    self.stats.reads.fetch_add(1, Ordering::Relaxed);
-                    self.stats.bytes_read.fetch_add(u64::from(count) * BLOCK, Ordering::Relaxed);
-                    b.dones.push(Done::Read { tx, buf, parts, written, crcs });
-                }
-                Err(e) => b.dones.push(Done::ReadErr(tx, e)),
-            },
-            Cmd::Flush { tx } => b.dones.push(Done::Unit(tx, failed.map_or(Ok(()), |f| Err(EngineError::Failed(f))))),
-            Cmd::Trim { volume, range, tx } => {
-                let r = match failed {
-                    Some(f) => Err(EngineError::Failed(f)),
-                    None => self.plan_trim(b, volume, range),
-                };
-                b.dones.push(Done::Unit(tx, r));
-            }
-            Cmd::Allocated { volume, range, tx } => {
-                let r = self.allocated(volume, range);
-                b.dones.push(Done::Bitmap(tx, r));
-            }
-            Cmd::CheckGeneration { volume, gen, tx } => {
-                let r = self.check_generation(b, volume, gen);
-                b.dones.push(Done::Unit(tx, r));
-            }
-            Cmd::AssignSegment { volume, segment, segment_blocks, tx } => {
-                let r = match failed {
-                    Some(f) => Err(EngineError::Failed(f)),
-                    None => self.assign(b, volume, segment, segment_blocks),
-                };
-                b.dones.push(Done::Unit(tx, r));
-            }
-            Cmd::ReleaseSegment { volume, segment, tx } => {
-                let r = match failed {
-                    Some(f) => Err(EngineError::Failed(f)),
-                    None => self.release(b, volume, segment),
-                };
-                b.dones.push(Done::Unit(tx, r));
-            }
-            Cmd::Snapshot { volume, epoch, tx } => {
-                let r = match failed {
-                    Some(f) => Err(EngineError::Failed(f)),
-                    None => self.snapshot(b, volume, epoch),
-                };
-                b.dones.push(Done::Unit(tx, r));
-            }
-            Cmd::ChangedBlocks { volume, segment, from, to, tx } => {
-                let r = self.changed_blocks((volume, segment), from, to);
-                b.dones.push(Done::Ranges(tx, r));
-            }
-            Cmd::DeleteLayer { volume, segment, epoch, tx } => {
-                let r = match failed {
-                    Some(f) => Err(EngineError::Failed(f)),
-                    None => self.delete_layer((volume, segment), epoch),
-                };
-                b.dones.push(Done::Unit(tx, r));
-            }
-            Cmd::Layers { volume, segment, tx } => {
-                let r = self
-                    .cat
-                    .segments
-                    .get(&(volume, segment))
-                    .map(|s| s.layers.iter().skip(1).map(|l| l.base).collect())
-                    .ok_or(EngineError::NotAssigned);
-                b.dones.push(Done::Epochs(tx, r));
-            }
-            Cmd::WriteIntents { volume, tx } => {
-                let rb = self.opts.intent_region_blocks;
-                let mut out: Vec<BlockRange> = Vec::new();
-                for r in self.cat.intents.get(&volume).into_iter().flatten() {
-                    let start = r * rb;
-                    match out.last_mut() {
-                        Some(last) if last.start.0 + last.count == start => last.count += rb,
-                        _ => out.push(BlockRange { start: BlockIndex(start), count: rb }),
-                    }
-                }
-                b.dones.push(Done::Ranges(tx, Ok(out)));
-            }
-            Cmd::ClearIntents { volume, ranges, tx } => {
-                let r = self.clear_intents(b, volume, &ranges);
-                b.dones.push(Done::Unit(tx, r));
-            }
-            Cmd::WaitZeroed { tx, deadline } => self.waiters.push((tx, deadline)),
-            Cmd::Checkpoint { tx } => b.checkpoints.push(tx),
-            Cmd::Crash | Cmd::Shutdown => {}
-        }
-    }
-
-    /// Executes a planned batch: intents entry, then data I/O + journal entry + one sync, then replies.
-    fn execute(&mut self, mut b: Batch) {
-        let mut fatal: Option<String> = None;
-        if !b.intent_records.is_empty() {
-            let recs = std::mem::take(&mut b.intent_records);
-            if let Err(e) = self.commit_records(recs) {
-                fatal = Some(e.to_string());
-            }
-        }
-        let mut records = std::mem::take(&mut self.pending);
-        records.append(&mut b.records);
-        let entry = (!records.is_empty() && fatal.is_none())
-            .then(|| encode_entry(self.sb.nonce, self.journal.next_lsn, &records));
-        let entry_at = entry.as_ref().and_then(|e| self.journal.place((e.len() / ALIGN) as u64));
-        if entry.is_some() && entry_at.is_none() {
-            fatal = Some(self.fail("journal full".into()).to_string());
-        }
-        let sync = fatal.is_none() && (entry.is_some() || b.has_writes || self.unsynced_pages);
-        // Build the I/O list: every data write and read, then the journal entry.
-        let mut owners: Vec<usize> = Vec::new();
-        let mut results: Vec<std::io::Result<()>> = Vec::new();
-        let mut entry_result: Option<std::io::Result<()>> = None;
-        let mut sync_result: Option<std::io::Result<()>> = None;
-        if fatal.is_none() {
-            let mut ios: Vec<Io<'_>> = Vec::new();
-            for (di, d) in b.dones.iter_mut().enumerate() {
-                match d {
-                    Done::Write { buf, parts, .. } => {
-                        for &(off, s, e) in parts.iter() {
-                            ios.push(Io::Write { offset: off, buf: &buf[s..e] });
-                            owners.push(di);
-                        }
-                    }
-                    Done::Read { buf, parts, .. } => {
-                        let mut rest: &mut [u8] = &mut buf[..];
-                        let mut consumed = 0usize;
-                        for &(off, s, e) in parts.iter() {
-                            let (_, tail) = rest.split_at_mut(s - consumed);
-                            let (mine, tail) = tail.split_at_mut(e - s);
-                            ios.push(Io::Read { offset: off, buf: mine });
-                            owners.push(di);
-                            rest = tail;
-                            consumed = e;
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            let n_data = ios.len();
-            if crash_point("after_data_write_before_journal") {
-                // Data reaches the disk, the journal never does.
-                let _ = self.disk.run(&mut ios, false);
-                self.crashed = true;
-                return;
-            }
-            if let (Some(e), Some(at)) = (&entry, entry_at) {
-                ios.push(Io::Write { offset: self.journal.disk_offset(at), buf: e });
-            }
-            if crash_point("after_journal_before_fsync") {
-                let _ = self.disk.run(&mut ios, false);
-                self.crashed = true;
-                return;
-            }
-            let res = self.disk.run(&mut ios, sync);
-            drop(ios);
-            let mut all = res.ios;
-            if all.len() > n_data {
-                entry_result = all.pop();
-            }
-            results = all;
-            sync_result = res.sync;
-            if sync {
-                self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        // Did the metadata become durable?
-        if fatal.is_none() {
-            let entry_ok = entry_result.as_ref().is_none_or(Result::is_ok);
-            let sync_ok = sync_result.as_ref().is_none_or(Result::is_ok);
-            if entry_ok && sync_ok {
-                if let (Some(e), Some(at)) = (&entry, entry_at) {
-                    self.journal.advance(at, (e.len() / ALIGN) as u64);
-                    self.durable_lsn = self.journal.next_lsn - 1;
-                    self.stats.journal_bytes_written.fetch_add(e.len() as u64, Ordering::Relaxed);
-                }
-                self.unsynced_pages = false;
-                self.cache.unpin_all();
-            } else {
-                let why = match (entry_result, sync_result) {
-                    (Some(Err(e)), _) => format!("journal write failed: {e}"),
-                    (_, Some(Err(e))) => format!("fdatasync failed: {e}"),
-                    _ => "batch failed".into(),
-                };
-                fatal = Some(self.fail(why).to_string());
-            }
-        }
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        self.note_cache_size();
-        if crash_point("before_ack") {
-            self.crashed = true;
-            return;
-        }
-        self.publish();
-        // Per-done data I/O errors.
-        let mut io_err: HashMap<usize, String> = HashMap::new();
-        for (i, r) in results.into_iter().enumerate() {
-            if let Err(e) = r {
-                io_err.entry(owners[i]).or_insert_with(|| e.to_string());
-            }
-        }
-        for (di, d) in b.dones.into_iter().enumerate() {
-            let err = io_err.get(&di).map(|e| EngineError::Io(std::io::Error::other(e.clone())));
-            match d {
-                Done::Unit(tx, r) => {
-                    let r = match (&fatal, r) {
-                        (Some(f), Ok(())) => Err(EngineError::Failed(f.clone())),
-                        (_, r) => r,
-                    };
-                    let _ = tx.send(r);
-                }
-                Done::Write { tx, .. } => {
-                    let r = match (&fatal, err) {
-                        (Some(f), _) => Err(EngineError::Failed(f.clone())),
-                        (None, Some(e)) => Err(e),
-                        (None, None) => Ok(()),
-                    };
-                    let _ = tx.send(r);
-                }
-                Done::Read { tx, buf, written, crcs, .. } => {
-                    let r = match (&fatal, err) {
-                        (Some(f), _) => Err(EngineError::Failed(f.clone())),
-                        (None, Some(e)) => Err(e),
-                        (None, None) => {
-                            let len = crcs.len() * ALIGN;
-                            let data = Bytes::from_owner(buf).slice(0..len);
-                            Ok(ReadResult { written, crcs, data })
-                        }
-                    };
-                    let _ = tx.send(r);
-                }
-                Done::ReadErr(tx, e) => {
-                    let _ = tx.send(Err(e));
-                }
-                Done::Ranges(tx, r) => {
-                    let _ = tx.send(r);
-                }
-                Done::Bitmap(tx, r) => {
-                    let _ = tx.send(r);
-                }
-                Done::Epochs(tx, r) => {
-                    let _ = tx.send(r);
-                }
-            }
-        }
-        for tx in b.checkpoints {
-            let r = match &fatal {
-                Some(f) => Err(EngineError::Failed(f.clone())),
-                None => self.checkpoint(),
-            };
-            if self.crashed {
-                return;
-            }
-            let _ = tx.send(r);
         }
     }
 

@@ -385,11 +385,18 @@ pub struct CachedPage {
     pub page: Box<ChunkPage>,
     /// Changed since last written home.
     pub dirty: bool,
-    /// Changed by the batch in progress (not yet durable in the journal): not evictable.
-    pub pinned: bool,
+    /// Sequence number of the last not-yet-durable command that changed it (0: none).
+    /// A pinned page is never written home or evicted.
+    pub pin_seq: u64,
     /// The slot (0/1) holding the newest version on disk; the next write goes to the other.
     pub newest_slot: u8,
     tick: u64,
+}
+
+impl CachedPage {
+    pub fn pinned(&self) -> bool {
+        self.pin_seq != 0
+    }
 }
 
 /// RAM charged per cached page: the page, its entry, and map overheads.
@@ -438,14 +445,17 @@ impl PageCache {
         self.map.get(&page)
     }
 
-    /// Mutable access for a change: marks the page dirty and pinned.
-    pub fn modify(&mut self, page: u64) -> Option<&mut ChunkPage> {
+    /// Mutable access for a change by command `seq`: marks the page dirty and, unless
+    /// `seq` is 0 (a change already durable), pinned until `unpin_upto(seq)`.
+    pub fn modify(&mut self, page: u64, seq: u64) -> Option<&mut ChunkPage> {
         self.touch(page);
         let c = self.map.get_mut(&page)?;
         c.dirty = true;
-        if !c.pinned {
-            c.pinned = true;
-            self.pinned.push(page);
+        if seq != 0 {
+            if c.pin_seq == 0 {
+                self.pinned.push(page);
+            }
+            c.pin_seq = c.pin_seq.max(seq);
         }
         Some(&mut c.page)
     }
@@ -460,7 +470,7 @@ impl PageCache {
 
     pub fn insert(&mut self, page: u64, content: ChunkPage, newest_slot: u8) {
         self.tick += 1;
-        let c = CachedPage { page: Box::new(content), dirty: false, pinned: false, newest_slot, tick: self.tick };
+        let c = CachedPage { page: Box::new(content), dirty: false, pin_seq: 0, newest_slot, tick: self.tick };
         if let Some(old) = self.map.insert(page, c) {
             self.lru.remove(&old.tick);
         }
@@ -469,7 +479,7 @@ impl PageCache {
 
     /// Least recently used page that is not pinned.
     pub fn victim(&self) -> Option<u64> {
-        self.lru.values().copied().find(|p| self.map.get(p).is_some_and(|c| !c.pinned))
+        self.lru.values().copied().find(|p| self.map.get(p).is_some_and(|c| !c.pinned()))
     }
 
     pub fn remove(&mut self, page: u64) -> Option<CachedPage> {
@@ -478,13 +488,17 @@ impl PageCache {
         Some(c)
     }
 
-    /// The batch that changed the pinned pages is durable: they may be evicted again.
-    pub fn unpin_all(&mut self) {
-        for p in self.pinned.drain(..) {
-            if let Some(c) = self.map.get_mut(&p) {
-                c.pinned = false;
+    /// Commands up to `seq` are durable: pages they changed may be written home again.
+    pub fn unpin_upto(&mut self, seq: u64) {
+        let map = &mut self.map;
+        self.pinned.retain(|p| match map.get_mut(p) {
+            Some(c) if c.pin_seq != 0 && c.pin_seq <= seq => {
+                c.pin_seq = 0;
+                false
             }
-        }
+            Some(c) => c.pin_seq != 0,
+            None => false,
+        });
     }
 
     pub fn dirty_pages(&self) -> Vec<u64> {

@@ -358,6 +358,7 @@ pub(crate) enum Cmd {
 #[derive(Debug)]
 pub struct Engine {
     tx: mpsc::Sender<Cmd>,
+    waker: Arc<uring::Waker>,
     thread: Option<JoinHandle<Result<(), EngineError>>>,
 }
 
@@ -365,6 +366,7 @@ pub struct Engine {
 #[derive(Clone, Debug)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Cmd>,
+    waker: Arc<uring::Waker>,
     node_id: NodeId,
     stats: Arc<StatsCell>,
     segments: Arc<RwLock<Vec<(VolumeId, SegmentIndex, u64)>>>,
@@ -376,13 +378,13 @@ impl Engine {
         let stats = Arc::new(StatsCell::default());
         let segments = Arc::new(RwLock::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
-        let (core, node_id) = core::Core::open(path, opts, Arc::clone(&stats), Arc::clone(&segments))?;
+        let (core, node_id, waker) = core::Core::open(path, opts, Arc::clone(&stats), Arc::clone(&segments))?;
         let thread = std::thread::Builder::new()
             .name(format!("slate-engine-{}", path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into())))
             .spawn(move || core.run(&rx))
             .map_err(EngineError::Io)?;
-        let handle = EngineHandle { tx: tx.clone(), node_id, stats, segments };
-        Ok((Engine { tx, thread: Some(thread) }, handle))
+        let handle = EngineHandle { tx: tx.clone(), waker: Arc::clone(&waker), node_id, stats, segments };
+        Ok((Engine { tx, waker, thread: Some(thread) }, handle))
     }
 
     /// Clean stop: queued commands are finished, a checkpoint is written, the disk closed.
@@ -401,6 +403,7 @@ impl Engine {
     fn stop(&mut self, cmd: Cmd) -> Result<(), EngineError> {
         let Some(thread) = self.thread.take() else { return Ok(()) };
         let _ = self.tx.send(cmd);
+        self.waker.notify();
         match thread.join() {
             Ok(r) => r,
             Err(_) => Err(EngineError::Failed("engine thread panicked".into())),
@@ -425,6 +428,7 @@ impl EngineHandle {
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, EngineError> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(make(tx)).map_err(|_| EngineError::ShuttingDown)?;
+        self.waker.notify();
         rx.await.map_err(|_| EngineError::ShuttingDown)?
     }
 

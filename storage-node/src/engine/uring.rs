@@ -323,3 +323,362 @@ impl Disk {
         self.run(&mut [], true).first_error()
     }
 }
+
+/// Wakes the engine thread from another thread: an eventfd that the engine polls
+/// together with its ring's completion eventfd. `notify` writes only when the
+/// engine said it is about to sleep, so a busy engine costs callers no syscall.
+#[derive(Debug)]
+pub struct Waker {
+    fd: std::os::fd::OwnedFd,
+    sleeping: std::sync::atomic::AtomicBool,
+}
+
+impl Waker {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall; returns a new fd or -1.
+        Ok(Self { fd: new_eventfd()?, sleeping: std::sync::atomic::AtomicBool::new(false) })
+    }
+
+    /// Called by a sender after queueing a command.
+    pub fn notify(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.sleeping.load(SeqCst) && self.sleeping.swap(false, SeqCst) {
+            self.kick();
+        }
+    }
+
+    fn kick(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live stack buffer to our eventfd.
+        let _ = unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+
+    /// The engine is about to block: after this, senders kick the eventfd.
+    pub fn set_sleeping(&self, v: bool) {
+        self.sleeping.store(v, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A non-blocking eventfd.
+fn new_eventfd() -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: plain syscall; returns a new fd or -1.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a freshly created descriptor that nothing else owns.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// Empties an eventfd's counter (non-blocking).
+fn drain_eventfd(fd: &std::os::fd::OwnedFd) {
+    let mut b = [0u8; 8];
+    // SAFETY: reads at most 8 bytes into a live stack buffer; EAGAIN when empty is fine.
+    let _ = unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
+}
+
+/// One completed operation of an [`AsyncRing`].
+#[derive(Debug)]
+pub struct Completion {
+    pub user: u64,
+    /// The buffer handed in, returned (None for a bare fsync).
+    pub buf: Option<AlignedBuf>,
+    pub result: io::Result<()>,
+}
+
+#[derive(Debug)]
+struct Part {
+    write: bool,
+    offset: u64,
+    start: usize,
+    end: usize,
+    done: usize,
+}
+
+#[derive(Debug)]
+struct BufOp {
+    user: u64,
+    buf: Option<AlignedBuf>,
+    parts: Vec<Part>,
+    /// Issue an fdatasync once every part is written.
+    fsync: bool,
+    fsync_done: bool,
+    /// A part was resubmitted after a short transfer: sync again once all is done.
+    refsync: bool,
+    outstanding: usize,
+    err: Option<io::Error>,
+}
+
+const FSYNC_PART: u64 = 0xFFFF;
+/// Backlog marker (never in user_data): submit this fsync with IO_DRAIN.
+const DRAIN_BIT: u64 = 1 << 16;
+
+/// Whether (and how) an operation ends with an fdatasync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fsync {
+    No,
+    /// At once, drained behind everything submitted before it.
+    Drain,
+}
+
+/// The engine thread's data-path ring: operations are submitted and complete
+/// independently (reads reply as soon as they finish, writes keep flowing while a
+/// commit's fdatasync is in flight). The ring owns every buffer while the kernel
+/// may use it and hands it back in the [`Completion`]; dropping the ring first
+/// waits for everything in flight, so no buffer is freed under the kernel.
+///
+/// The thread sleeps in poll(2) on two eventfds, the ring's completion eventfd and
+/// the [`Waker`], rather than on an operation armed in the ring: nothing is ever
+/// pending in the ring but real I/O, so IO_DRAIN means what it says.
+pub struct AsyncRing {
+    ring: IoUring,
+    file: File,
+    ops: std::collections::HashMap<u64, BufOp>,
+    next_slot: u64,
+    /// Entries waiting for room in the submission queue: (slot, part index or FSYNC_PART, linked).
+    backlog: std::collections::VecDeque<(u64, u64)>,
+    in_kernel: usize,
+    waker: std::sync::Arc<Waker>,
+    /// Signalled by the kernel for every completion (IORING_REGISTER_EVENTFD).
+    cq_event: std::os::fd::OwnedFd,
+    pub fsyncs: u64,
+}
+
+impl std::fmt::Debug for AsyncRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncRing")
+            .field("ops", &self.ops.len())
+            .field("in_kernel", &self.in_kernel)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AsyncRing {
+    pub fn new(disk: &Disk, waker: std::sync::Arc<Waker>) -> io::Result<Self> {
+        let ring = IoUring::new(RING_ENTRIES * 2)?;
+        let cq_event = new_eventfd()?;
+        ring.submitter().register_eventfd(cq_event.as_raw_fd())?;
+        Ok(Self {
+            ring,
+            file: disk.file.try_clone()?,
+            ops: std::collections::HashMap::new(),
+            next_slot: 1,
+            backlog: std::collections::VecDeque::new(),
+            in_kernel: 0,
+            waker,
+            cq_event,
+            fsyncs: 0,
+        })
+    }
+
+    /// Operations (buffer ops and fsyncs) not yet completed.
+    pub fn busy(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// A bare fdatasync, submitted now; completes as one [`Completion`] without buffer.
+    pub fn start_fsync(&mut self, user: u64) {
+        let slot = self.next_slot;
+        self.next_slot += 1;
+        let op = BufOp {
+            user,
+            buf: None,
+            parts: Vec::new(),
+            fsync: true,
+            fsync_done: false,
+            refsync: false,
+            outstanding: 1,
+            err: None,
+        };
+        self.ops.insert(slot, op);
+        self.backlog.push_back((slot, FSYNC_PART));
+        self.push_backlog();
+    }
+
+    /// Starts reads/writes of `parts` = (write?, disk offset, buffer range) on `buf`,
+    /// then (if `fsync`) one fdatasync once they are done; with `drain` the fdatasync
+    /// is submitted at once with IO_DRAIN, so it also waits for everything submitted
+    /// before it (one round trip instead of two). Completes as one [`Completion`].
+    pub fn start(&mut self, user: u64, buf: AlignedBuf, parts: &[(bool, u64, usize, usize)], fsync: Fsync) {
+        let slot = self.next_slot;
+        self.next_slot += 1;
+        let mut err = None;
+        let parts: Vec<Part> = parts
+            .iter()
+            .map(|&(write, offset, start, end)| {
+                if start >= end
+                    || end > buf.len()
+                    || offset % ALIGN as u64 != 0
+                    || (end - start) % ALIGN != 0
+                    || start % ALIGN != 0
+                {
+                    err = Some(io::Error::new(io::ErrorKind::InvalidInput, "unaligned I/O"));
+                }
+                Part { write, offset, start, end, done: 0 }
+            })
+            .collect();
+        let n = parts.len();
+        let mut op = BufOp {
+            user,
+            buf: Some(buf),
+            parts,
+            fsync: fsync != Fsync::No,
+            fsync_done: false,
+            refsync: false,
+            outstanding: 0,
+            err,
+        };
+        if op.err.is_none() {
+            for i in 0..n {
+                self.backlog.push_back((slot, i as u64));
+                op.outstanding += 1;
+            }
+            if fsync == Fsync::Drain {
+                self.backlog.push_back((slot, FSYNC_PART | DRAIN_BIT));
+                op.outstanding += 1;
+            }
+        }
+        self.ops.insert(slot, op);
+        self.push_backlog();
+    }
+
+    fn push_backlog(&mut self) {
+        let fd = types::Fd(self.file.as_raw_fd());
+        let mut sq = self.ring.submission();
+        while let Some(&(slot, part)) = self.backlog.front() {
+            let Some(op) = self.ops.get_mut(&slot) else {
+                self.backlog.pop_front();
+                continue;
+            };
+            let drain = part & DRAIN_BIT != 0;
+            let part = part & !DRAIN_BIT;
+            let entry = if part == FSYNC_PART {
+                let e = opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build();
+                if drain {
+                    e.flags(squeue::Flags::IO_DRAIN)
+                } else {
+                    e
+                }
+            } else {
+                let p = &op.parts[part as usize];
+                let Some(buf) = op.buf.as_mut() else {
+                    self.backlog.pop_front();
+                    continue;
+                };
+                let rest = &mut buf[p.start + p.done..p.end];
+                let off = p.offset + p.done as u64;
+                if p.write {
+                    opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32).offset(off).build()
+                } else {
+                    opcode::Read::new(fd, rest.as_mut_ptr(), rest.len() as u32).offset(off).build()
+                }
+            }
+            .user_data((slot << 16) | part);
+            // SAFETY: the buffer is owned by `self.ops` until the op's last completion
+            // has been reaped; AlignedBuf's heap memory does not move with the struct.
+            if unsafe { sq.push(&entry) }.is_err() {
+                break;
+            }
+            self.backlog.pop_front();
+            self.in_kernel += 1;
+        }
+    }
+
+    /// Submits what is queued and waits for at least one completion, a wake-up
+    /// through the [`Waker`], or the timeout (None: no timeout). Completed
+    /// operations are appended to `out`.
+    pub fn wait(&mut self, timeout: Option<std::time::Duration>, out: &mut Vec<Completion>) -> io::Result<()> {
+        self.push_backlog();
+        match self.ring.submit() {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted || e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) => return Err(e),
+        }
+        let before = out.len();
+        self.reap(out);
+        if out.len() > before || timeout.is_some_and(|t| t.is_zero()) {
+            return Ok(());
+        }
+        let ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis().max(1)).unwrap_or(i32::MAX));
+        let mut fds = [
+            libc::pollfd { fd: self.cq_event.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: self.waker.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: polls two live descriptors through a stack array of the right length.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        drain_eventfd(&self.cq_event);
+        drain_eventfd(&self.waker.fd);
+        self.reap(out);
+        Ok(())
+    }
+
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        let cqes: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
+        for (ud, res) in cqes {
+            self.in_kernel = self.in_kernel.saturating_sub(1);
+            let slot = ud >> 16;
+            let part = ud & 0xFFFF;
+            let Some(op) = self.ops.get_mut(&slot) else { continue };
+            op.outstanding -= 1;
+            if part == FSYNC_PART {
+                self.fsyncs += 1;
+                op.fsync_done = true;
+                if res < 0 && op.err.is_none() {
+                    op.err = Some(io::Error::from_raw_os_error(-res));
+                }
+            } else {
+                let p = &mut op.parts[part as usize];
+                if res < 0 {
+                    if op.err.is_none() {
+                        op.err = Some(io::Error::from_raw_os_error(-res));
+                    }
+                } else if let Some(moved) = usize::try_from(res).ok().filter(|m| *m > 0) {
+                    p.done += moved;
+                    if p.start + p.done < p.end {
+                        op.outstanding += 1;
+                        op.refsync = op.fsync;
+                        self.backlog.push_back((slot, part));
+                    }
+                } else if op.err.is_none() {
+                    op.err = Some(io::Error::new(io::ErrorKind::UnexpectedEof, "zero-length transfer"));
+                }
+            }
+            // Every part written: the fsync, if asked and not already done after them, goes now.
+            if op.outstanding == 0 && op.fsync && (!op.fsync_done || op.refsync) && op.err.is_none() {
+                op.outstanding += 1;
+                op.refsync = false;
+                op.fsync_done = false;
+                self.backlog.push_back((slot, FSYNC_PART));
+            }
+            if op.outstanding == 0 {
+                if let Some(op) = self.ops.remove(&slot) {
+                    let result = op.err.map_or(Ok(()), Err);
+                    out.push(Completion { user: op.user, buf: op.buf, result });
+                }
+            }
+        }
+        self.push_backlog();
+    }
+}
+
+impl Drop for AsyncRing {
+    fn drop(&mut self) {
+        // Complete the armed eventfd read and wait for everything the kernel still
+        // holds, so that no buffer is freed while it may be written.
+        self.backlog.clear();
+        let mut sink = Vec::new();
+        while self.in_kernel > 0 {
+            if self.ring.submit_and_wait(1).is_err() {
+                break;
+            }
+            self.reap(&mut sink);
+            self.backlog.clear();
+        }
+    }
+}
