@@ -80,7 +80,7 @@ impl Default for UpOptions {
     fn default() -> Self {
         Self {
             volume_size_bytes: 256 << 20,
-            disk_size_bytes: 1 << 30,
+            disk_size_bytes: 512 << 20,
             segment_blocks: None,
             ready_timeout: Duration::from_mins(4),
         }
