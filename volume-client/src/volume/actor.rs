@@ -493,6 +493,8 @@ impl Actor {
                     .collect();
                 self.new_write(start, count, pieces, permit, reply);
             }
+            // A read-only attachment has nothing to make durable (and no right to ask).
+            Cmd::Flush { reply } if !self.writable => drop(reply.send(Ok(()))),
             Cmd::Flush { reply } => {
                 let mut nodes: Vec<NodeId> = self.sets.iter().flat_map(SegmentSet::write_set).collect();
                 nodes.sort_unstable();
@@ -735,7 +737,17 @@ impl Actor {
             }
             Outcome::NodeDown(why) => {
                 self.node_failed(node, &why);
-                self.dispatch_read(id, i);
+                // node_failed re-sends every piece still on a node it newly marks dead; only a
+                // piece it left alone (the node was already known dead) is re-sent here.
+                let still_on_node = match self.ops.get(&id) {
+                    Some(Op { kind: OpKind::Read(r), .. }) => {
+                        r.pieces.get(i).is_some_and(|p| !p.done && p.current == Some(node))
+                    }
+                    _ => false,
+                };
+                if still_on_node {
+                    self.dispatch_read(id, i);
+                }
             }
             Outcome::Retry(why) => {
                 debug!(%node, %why, "read refused; trying another replica");

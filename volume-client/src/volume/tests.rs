@@ -513,3 +513,26 @@ async fn an_unreachable_replacement_is_replaced_in_turn() {
     assert_eq!(reports, vec![(SegmentIndex(0), NodeId(2)), (SegmentIndex(0), NodeId(3))]);
     rig.assert_replicas_identical(&s);
 }
+
+#[tokio::test]
+async fn reads_in_flight_on_a_node_that_dies_are_served_by_the_survivor() {
+    let rig = Rig::new(&[&[1, 2]], &[3], Duration::ZERO);
+    let v = Arc::new(rig.open().await.unwrap());
+    for b in 0..8 {
+        v.write_blocks(b, &pattern(b, 6), false).await.unwrap();
+    }
+    rig.node(1).lock().max_delay_us = 50_000;
+    rig.node(2).lock().max_delay_us = 50_000;
+    let reads: Vec<_> = (0..8u64)
+        .map(|b| {
+            let v = Arc::clone(&v);
+            tokio::spawn(async move { v.read_blocks(b, 1).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    rig.node(1).lock().dead = true;
+    for (b, r) in reads.into_iter().enumerate() {
+        let got = r.await.unwrap().expect("a read in flight on the dead node goes to the survivor");
+        assert_eq!(&got[..], &pattern(b as u64, 6)[..]);
+    }
+}
