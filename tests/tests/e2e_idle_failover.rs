@@ -14,9 +14,6 @@ use std::time::{Duration, Instant};
 const SEGMENT_BYTES: u64 = 64 << 20;
 
 #[test]
-#[ignore = "bug: the first read that meets a dead replica fails with EIO (volume/actor.rs on_read_reply, \
-            Outcome::NodeDown: node_failed() already re-sends the piece to the survivor, then dispatch_read() \
-            runs again, finds every replica tried and fails the piece); un-ignore once fixed"]
 fn reads_survive_a_node_that_died_while_idle() {
     let opts = UpOptions { segment_blocks: Some(SEGMENT_BYTES / 4096), ..UpOptions::default() };
     let cluster = Cluster::start("e2e-idle-failover", opts);

@@ -24,8 +24,6 @@ print('flush on a read-only export: ok')
 ";
 
 #[test]
-#[ignore = "bug: a read-only attachment goes fatal on the first NBD FLUSH (volume actor sends Request::Flush, \
-            which needs the WRITE right, with a read-only capability); un-ignore once fixed"]
 fn read_only_attachment_serves_reads_and_survives_flush() {
     let cluster = Cluster::start("e2e-read-only", UpOptions::default());
     qemu_io_ok(&cluster.nbd_unix(), &["write -P 0x77 0 64k".into(), "flush".into()]);

@@ -92,8 +92,6 @@ fn slate_up_cli_discovery_quorum_loss_and_sigint() {
 }
 
 #[test]
-#[ignore = "bug: a refused second `slate up` deletes the running cluster's cluster.json (up.rs removes it \
-            before taking the directory lock); un-ignore once fixed"]
 fn second_slate_up_is_refused_and_changes_nothing() {
     let cluster = Cluster::start("e2e-up-twice", UpOptions::default());
     let slate = Cluster::slate_bin();

@@ -146,12 +146,13 @@ fn node_dir(dir: &Path, id: u64) -> PathBuf {
 pub fn run(args: UpArgs) -> Result<()> {
     std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
     let dir = std::fs::canonicalize(&args.dir)?;
+    // The lock first: a second `slate up` on a directory in use must change nothing.
+    let _lock = DirLock::take(&dir)?;
     let cluster_json = dir.join("cluster.json");
     let _ = std::fs::remove_file(&cluster_json);
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     let (mut st, fresh) = load_or_create_state(&args)?;
-    let _lock = DirLock::take(&dir)?;
 
     // Signals: from here on SIGINT/SIGTERM only set a flag; we stop children ourselves.
     let stop = signal_flag()?;
@@ -248,11 +249,15 @@ pub fn run(args: UpArgs) -> Result<()> {
         file.write(&cluster_json)?;
         print_ready(&file, &dir);
 
-        // Foreground until a signal or a child dies.
+        // Foreground until a signal. A child that dies is reported once (the rest of the
+        // cluster goes on: losing one storage node is what replication is for).
+        let mut reported = std::collections::BTreeSet::new();
         while !stop.load(std::sync::atomic::Ordering::SeqCst) {
             for p in &mut procs {
                 if let Err(e) = p.check_alive() {
-                    eprintln!("slate up: warning: {e}");
+                    if reported.insert(p.name.clone()) {
+                        eprintln!("slate up: warning: {e}");
+                    }
                 }
             }
             std::thread::sleep(Duration::from_millis(200));
