@@ -101,10 +101,42 @@ pub fn stop_all(procs: &mut [Proc], grace: Duration) -> Vec<(String, bool)> {
     out
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
+/// A free TCP port on 127.0.0.1 for a server, never handed out twice by this process.
+///
+/// Ports come from below the kernel's ephemeral range (`ip_local_port_range`,
+/// 32768.. by default), so that the source port of some outgoing connection
+/// cannot take a server's port between this choice and the server's bind.
 pub fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+    use std::sync::Mutex;
+    static ISSUED: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let (low, high) = (20_000u16, ephemeral_low().saturating_sub(1).max(20_001));
+    let span = u32::from(high - low) + 1;
+    let mut issued = ISSUED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut x =
+        (std::process::id() ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos()) | 1;
+    for _ in 0..1000 {
+        // xorshift: cheap, and different processes start from different seeds.
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        let port = low + u16::try_from(x % span).unwrap_or(0);
+        if issued.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            issued.push(port);
+            return Ok(port);
+        }
+    }
+    bail!("no free TCP port between {low} and {high} on 127.0.0.1")
+}
+
+/// The first port of the kernel's ephemeral range.
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(32768)
 }
 
 /// Waits until `addr` accepts TCP connections, or `timeout`.
