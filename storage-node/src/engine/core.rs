@@ -106,6 +106,7 @@ struct Item {
     /// Volume blocks this uncommitted write covers (for ordering overlapping requests).
     range: Option<(VolumeId, u64, u64)>,
     io_err: Option<String>,
+    planned_at: Instant,
 }
 
 /// The commit in flight: one journal entry and its fdatasync.
@@ -226,6 +227,14 @@ pub(crate) struct Core {
     evicted_unsynced: HashMap<u64, u64>,
     fsync_epoch: u64,
     want_checkpoint: bool,
+    /// Client items in the last commit, and a moving average of commit latency: a
+    /// commit that would carry fewer items than the last one waits up to half a
+    /// commit latency for more to arrive (group commit under concurrency; no
+    /// wait at queue depth 1).
+    last_commit_items: usize,
+    commit_latency: Duration,
+    commit_started: Instant,
+    gather_until: Option<Instant>,
     last_ckpt: Instant,
     last_intent_scan: Instant,
     waiters: Vec<(Reply<bool>, Instant)>,
@@ -358,6 +367,10 @@ impl Core {
             evicted_unsynced: HashMap::new(),
             fsync_epoch: 0,
             want_checkpoint: false,
+            last_commit_items: 1,
+            commit_latency: Duration::from_micros(200),
+            commit_started: now,
+            gather_until: None,
             last_ckpt: now,
             last_intent_scan: now,
             waiters: Vec::new(),
@@ -1207,6 +1220,9 @@ impl Core {
             return Duration::ZERO;
         }
         let mut t = Duration::from_millis(500);
+        if let Some(until) = self.gather_until {
+            t = t.min(until.saturating_duration_since(Instant::now()));
+        }
         if self.has_zero_work() && self.failed.is_none() {
             self.refill_tokens();
             if self.zero_tokens >= ZERO_STEP_BYTES as f64 {
@@ -1289,7 +1305,16 @@ impl Core {
             DataState::None | DataState::Done => None,
         };
         self.fifo_record_bytes += record_bytes;
-        self.fifo.push_back(Item { seq, records, record_bytes, reply, data, range, io_err: None });
+        self.fifo.push_back(Item {
+            seq,
+            records,
+            record_bytes,
+            reply,
+            data,
+            range,
+            io_err: None,
+            planned_at: Instant::now(),
+        });
     }
 
     /// Records emitted by a command that then failed still have to be journaled.
@@ -1526,6 +1551,19 @@ impl Core {
                 return;
             }
         }
+        // Gather: more commands are probably on their way (the last commit carried more).
+        let clients = self.fifo.iter().take(n).filter(|i| !matches!(i.reply, ItemReply::None)).count();
+        if n > 0 && clients < self.last_commit_items && !self.want_checkpoint {
+            let window = (self.commit_latency / 2).min(Duration::from_micros(500));
+            let until = self.fifo[0].planned_at + window;
+            if Instant::now() < until {
+                self.gather_until = Some(until);
+                return;
+            }
+        }
+        self.gather_until = None;
+        self.last_commit_items = clients.max(1);
+        self.commit_started = Instant::now();
         let items: Vec<Item> = self.fifo.drain(..n).collect();
         self.fifo_record_bytes = self.fifo_record_bytes.saturating_sub(bytes);
         let last_seq = items.last().map_or(self.committed_seq, |i| i.seq);
@@ -1662,6 +1700,8 @@ impl Core {
             return;
         }
         self.journal.advance(commit.at, commit.nblocks);
+        let took = self.commit_started.elapsed();
+        self.commit_latency = (self.commit_latency * 7 + took) / 8;
         self.durable_lsn = commit.lsn;
         self.committed_seq = self.committed_seq.max(commit.last_seq);
         self.cache.unpin_upto(commit.last_seq);

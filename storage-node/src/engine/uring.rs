@@ -589,31 +589,42 @@ impl AsyncRing {
     /// operations are appended to `out`.
     pub fn wait(&mut self, timeout: Option<std::time::Duration>, out: &mut Vec<Completion>) -> io::Result<()> {
         self.push_backlog();
-        match self.ring.submit() {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted || e.raw_os_error() == Some(libc::EBUSY) => {}
-            Err(e) => return Err(e),
+        if !self.ring.submission().is_empty() {
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted || e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => return Err(e),
+            }
         }
         let before = out.len();
         self.reap(out);
         if out.len() > before || timeout.is_some_and(|t| t.is_zero()) {
             return Ok(());
         }
-        let ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis().max(1)).unwrap_or(i32::MAX));
+        let ts = timeout.map(|t| libc::timespec {
+            tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_nsec: libc::c_long::from(t.subsec_nanos()),
+        });
         let mut fds = [
             libc::pollfd { fd: self.cq_event.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: self.waker.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
-        // SAFETY: polls two live descriptors through a stack array of the right length.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        let ts_ptr = ts.as_ref().map_or(std::ptr::null(), std::ptr::from_ref);
+        // SAFETY: polls two live descriptors through a stack array of the right length;
+        // the timeout (if any) lives on the stack for the call; no signal mask.
+        let rc = unsafe { libc::ppoll(fds.as_mut_ptr(), 2, ts_ptr, std::ptr::null()) };
         if rc < 0 {
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
                 return Err(e);
             }
         }
-        drain_eventfd(&self.cq_event);
-        drain_eventfd(&self.waker.fd);
+        if fds[0].revents != 0 {
+            drain_eventfd(&self.cq_event);
+        }
+        if fds[1].revents != 0 {
+            drain_eventfd(&self.waker.fd);
+        }
         self.reap(out);
         Ok(())
     }
