@@ -248,10 +248,19 @@ async fn write_intents_survive_crash_until_cleared() {
     // ...only by the client.
     h.clear_intents(V, vec![BlockRange { start: BlockIndex(64), count: 64 }]).await.unwrap();
     assert_eq!(h.write_intents(V).await.unwrap(), vec![BlockRange { start: BlockIndex(128), count: 64 }]);
-    // New intents of this run are cleared once idle.
+    // New intents of this run stay across a clean stop too: the node cannot know its
+    // clients finished (only `clear_intents` says so).
     write(&h, 1000, &[3]).await.unwrap();
     assert_eq!(h.write_intents(V).await.unwrap().len(), 2);
     engine.shutdown().unwrap();
-    let (_engine, h) = Engine::open(&path, o).unwrap();
-    assert_eq!(h.write_intents(V).await.unwrap(), vec![BlockRange { start: BlockIndex(128), count: 64 }]);
+    let (engine, h) = Engine::open(&path, o).unwrap();
+    let both = vec![BlockRange { start: BlockIndex(128), count: 64 }, BlockRange { start: BlockIndex(960), count: 64 }];
+    assert_eq!(h.write_intents(V).await.unwrap(), both);
+    // With lazy clearing on (here after 1 s), an idle intent of this run is cleared.
+    write(&h, 2000, &[4]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    write(&h, 70, &[5]).await.unwrap();
+    let now = h.write_intents(V).await.unwrap();
+    assert!(!now.iter().any(|r| r.start == BlockIndex(1984)), "idle intent not cleared: {now:?}");
+    engine.shutdown().unwrap();
 }

@@ -1853,11 +1853,8 @@ impl Core {
 
     fn shutdown(mut self) -> Result<(), EngineError> {
         if self.failed.is_none() {
-            let stale: Vec<(VolumeId, u64)> =
-                self.intents_live.iter().filter(|(_, l)| !l.sticky).map(|(k, _)| *k).collect();
-            for (volume, region) in stale {
-                self.emit_pending(Record::IntentClear { volume, region })?;
-            }
+            // Intents stay: a clean stop of the node says nothing about its clients, one of which
+            // may have died with a write on this replica only. Only `clear_intents` clears them.
             self.checkpoint()?;
         }
         for (tx, _) in self.waiters.drain(..) {

@@ -92,8 +92,10 @@ pub struct EngineOptions {
     pub max_batch_commands: usize,
     /// Checkpoint at least this often (seconds) while there is something to checkpoint.
     pub checkpoint_interval_secs: u64,
-    /// A write-intent region with no write for this long is cleared lazily (0: never;
-    /// only `clear_intents` clears). Regions recovered after a crash are never cleared lazily.
+    /// A write-intent region with no write for this long is cleared lazily (0, the default:
+    /// never; only the client's `clear_intents` clears). Lazy clearing is unsafe when a client
+    /// may die with a write on one replica only and re-attach later than this, so it is off
+    /// unless a deployment knows better. Regions recovered after a crash are never cleared lazily.
     pub intent_idle_clear_secs: u64,
 }
 
@@ -105,7 +107,7 @@ impl Default for EngineOptions {
             intent_region_blocks: 256,
             max_batch_commands: 256,
             checkpoint_interval_secs: 30,
-            intent_idle_clear_secs: 60,
+            intent_idle_clear_secs: 0,
         }
     }
 }

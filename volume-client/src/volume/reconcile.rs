@@ -17,10 +17,10 @@
 //!
 //! This is only as good as the nodes' intent records: a region must stay
 //! recorded on a node until every replica has the write. slate-node keeps
-//! the intents it recovers after its own crash until they are cleared here,
-//! but clears live ones after `intent_idle_clear_secs` of quiet; a client
-//! crash followed by a re-attach later than that, on nodes that stayed up,
-//! finds no intent for a region one replica wrote and another did not.
+//! every intent, across its own crashes and clean stops, until it is cleared
+//! here (lazy clearing after `intent_idle_clear_secs` is off by default,
+//! because a client that died with a write on one replica and re-attaches
+//! later would find no intent for that region).
 
 use super::actor::{classify, Outcome};
 use super::error::VolumeError;
