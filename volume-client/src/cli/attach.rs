@@ -166,6 +166,7 @@ async fn assign(set: &SegmentReplicas, cap: &SignedCapability, segment_blocks: u
 pub struct MetaControl {
     api: ApiClient,
     volume: u64,
+    attachment: u64,
     segment_blocks: u64,
     generation: u64,
     capability: tokio::sync::Mutex<SignedCapability>,
@@ -218,6 +219,24 @@ impl ControlPlane for MetaControl {
         Ok(())
     }
 
+    async fn renew_capability(
+        &self,
+        volume: VolumeId,
+        generation: Generation,
+    ) -> Result<SignedCapability, ControlError> {
+        let reply: CapabilityView = self
+            .api
+            .post(&format!("/v1/volumes/{}/attachments/{}/capability", volume.0, self.attachment), &json!(null))
+            .await
+            .map_err(|e| ControlError(format!("{e:#}")))?;
+        let cap = parse_capability(&reply.token)?;
+        if cap.claims.volume != volume || cap.claims.generation != generation {
+            return Err(ControlError("slate-meta renewed the capability for another attachment".into()));
+        }
+        *self.capability.lock().await = cap.clone();
+        Ok(cap)
+    }
+
     async fn refresh_layout(&self, volume: VolumeId) -> Result<VolumeLayout, ControlError> {
         let v: VolumeView =
             self.api.get(&format!("/v1/volumes/{}", volume.0)).await.map_err(|e| ControlError(format!("{e:#}")))?;
@@ -261,6 +280,7 @@ pub async fn run(api: ApiClient, args: AttachArgs) -> Result<()> {
     let control = Arc::new(MetaControl {
         api: api.clone(),
         volume: id,
+        attachment,
         segment_blocks: layout.segment_blocks,
         generation,
         capability: tokio::sync::Mutex::new(capability.clone()),
