@@ -56,7 +56,7 @@ async fn handle(engine: &EngineHandle, req: AdminRequest) -> AdminReply {
             }
             engine.assign_segment(volume, segment, segment_blocks).await.map(|()| None)
         }
-        AdminRequest::Release { volume, segment } => engine.release_segment(volume, segment).await.map(|()| None),
+        AdminRequest::Release { volume, segment } => engine.release_segment(volume, segment).await.map(|_| None),
         AdminRequest::Segments => Ok(Some(
             engine
                 .segments()

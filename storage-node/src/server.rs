@@ -370,7 +370,9 @@ async fn execute(engine: &EngineHandle, req: Request) -> (Reply, u64) {
                 Err(e) => (Reply::Error(e.to_wire()), 0),
             }
         }
-        Request::DeleteLayer { segment, epoch, .. } => (done(engine.delete_layer(volume, segment, epoch).await), 0),
+        Request::DeleteLayer { segment, epoch, .. } => {
+            (done(engine.delete_layer(volume, segment, epoch).await.map(drop)), 0)
+        }
         Request::WriteIntents { .. } => match engine.write_intents(volume).await {
             Ok(ranges) => (Reply::Ranges(ranges), 0),
             Err(e) => (Reply::Error(e.to_wire()), 0),
@@ -379,7 +381,7 @@ async fn execute(engine: &EngineHandle, req: Request) -> (Reply, u64) {
         Request::AssignSegment { segment, segment_blocks, .. } => {
             (done(engine.assign_segment(volume, segment, segment_blocks).await), 0)
         }
-        Request::ReleaseSegment { segment, .. } => (done(engine.release_segment(volume, segment).await), 0),
+        Request::ReleaseSegment { segment, .. } => (done(engine.release_segment(volume, segment).await.map(drop)), 0),
         Request::Allocated { range, .. } => match engine.allocated(volume, range).await {
             Ok(bits) => (Reply::Bitmap(bits), 0),
             Err(e) => (Reply::Error(e.to_wire()), 0),

@@ -29,7 +29,7 @@ use super::meta::{
     MAX_LAYERS,
 };
 use super::uring::{AlignedBuf, AsyncRing, Completion, Disk, Fsync, Io, Waker, ALIGN};
-use super::{Cmd, EngineError, EngineOptions, ReadResult, Reply, StatsCell, HEAD_EPOCH};
+use super::{Cmd, EngineError, EngineOptions, ExtentPhase, ReadResult, Reply, StatsCell, HEAD_EPOCH};
 use bytes::Bytes;
 use slate_protocol::{BlockIndex, BlockRange, Epoch, Generation, NodeId, SegmentIndex, VolumeId};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -76,6 +76,8 @@ enum ItemReply {
     Ranges(Reply<Vec<BlockRange>>, Vec<BlockRange>),
     Bitmap(Reply<Vec<u8>>, Vec<u8>),
     Epochs(Reply<Vec<Epoch>>, Vec<Epoch>),
+    Extents(Reply<Vec<u32>>, Vec<u32>),
+    Phases(Reply<Vec<ExtentPhase>>, Vec<ExtentPhase>),
 }
 
 /// The data I/O of a queued write.
@@ -1425,7 +1427,19 @@ impl Core {
                     Some(e) => Err(e),
                     None => self.release(&mut b, volume, segment),
                 };
-                self.finish_meta(seq, b, tx, r);
+                match r {
+                    Ok(extents) => self.push_meta(seq, b, ItemReply::Extents(tx, extents)),
+                    Err(e) => {
+                        self.salvage(b);
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            }
+            Cmd::ExtentStates { extents, tx } => {
+                // Answered after the next commit, so a phase reported is durable (a `free`
+                // record the zeroer left pending is journaled first).
+                let phases = extents.iter().map(|e| self.phase(*e)).collect();
+                self.push_item(seq, Vec::new(), 0, ItemReply::Phases(tx, phases), DataState::None);
             }
             Cmd::Snapshot { volume, epoch, tx } => {
                 let r = match failed {
@@ -1479,7 +1493,10 @@ impl Core {
             }
             Cmd::WaitZeroed { tx, deadline } => self.waiters.push((tx, deadline)),
             // Never planned here (see can_plan / run_drained_work).
-            Cmd::DeleteLayer { tx, .. } | Cmd::Checkpoint { tx } => {
+            Cmd::DeleteLayer { tx, .. } => {
+                let _ = tx.send(Err(EngineError::Invalid("internal: command needs a drained pipeline".into())));
+            }
+            Cmd::Checkpoint { tx } => {
                 let _ = tx.send(Err(EngineError::Invalid("internal: command needs a drained pipeline".into())));
             }
             Cmd::Crash | Cmd::Shutdown => {}
@@ -1487,18 +1504,32 @@ impl Core {
     }
 
     /// A metadata command: its records wait for the next commit, its reply for that commit.
-    fn finish_meta(&mut self, seq: u64, mut b: Batch, tx: Reply<()>, r: Result<(), EngineError>) {
+    fn finish_meta(&mut self, seq: u64, b: Batch, tx: Reply<()>, r: Result<(), EngineError>) {
         match r {
-            Ok(()) => {
-                let mut records = std::mem::take(&mut b.intent_records);
-                records.append(&mut b.records);
-                let bytes = b.record_bytes + records.len() * 16;
-                self.push_item(seq, records, bytes, ItemReply::Unit(tx), DataState::None);
-            }
+            Ok(()) => self.push_meta(seq, b, ItemReply::Unit(tx)),
             Err(e) => {
                 self.salvage(b);
                 let _ = tx.send(Err(e));
             }
+        }
+    }
+
+    fn push_meta(&mut self, seq: u64, mut b: Batch, reply: ItemReply) {
+        let mut records = std::mem::take(&mut b.intent_records);
+        records.append(&mut b.records);
+        let bytes = b.record_bytes + records.len() * 16;
+        self.push_item(seq, records, bytes, reply, DataState::None);
+    }
+
+    /// The in-RAM lifecycle phase of extent `e`.
+    fn phase(&self, e: u32) -> ExtentPhase {
+        match self.et.get(e).map(|x| x.state) {
+            None => ExtentPhase::OutOfRange,
+            Some(ExtentState::Free) => ExtentPhase::Free,
+            Some(ExtentState::Owned) => ExtentPhase::Owned,
+            Some(ExtentState::Dirty) => ExtentPhase::Dirty,
+            Some(ExtentState::Zeroing) => ExtentPhase::Zeroing,
+            Some(ExtentState::Failed) => ExtentPhase::Failed,
         }
     }
 
@@ -1732,6 +1763,12 @@ impl Core {
                     let _ = tx.send(err.map_or(Ok(v), Err));
                 }
                 ItemReply::Epochs(tx, v) => {
+                    let _ = tx.send(err.map_or(Ok(v), Err));
+                }
+                ItemReply::Extents(tx, v) => {
+                    let _ = tx.send(err.map_or(Ok(v), Err));
+                }
+                ItemReply::Phases(tx, v) => {
                     let _ = tx.send(err.map_or(Ok(v), Err));
                 }
             }
@@ -2177,20 +2214,21 @@ impl Core {
         r
     }
 
-    fn release(&mut self, b: &mut Batch, volume: VolumeId, segment: SegmentIndex) -> Result<(), EngineError> {
+    /// Releases every layer's extents to dirty and forgets the segment; returns the extents.
+    fn release(&mut self, b: &mut Batch, volume: VolumeId, segment: SegmentIndex) -> Result<Vec<u32>, EngineError> {
         let key = (volume, segment);
-        let Some(seg) = self.cat.segments.get(&key) else { return Ok(()) };
+        let Some(seg) = self.cat.segments.get(&key) else { return Ok(Vec::new()) };
         let extents: Vec<u32> = seg.layers.iter().flat_map(|l| l.extents.values().copied()).collect();
         let mut recs = std::mem::take(&mut b.records);
         let res = (|| {
-            for extent in extents {
+            for &extent in &extents {
                 self.emit(&mut recs, Record::State { extent, state: ExtentState::Dirty as u8 })?;
             }
             self.emit(&mut recs, Record::Release { volume, segment })
         })();
         b.record_bytes += recs.len() * 8;
         b.records = recs;
-        res
+        res.map(|()| extents)
     }
 
     fn snapshot(&mut self, b: &mut Batch, volume: VolumeId, epoch: Epoch) -> Result<(), EngineError> {
@@ -2307,10 +2345,11 @@ impl Core {
 
     // ----- layer deletion -----
 
-    fn delete_layer(&mut self, key: SegKey, epoch: Epoch) -> Result<(), EngineError> {
+    fn delete_layer(&mut self, key: SegKey, epoch: Epoch) -> Result<Vec<u32>, EngineError> {
         let seg = self.cat.segments.get(&key).ok_or(EngineError::NotAssigned)?;
+        let mut freed = Vec::new();
         if let Some(pending) = seg.deleting {
-            self.fold_layer(key, pending)?;
+            freed = self.fold_layer(key, pending)?;
         }
         let seg = self.cat.segments.get(&key).ok_or(EngineError::NotAssigned)?;
         let i = seg
@@ -2320,15 +2359,17 @@ impl Core {
             .position(|l| l.base == epoch)
             .ok_or_else(|| EngineError::NoSuchLayer(format!("no snapshot at {epoch}")))?;
         let id = seg.layers[i].id;
-        self.fold_layer(key, id)
+        freed.extend(self.fold_layer(key, id)?);
+        Ok(freed)
     }
 
     /// Folds layer `id` into the next newer layer: slots the newer layer lacks move
     /// over (no copy), blocks of shared slots still visible through the newer layer
     /// are copied into it; the folded layer's remaining extents go to dirty. Each
     /// slot is committed on its own (data synced before the records that find it);
-    /// a `LayerDeleting` record first makes a crash mid-fold resume at open.
-    fn fold_layer(&mut self, key: SegKey, id: u64) -> Result<(), EngineError> {
+    /// a `LayerDeleting` record first makes a crash mid-fold resume at open. Returns the
+    /// extents released to dirty.
+    fn fold_layer(&mut self, key: SegKey, id: u64) -> Result<Vec<u32>, EngineError> {
         if self.journal.used() * 2 > self.journal.blocks {
             self.checkpoint()?;
         }
@@ -2344,6 +2385,7 @@ impl Core {
         let base = seg.layers[i].base;
         let slots: Vec<(u32, u32)> = seg.layers[i].extents.iter().map(|(s, e)| (*s, *e)).collect();
         let eb = self.sb.extent_blocks as u32;
+        let mut freed = Vec::new();
         for (slot, src) in slots {
             if self.journal.used() * 2 > self.journal.blocks {
                 self.checkpoint()?;
@@ -2377,13 +2419,15 @@ impl Core {
                         self.emit(&mut recs, Record::Trim { extent: dst, offset: run.0, count: run.1, zero: true })?;
                     }
                     self.emit(&mut recs, Record::State { extent: src, state: ExtentState::Dirty as u8 })?;
+                    freed.push(src);
                 }
             }
             self.commit_records(recs)?;
         }
         let mut recs = Vec::new();
         self.emit(&mut recs, Record::LayerMerged { volume: key.0, segment: key.1, removed: id, into, base })?;
-        self.commit_records(recs)
+        self.commit_records(recs)?;
+        Ok(freed)
     }
 
     /// Copies blocks `offsets` of extent `src` to the same offsets of `dst` and syncs.

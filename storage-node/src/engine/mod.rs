@@ -47,6 +47,27 @@ pub use layout::{FormatReport, DEFAULT_EXTENT_SIZE_BYTES, DEFAULT_JOURNAL_BYTES}
 /// and [`EngineHandle::read_at`] (`to = HEAD_EPOCH` means "up to and including the head").
 pub const HEAD_EPOCH: Epoch = Epoch(u64::MAX);
 
+/// Most extent ids one [`EngineHandle::extent_states`] call may ask about.
+pub const MAX_EXTENT_QUERY: usize = 1 << 20;
+
+/// Where an extent is in its lifecycle, as [`EngineHandle::extent_states`] reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExtentPhase {
+    /// Zeroed and verified; the only phase allocation takes from.
+    Free,
+    /// Holds a segment layer's data.
+    Owned,
+    /// Released; still holds old data until the zeroer gets to it.
+    Dirty,
+    /// The zeroer is overwriting or verifying it.
+    Zeroing,
+    /// Failed zero verification repeatedly; never allocated again.
+    Failed,
+    /// No such extent on this disk.
+    OutOfRange,
+}
+
 /// How to lay out a fresh disk.
 #[derive(Clone, Debug)]
 pub struct FormatOptions {
@@ -280,7 +301,11 @@ pub(crate) enum Cmd {
     ReleaseSegment {
         volume: VolumeId,
         segment: SegmentIndex,
-        tx: Reply<()>,
+        tx: Reply<Vec<u32>>,
+    },
+    ExtentStates {
+        extents: Vec<u32>,
+        tx: Reply<Vec<ExtentPhase>>,
     },
     Write {
         volume: VolumeId,
@@ -325,7 +350,7 @@ pub(crate) enum Cmd {
         volume: VolumeId,
         segment: SegmentIndex,
         epoch: Epoch,
-        tx: Reply<()>,
+        tx: Reply<Vec<u32>>,
     },
     Layers {
         volume: VolumeId,
@@ -451,9 +476,23 @@ impl EngineHandle {
         self.call(|tx| Cmd::AssignSegment { volume, segment, segment_blocks, tx }).await
     }
 
-    /// Drops the segment: all its layers' extents go to dirty, then zeroing. Idempotent.
-    pub async fn release_segment(&self, volume: VolumeId, segment: SegmentIndex) -> Result<(), EngineError> {
+    /// Drops the segment: all its layers' extents go to dirty, then zeroing. Returns the
+    /// extents it released (every layer's, durable as dirty when this returns); empty if the
+    /// segment is not held here. Idempotent: a repeated release returns an empty list.
+    /// Follow them with [`Self::extent_states`]: an extent released here that is no longer
+    /// `Dirty` or `Zeroing` has been zeroed and verified (only the zeroer makes it `Free`,
+    /// and allocation only takes `Free` extents).
+    pub async fn release_segment(&self, volume: VolumeId, segment: SegmentIndex) -> Result<Vec<u32>, EngineError> {
         self.call(|tx| Cmd::ReleaseSegment { volume, segment, tx }).await
+    }
+
+    /// The lifecycle phase of each extent id (`OutOfRange` for ids the disk does not have),
+    /// as durable on disk when this returns (at most [`MAX_EXTENT_QUERY`] ids per call).
+    pub async fn extent_states(&self, extents: Vec<u32>) -> Result<Vec<ExtentPhase>, EngineError> {
+        if extents.len() > MAX_EXTENT_QUERY {
+            return Err(EngineError::Invalid(format!("{} extents queried, at most {MAX_EXTENT_QUERY}", extents.len())));
+        }
+        self.call(|tx| Cmd::ExtentStates { extents, tx }).await
     }
 
     /// The segments held: (volume, segment, segment_blocks).
@@ -554,8 +593,14 @@ impl EngineHandle {
 
     /// Deletes the snapshot frozen at `epoch`: its layer is folded into the next newer
     /// layer (blocks still visible there are moved or copied), then its extents go to
-    /// dirty and zeroing. Reads of newer layers are unchanged.
-    pub async fn delete_layer(&self, volume: VolumeId, segment: SegmentIndex, epoch: Epoch) -> Result<(), EngineError> {
+    /// dirty and zeroing. Reads of newer layers are unchanged. Returns the extents it
+    /// released to dirty (those moved to the newer layer are not among them).
+    pub async fn delete_layer(
+        &self,
+        volume: VolumeId,
+        segment: SegmentIndex,
+        epoch: Epoch,
+    ) -> Result<Vec<u32>, EngineError> {
         self.call(|tx| Cmd::DeleteLayer { volume, segment, epoch, tx }).await
     }
 
