@@ -7,6 +7,7 @@ pub mod capability;
 pub mod frame;
 pub mod ids;
 pub mod message;
+pub mod ops;
 pub mod wire;
 
 pub use capability::{Capability, CapabilityError, Rights, SignedCapability};

@@ -89,6 +89,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyh
         .handle(server_handle.clone())
         .serve(app.into_make_service_with_connect_info::<SocketAddr>());
     let mut server_task = tokio::spawn(server);
+    let purge_reports = tokio::spawn(report_purges(Arc::clone(&state)));
     let duties = tokio::spawn(leader_duties(state, bootstrap_hash, Duration::from_millis(cfg.sweep_interval_ms)));
     tracing::info!(node = cfg.node_id, api = %cfg.api_addr, raft = %cfg.raft_addr, "slate-meta serving");
 
@@ -102,6 +103,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyh
     };
     tracing::info!("slate-meta stopping");
     duties.abort();
+    purge_reports.abort();
     server_handle.graceful_shutdown(Some(Duration::from_secs(3)));
     let _ = tokio::time::timeout(Duration::from_secs(5), server_task).await;
     consensus.shutdown().await;
@@ -133,6 +135,45 @@ async fn leader_duties(state: Arc<ApiState>, bootstrap_hash: Option<String>, swe
             last_sweep = Instant::now();
             if let Err(e) = propose_system(&state, Command::Tick).await {
                 tracing::warn!(error = %e, "liveness sweep proposal failed");
+            }
+        }
+    }
+}
+
+/// Every voter's duty: once its Raft log is purged past the last crypto-shred (and its
+/// root key file ratcheted, which happens before the purge), say so through the log, so
+/// that a deleted volume's erasure can show which voters still hold its wrapped key.
+async fn report_purges(state: Arc<ApiState>) {
+    let me = state.node_id;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let status = state.handle.status();
+        let voters: Vec<u64> = status.peers.iter().map(|p| p.0).collect();
+        if !voters.contains(&me) {
+            continue;
+        }
+        let Ok((bootstrapped, epoch, epoch_index, reported, known_voters)) = state
+            .handle
+            .read(move |sm| {
+                let st = sm.state();
+                (
+                    st.bootstrapped,
+                    st.root_epoch,
+                    st.root_epoch_index,
+                    st.meta_purged.get(&me).copied(),
+                    st.meta_voters.clone(),
+                )
+            })
+            .await
+        else {
+            continue;
+        };
+        let purged = status.purged_index >= epoch_index;
+        let stale = reported.is_none_or(|r| r < epoch) || known_voters != voters;
+        if bootstrapped && purged && stale {
+            let cmd = Command::ReportPurge { meta_node: me, root_epoch: epoch, voters };
+            if let Err(e) = propose_system(&state, cmd).await {
+                tracing::debug!(error = %e, "purge report not accepted yet; will retry");
             }
         }
     }

@@ -220,12 +220,13 @@ async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let node = crate::node::RunningNode::start(&cfg).await?;
-    let stop_heartbeat = tokio_util::sync::CancellationToken::new();
-    let heartbeat = match &cfg.meta {
-        Some(link) => Some(crate::heartbeat::spawn(cfg.node_id, link, stop_heartbeat.clone())?),
+    let meta = match &cfg.meta {
+        Some(link) => Some(crate::heartbeat::MetaClient::new(cfg.node_id, link)?),
         None => None,
     };
+    let node = crate::node::RunningNode::start_with(&cfg, meta.as_ref()).await?;
+    let stop_heartbeat = tokio_util::sync::CancellationToken::new();
+    let heartbeat = meta.map(|m| crate::heartbeat::spawn(m, node.engine().clone(), stop_heartbeat.clone()));
     let which = tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",

@@ -13,5 +13,6 @@ pub mod demo;
 pub mod heartbeat;
 pub mod metrics;
 pub mod node;
+pub mod release;
 pub mod server;
 pub mod session;

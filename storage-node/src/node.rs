@@ -9,6 +9,7 @@
 
 use crate::config::NodeConfig;
 use crate::engine::{Engine, EngineError, EngineHandle, EngineOptions};
+use crate::heartbeat::MetaClient;
 use crate::metrics::Metrics;
 use crate::server::{Server, ServerOptions};
 use anyhow::Context;
@@ -24,6 +25,8 @@ use tracing::info;
 /// How long to wait for the disk lock: after a crash (kill -9) the kernel may
 /// release the dead process's io_uring, and with it the lock, a moment later.
 const DISK_LOCK_WAIT: Duration = Duration::from_secs(15);
+/// How long a starting node waits for slate-meta to hand it its releases before serving anyway.
+const RELEASE_PATIENCE: Duration = Duration::from_secs(20);
 
 /// Opens the engine, waiting for the disk lock of a process that just died.
 async fn open_engine(disk: &Path, opts: EngineOptions) -> anyhow::Result<(Engine, EngineHandle)> {
@@ -59,6 +62,12 @@ impl RunningNode {
     /// Opens the disk (replaying its journal), applies the config's static
     /// assignments, and starts serving.
     pub async fn start(cfg: &NodeConfig) -> anyhow::Result<Self> {
+        Self::start_with(cfg, None).await
+    }
+
+    /// Same, and with a link to slate-meta: before serving, releases whatever was
+    /// deleted or re-placed while the node was away (see `release.rs`).
+    pub async fn start_with(cfg: &NodeConfig, meta: Option<&MetaClient>) -> anyhow::Result<Self> {
         cfg.validate()?;
         let verifying_key = cfg.verifying_key()?;
         let disk = cfg.disks[0].clone();
@@ -82,6 +91,11 @@ impl RunningNode {
                 .assign_segment(a.volume, a.segment, a.segment_blocks)
                 .await
                 .with_context(|| format!("assigning {} {} from the config", a.volume, a.segment))?;
+        }
+
+        if let Some(m) = meta {
+            let releaser = crate::release::Releaser::new(handle.clone());
+            crate::heartbeat::release_before_serving(m, &releaser, RELEASE_PATIENCE).await;
         }
 
         let metrics = Metrics::new(cfg.zero_rate_bytes_per_sec);

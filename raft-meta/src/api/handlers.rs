@@ -83,7 +83,9 @@ async fn simple(s: &ApiState, caller: &Caller, cmd: Command) -> JsonResult {
 // ----- meta -----
 
 async fn openapi_json() -> impl IntoResponse {
-    Json(super::ApiDoc::openapi())
+    let mut doc = super::ApiDoc::openapi();
+    doc.merge(super::erasure::ErasureDoc::openapi());
+    Json(doc)
 }
 
 fn gauge(v: u64) -> i64 {

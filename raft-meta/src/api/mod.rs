@@ -13,6 +13,7 @@
 //! Request bodies are bounded (`max_body_bytes`), unknown fields are refused,
 //! and the OpenAPI description is generated from these handlers (utoipa).
 
+mod erasure;
 mod handlers;
 
 use crate::consensus::{ConsensusError, ConsensusHandle};
@@ -59,6 +60,7 @@ impl std::fmt::Debug for ApiState {
 /// Builds the router.
 pub fn router(state: Arc<ApiState>, max_body_bytes: usize) -> axum::Router {
     handlers::routes()
+        .merge(erasure::routes())
         .fallback(handlers::not_found)
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), count_status))

@@ -236,6 +236,9 @@ pub struct Status {
     pub snapshot_index: u64,
     pub first_index: u64,
     pub last_index: u64,
+    /// Applied index up to which this node purged its log files (crypto-shred): every
+    /// entry at or below it is gone from this node's disk.
+    pub purged_index: u64,
 }
 
 /// The one error type of consensus.

@@ -137,6 +137,7 @@ pub(crate) fn start<S: StateMachine>(
         reads: HashMap::new(),
         applied,
         purge_pending: false,
+        purged_index: applied,
         done_proposals: Vec::new(),
         done_conf: Vec::new(),
         cfg,
@@ -229,6 +230,8 @@ struct Node<S> {
     reads: HashMap<u64, PendingRead>,
     applied: u64,
     purge_pending: bool,
+    /// See [`Status::purged_index`].
+    purged_index: u64,
     /// Replies for entries applied in this iteration, sent only after `maintain` (so that a caller who sees
     /// the result of a command that asked for a purge also sees the purge done).
     done_proposals: Vec<(Reply<Vec<u8>>, Vec<u8>)>,
@@ -688,6 +691,7 @@ impl<S: StateMachine> Node<S> {
             self.purge_pending = false;
             self.make_snapshot()?;
             self.raw.mut_store().purge_all_obsolete()?;
+            self.purged_index = self.applied;
             tracing::info!(applied = self.applied, "raft log purged up to the applied index");
         } else if wanted || self.applied.saturating_sub(snap_index) >= self.cfg.snapshot_every_entries {
             self.make_snapshot()?;
@@ -743,6 +747,7 @@ impl<S: StateMachine> Node<S> {
             snapshot_index: self.raw.store().snapshot_meta().index,
             first_index: first,
             last_index: last,
+            purged_index: self.purged_index,
         };
         if let Ok(mut s) = self.shared.status.lock() {
             *s = status;

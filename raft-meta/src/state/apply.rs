@@ -22,6 +22,7 @@ use crate::audit::{self, AuditEntry};
 use crate::keys::{RootKey, WrappedKey};
 use crate::placement::{self, Candidate, DomainLevel};
 use serde::Serialize;
+use slate_protocol::ops::ReleaseReason;
 use slate_protocol::{Rights, BLOCK_SIZE_BYTES_U64};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -48,34 +49,34 @@ impl Actor {
     fn system() -> Self {
         Self { principal: None, name: "system".into(), role: Role::Operator, tenant: None }
     }
-    fn label(&self) -> String {
+    pub(super) fn label(&self) -> String {
         match self.principal {
             Some(id) => format!("principal:{id}({})", self.name),
             None => "system".into(),
         }
     }
-    fn is_operator(&self) -> bool {
+    pub(super) fn is_operator(&self) -> bool {
         self.role == Role::Operator
     }
-    fn is_admin_of(&self, tenant: u64) -> bool {
+    pub(super) fn is_admin_of(&self, tenant: u64) -> bool {
         self.is_operator() || (self.role == Role::TenantAdmin && self.tenant == Some(tenant))
     }
 }
 
 /// Per-call context: what the audit record will say.
-struct Ctx {
-    now: u64,
-    actor: Actor,
-    object: String,
-    object_tenant: Option<u64>,
+pub(super) struct Ctx {
+    pub(super) now: u64,
+    pub(super) actor: Actor,
+    pub(super) object: String,
+    pub(super) object_tenant: Option<u64>,
     shredded: bool,
     dek_hex: Option<String>,
-    skip_audit: bool,
+    pub(super) skip_audit: bool,
 }
 
-type Res = Result<serde_json::Value, Refusal>;
+pub(super) type Res = Result<serde_json::Value, Refusal>;
 
-fn json<T: Serialize>(v: &T) -> Res {
+pub(super) fn json<T: Serialize>(v: &T) -> Res {
     serde_json::to_value(v).map_err(|e| Refusal::new(ErrorCode::Internal, format!("encoding reply: {e}")))
 }
 
@@ -225,8 +226,10 @@ fn object_hint(cmd: &Command) -> String {
         | Command::MarkInSync { volume, .. }
         | Command::CreateSnapshot { volume, .. }
         | Command::ListSnapshots { volume }
-        | Command::DeleteSnapshot { volume, .. } => format!("volume:vol-{volume}"),
+        | Command::DeleteSnapshot { volume, .. }
+        | Command::GetErasure { volume } => format!("volume:vol-{volume}"),
         Command::ListAudit { tenant: Some(t), .. } => format!("audit:tenant-{t}"),
+        Command::ReportRelease { node, release, .. } => format!("node:node-{node} release:{release}"),
         Command::ChangeMembership { req, .. } => format!("member:{}", req.id),
         _ => "-".into(),
     }
@@ -242,7 +245,7 @@ impl MetaState {
         if matches!(env.credential, Credential::System) {
             return self.apply_system(now, cmd);
         }
-        if matches!(cmd, Command::Bootstrap { .. } | Command::Tick) {
+        if matches!(cmd, Command::Bootstrap { .. } | Command::Tick | Command::ReportPurge { .. }) {
             return Applied {
                 response: Response::Err(Refusal::forbidden("system command from a client")),
                 shredded: false,
@@ -322,7 +325,10 @@ impl MetaState {
                 self.sweep(&mut ctx);
                 Ok(serde_json::Value::Null)
             }
-            // Only the two leader duties run as the system; nothing else may borrow its authority.
+            Command::ReportPurge { meta_node, root_epoch, voters } => {
+                self.report_purge(now, *meta_node, *root_epoch, voters)
+            }
+            // Only the leader duties and purge reports run as the system; nothing else may borrow its authority.
             _ => Err(Refusal::forbidden("only bootstrap and liveness sweeps run as the system")),
         };
         let response = match result {
@@ -432,7 +438,9 @@ impl MetaState {
 
     fn execute(&mut self, ctx: &mut Ctx, cmd: &Command, root: &mut RootKey) -> Res {
         match cmd {
-            Command::Bootstrap { .. } | Command::Tick => Err(Refusal::forbidden("system command")),
+            Command::Bootstrap { .. } | Command::Tick | Command::ReportPurge { .. } => {
+                Err(Refusal::forbidden("system command"))
+            }
             Command::WhoAmI => {
                 let id = ctx.actor.principal.ok_or_else(|| Refusal::forbidden("no principal"))?;
                 ctx.object = format!("principal:{id}");
@@ -796,7 +804,8 @@ impl MetaState {
                 } else {
                     ctx.skip_audit = true;
                 }
-                json(&serde_json::json!({"node": node, "state": n.state}))
+                let state = n.state;
+                json(&serde_json::json!({"node": node, "state": state, "work": self.node_work(*node)}))
             }
             Command::SetNodeState { node, req } => {
                 require_operator(&ctx.actor)?;
@@ -929,6 +938,19 @@ impl MetaState {
                     return Err(Refusal::not_found(format!("vol-{volume} has no snapshot {snapshot}")));
                 }
                 ctx.object = format!("volume:vol-{volume} snapshot:{snapshot}");
+                let epoch = v.snapshots[snapshot].epoch;
+                let work: Vec<(u64, u32)> =
+                    v.segments.iter().flat_map(|s| s.replicas.iter().map(move |r| (r.node, s.index))).collect();
+                let tenant = v.tenant;
+                for (node, seg) in work {
+                    self.queue_release(
+                        ctx.now,
+                        node,
+                        (*volume, tenant, seg),
+                        Some(epoch),
+                        ReleaseReason::SnapshotDeleted,
+                    );
+                }
                 self.volumes.get_mut(volume).expect("checked").snapshots.remove(snapshot);
                 json(&serde_json::json!({"deleted": snapshot}))
             }
@@ -972,6 +994,10 @@ impl MetaState {
                 require_operator(&ctx.actor)?;
                 Ok(serde_json::Value::Null)
             }
+            Command::ReportRelease { node, release, report } => self.report_release(ctx, *node, *release, report),
+            Command::ListReleases { node } => self.list_releases(ctx, *node),
+            Command::ListErasures => self.list_erasures(ctx),
+            Command::GetErasure { volume } => self.get_erasure(ctx, *volume),
             Command::ChangeMembership { req, add } => {
                 require_operator(&ctx.actor)?;
                 if *add && req.addr.as_deref().and_then(|a| a.parse::<std::net::SocketAddr>().ok()).is_none() {
@@ -1133,7 +1159,7 @@ impl MetaState {
             .ok_or_else(|| Refusal::not_found(format!("vol-{volume} has no segment {segment}")))?;
         ctx.object = format!("volume:vol-{volume} segment:{segment} failed node:{node}");
         let replaced = if seg.replicas.iter().any(|r| r.node == node) {
-            Some(self.replace_replica(volume, segment, node)?)
+            Some(self.replace_replica(ctx.now, volume, segment, node)?)
         } else {
             None
         };
@@ -1158,7 +1184,7 @@ impl MetaState {
 
     /// Replaces `failed` in a segment's replica set by a node in a failure
     /// domain none of the survivors use. Bumps the segment's epoch.
-    fn replace_replica(&mut self, volume: u64, segment: u32, failed: u64) -> Result<u64, Refusal> {
+    fn replace_replica(&mut self, now: u64, volume: u64, segment: u32, failed: u64) -> Result<u64, Refusal> {
         let v = &self.volumes[&volume];
         let seg = &v.segments[segment as usize];
         let level = v.level;
@@ -1169,12 +1195,17 @@ impl MetaState {
             .filter_map(|r| self.nodes.get(&r.node))
             .map(|n| placement::domain_at(&n.failure_domain, level))
             .collect();
-        let excluded: BTreeSet<u64> = seg.replicas.iter().map(|r| r.node).collect();
+        // Nodes that still hold an unreleased copy of this segment are out too: the release
+        // would destroy the new replica.
+        let mut excluded: BTreeSet<u64> = seg.replicas.iter().map(|r| r.node).collect();
+        excluded.extend(self.nodes.keys().copied().filter(|n| self.release_pending_on(*n, volume, segment)));
         let bytes = segment_bytes(v.size_bytes, v.segment_blocks, segment);
         let mut cands = self.candidates();
         let picked = placement::place(&mut cands, 1, level, &taken, &excluded, bytes)
             .map_err(|e| Refusal::new(ErrorCode::Unsatisfiable, format!("no replacement replica: {e}")))?;
         let new = picked[0];
+        let tenant = v.tenant;
+        self.queue_release(now, failed, (volume, tenant, segment), None, ReleaseReason::ReplicaReplaced);
         let v = self.volumes.get_mut(&volume).expect("exists");
         let seg = &mut v.segments[segment as usize];
         for r in &mut seg.replicas {
@@ -1225,7 +1256,7 @@ impl MetaState {
             }
         }
         for (vol, tenant, seg, node) in work {
-            let result = match self.replace_replica(vol, seg, node) {
+            let result = match self.replace_replica(ctx.now, vol, seg, node) {
                 Ok(new) => format!("ok: replaced by node:{new}"),
                 Err(e) => format!("error: {}", e.message),
             };
@@ -1276,8 +1307,21 @@ impl MetaState {
         }
         let next_root = root.ratchet();
         // Commit.
+        let mut erasures = Vec::new();
         for id in victims {
             if let Some(v) = self.volumes.remove(id) {
+                for s in &v.segments {
+                    for r in &s.replicas {
+                        self.queue_release(
+                            ctx.now,
+                            r.node,
+                            (v.id, v.tenant, s.index),
+                            None,
+                            ReleaseReason::VolumeDeleted,
+                        );
+                    }
+                }
+                erasures.push((v.id, v.name.clone(), v.tenant, v.size_bytes));
                 self.charge(&v.segments, v.size_bytes, v.segment_blocks, false);
                 self.grants.retain(|_, g| g.volume != *id);
             }
@@ -1305,6 +1349,10 @@ impl MetaState {
         }
         *root = next_root;
         self.root_epoch = root.epoch();
+        self.root_epoch_index = self.applied_index;
+        for (id, name, tenant, size) in erasures {
+            self.open_erasure(ctx, id, &name, tenant, size);
+        }
         ctx.shredded = true;
         Ok(())
     }
@@ -1456,6 +1504,7 @@ impl MetaState {
             capacity_bytes: disks.iter().map(|d| d.capacity_bytes).sum(),
             allocated_bytes: n.allocated_bytes,
             replicas: self.replicas_on(id),
+            releases_outstanding: self.releases_outstanding_on(id),
             disks,
         })
     }
@@ -1552,7 +1601,7 @@ impl Need {
     }
 }
 
-fn require_operator(actor: &Actor) -> Result<(), Refusal> {
+pub(super) fn require_operator(actor: &Actor) -> Result<(), Refusal> {
     if actor.is_operator() {
         Ok(())
     } else {

@@ -16,6 +16,7 @@ use super::types::{Access, AttachMode, NodeState, Qos, Role};
 use crate::keys::WrappedKey;
 use crate::placement::DomainLevel;
 use serde::{Deserialize, Serialize};
+use slate_protocol::ops::ReleaseReport;
 use utoipa::ToSchema;
 
 /// A command with its context, as proposed.
@@ -360,6 +361,28 @@ pub enum Command {
     },
     /// Authorizes and audits a membership listing (the list itself comes from consensus).
     ListMembers,
+
+    /// A storage node's report on one of its release tasks (operators or hosts).
+    ReportRelease {
+        node: u64,
+        release: u64,
+        report: ReleaseReport,
+    },
+    /// Release queue entries, optionally of one node (operators).
+    ListReleases {
+        node: Option<u64>,
+    },
+    /// Deleted volumes and the progress of their erasure.
+    ListErasures,
+    GetErasure {
+        volume: u64,
+    },
+    /// A metadata voter purged its Raft log past the current root epoch's shred (system only).
+    ReportPurge {
+        meta_node: u64,
+        root_epoch: u64,
+        voters: Vec<u64>,
+    },
 }
 
 impl Command {
@@ -411,6 +434,11 @@ impl Command {
             Self::ChangeMembership { add: true, .. } => "cluster.member_add",
             Self::ChangeMembership { add: false, .. } => "cluster.member_remove",
             Self::ListMembers => "cluster.member_list",
+            Self::ReportRelease { .. } => "release.report",
+            Self::ListReleases { .. } => "release.list",
+            Self::ListErasures => "erasure.list",
+            Self::GetErasure { .. } => "erasure.show",
+            Self::ReportPurge { .. } => "cluster.purge_report",
         }
     }
 }

@@ -16,6 +16,7 @@
 
 pub mod apply;
 pub mod command;
+mod erasure;
 pub mod types;
 pub mod view;
 
@@ -24,7 +25,7 @@ use crate::keys::RootKey;
 use command::{Envelope, Response};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use types::{Disk, Grant, Principal, Settings, StorageNode, Tenant, Token, Volume};
+use types::{Disk, Erasure, Grant, Principal, Release, Settings, StorageNode, Tenant, Token, Volume};
 
 /// Next id of each kind; ids are never reused.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,11 +39,28 @@ pub struct Counters {
     pub volume: u64,
     pub attachment: u64,
     pub snapshot: u64,
+    #[serde(default = "first_id")]
+    pub release: u64,
+}
+
+fn first_id() -> u64 {
+    1
 }
 
 impl Default for Counters {
     fn default() -> Self {
-        Self { tenant: 1, principal: 1, token: 1, grant: 1, node: 1, disk: 1, volume: 1, attachment: 1, snapshot: 1 }
+        Self {
+            tenant: 1,
+            principal: 1,
+            token: 1,
+            grant: 1,
+            node: 1,
+            disk: 1,
+            volume: 1,
+            attachment: 1,
+            snapshot: 1,
+            release: 1,
+        }
     }
 }
 
@@ -72,6 +90,22 @@ pub struct MetaState {
     pub disks: BTreeMap<u64, Disk>,
     pub volumes: BTreeMap<u64, Volume>,
     pub audit: AuditLog,
+    /// Raft index at which the root key reached `root_epoch` (a voter whose log is purged
+    /// past it holds no entry from before the last shred).
+    #[serde(default)]
+    pub root_epoch_index: u64,
+    /// The durable release queue (and the record of past releases), by id.
+    #[serde(default)]
+    pub releases: BTreeMap<u64, Release>,
+    /// Deleted volumes and the state of their erasure, by volume id.
+    #[serde(default)]
+    pub erasures: BTreeMap<u64, Erasure>,
+    /// The highest root epoch each metadata voter reported purged, by Raft id.
+    #[serde(default)]
+    pub meta_purged: BTreeMap<u64, u64>,
+    /// The metadata voters, as last reported by a voter.
+    #[serde(default)]
+    pub meta_voters: Vec<u64>,
 }
 
 /// The result of applying one command.

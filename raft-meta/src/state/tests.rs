@@ -462,3 +462,93 @@ fn node_ids_can_be_chosen_and_system_cannot_run_client_commands() {
     let r = h.run(Credential::System, Command::DeleteTenant { tenant: 1 });
     assert!(matches!(r, Response::Err(Refusal { code: ErrorCode::Forbidden, .. })));
 }
+
+fn work_of(h: &mut Harness, node: u64) -> Vec<slate_protocol::ops::ReleaseTask> {
+    let body = h.op(Command::Heartbeat { node });
+    serde_json::from_value(body["work"]["releases"].clone()).unwrap()
+}
+
+fn report(h: &mut Harness, node: u64, release: u64, report: slate_protocol::ops::ReleaseReport) -> Value {
+    h.op(Command::ReportRelease { node, release, report })
+}
+
+#[test]
+fn delete_queues_releases_and_completes_only_when_erased_and_purged() {
+    use slate_protocol::ops::{ReleaseReason, ReleaseReport};
+    let mut h = Harness::new();
+    let t = h.tenant("acme");
+    let nodes = [h.node("n1", "z/r/h1"), h.node("n2", "z/r/h2"), h.node("n3", "z/r/h3")];
+    let (vid, _) = h.volume(tok(1, "op-secret"), t, "v", 2 * GIB).unwrap();
+    h.run(Credential::System, Command::ReportPurge { meta_node: 1, root_epoch: 0, voters: vec![1, 2] });
+    // A replica replaced while the volume lived is queued too, and its node is not chosen
+    // again for that segment while the release is pending.
+    let failed = h.state().volumes[&vid].segments[0].replicas[0].node;
+    h.op(Command::ReportFailure { volume: vid, req: ReportFailureRequest { segment: 0, node: failed } });
+    let queued: Vec<_> = h.state().releases.values().cloned().collect();
+    assert_eq!(queued.len(), 1);
+    assert_eq!((queued[0].node, queued[0].reason), (failed, ReleaseReason::ReplicaReplaced));
+    let e = h.err(
+        tok(1, "op-secret"),
+        Command::ReportFailure {
+            volume: vid,
+            req: ReportFailureRequest { segment: 0, node: h.state().volumes[&vid].segments[0].replicas[0].node },
+        },
+    );
+    assert_eq!(e.code, ErrorCode::Unsatisfiable, "the only other node still holds an unreleased copy");
+
+    h.op(Command::DeleteVolume { volume: vid, force: false });
+    let er = h.op(Command::GetErasure { volume: vid });
+    assert_eq!(er["state"], "erasing");
+    assert_eq!(er["replicas_total"], 5, "2 segments x 2 replicas + the replaced one");
+    // Each node gets exactly its own work; reports from another node are refused.
+    let mut all = Vec::new();
+    for n in nodes {
+        for task in work_of(&mut h, n) {
+            assert!(!task.released);
+            all.push((n, task));
+        }
+    }
+    assert_eq!(all.len(), 5);
+    let (n0, t0) = (all[0].0, all[0].1.id);
+    let other = nodes.iter().copied().find(|n| *n != n0).unwrap();
+    let e = h.err(
+        tok(1, "op-secret"),
+        Command::ReportRelease { node: other, release: t0, report: ReleaseReport::Released { extents: vec![] } },
+    );
+    assert_eq!(e.code, ErrorCode::BadRequest);
+    // Erased before released is refused; a count that does not match is refused.
+    let e = h.err(
+        tok(1, "op-secret"),
+        Command::ReportRelease { node: n0, release: t0, report: ReleaseReport::Erased { verified: 0, failed: 0 } },
+    );
+    assert_eq!(e.code, ErrorCode::Conflict);
+    for (i, (n, task)) in all.iter().enumerate() {
+        report(&mut h, *n, task.id, ReleaseReport::Released { extents: vec![i as u32 * 10, i as u32 * 10 + 1] });
+    }
+    let again = work_of(&mut h, n0);
+    assert!(again.iter().all(|t| t.released && t.extents.len() == 2));
+    let e = h.err(
+        tok(1, "op-secret"),
+        Command::ReportRelease { node: n0, release: t0, report: ReleaseReport::Erased { verified: 1, failed: 0 } },
+    );
+    assert_eq!(e.code, ErrorCode::BadRequest);
+    for (n, task) in &all {
+        report(&mut h, *n, task.id, ReleaseReport::Erased { verified: 2, failed: 0 });
+    }
+    // Every replica is verified zero, but voter 2 has not purged past the delete's shred.
+    let er = h.op(Command::GetErasure { volume: vid });
+    assert_eq!((er["replicas_erased"].as_u64(), er["extents_verified"].as_u64()), (Some(5), Some(10)));
+    assert_eq!(er["state"], "erasing");
+    let epoch = h.state().root_epoch;
+    h.run(Credential::System, Command::ReportPurge { meta_node: 1, root_epoch: epoch, voters: vec![1, 2] });
+    assert_eq!(h.op(Command::GetErasure { volume: vid })["state"], "erasing");
+    h.run(Credential::System, Command::ReportPurge { meta_node: 2, root_epoch: epoch, voters: vec![1, 2] });
+    let er = h.op(Command::GetErasure { volume: vid });
+    assert_eq!(er["state"], "complete");
+    let rec = h.state().audit.records.iter().rev().find(|r| r.action == "volume.erased").expect("audit record");
+    assert!(rec.object.contains(&format!("vol-{vid}")), "{}", rec.object);
+    assert!(work_of(&mut h, n0).is_empty(), "nothing left to do");
+    // A client cannot forge a purge report.
+    let e = h.err(tok(1, "op-secret"), Command::ReportPurge { meta_node: 3, root_epoch: epoch, voters: vec![] });
+    assert_eq!(e.code, ErrorCode::Forbidden);
+}

@@ -244,3 +244,54 @@ impl Default for Settings {
         }
     }
 }
+
+/// One entry of the durable release queue: a segment replica (or one snapshot layer of it)
+/// that a storage node must release into its zeroer, and whose zeroing it must confirm.
+/// Entries stay after they are erased: they are the per-replica proof of an erasure.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    pub id: u64,
+    pub node: u64,
+    pub volume: u64,
+    pub tenant: u64,
+    pub segment: u32,
+    /// `None`: the whole segment replica; `Some(e)`: the snapshot layer of epoch `e`.
+    pub layer_epoch: Option<u64>,
+    pub reason: slate_protocol::ops::ReleaseReason,
+    pub queued_ms: u64,
+    /// When the node reported the extents journaled dirty.
+    pub released_ms: Option<u64>,
+    /// The extents the node released.
+    pub extents: Vec<u32>,
+    /// When the node reported every released extent verified zero.
+    pub erased_ms: Option<u64>,
+    pub verified_extents: u64,
+    /// Extents that failed verification repeatedly and were retired by the node.
+    pub failed_extents: u64,
+}
+
+impl Release {
+    /// The entry is still owed work by its node.
+    pub fn outstanding(&self) -> bool {
+        self.erased_ms.is_none()
+    }
+}
+
+/// A deleted volume, kept as the record of its erasure: complete only when every
+/// release of the volume is verified zero and every metadata voter purged its key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Erasure {
+    pub volume: u64,
+    pub name: String,
+    pub tenant: u64,
+    pub size_bytes: u64,
+    pub deleted_ms: u64,
+    /// The actor that deleted it (audit label).
+    pub deleted_by: String,
+    /// The root key epoch the delete ratcheted to: a metadata voter has purged the
+    /// volume's wrapped key (log, snapshots, root key file) once it reports this epoch.
+    pub root_epoch: u64,
+    /// Metadata voters when the volume was deleted.
+    pub voters: Vec<u64>,
+    pub completed_ms: Option<u64>,
+}

@@ -83,6 +83,8 @@ pub struct NodeView {
     pub allocated_bytes: u64,
     /// Segment replicas held.
     pub replicas: u64,
+    /// Release queue entries the node has not yet verified zero.
+    pub releases_outstanding: u64,
     pub disks: Vec<DiskView>,
 }
 
@@ -217,4 +219,62 @@ impl std::fmt::Debug for IssuedToken {
             .field("token_id", &self.token_id)
             .finish_non_exhaustive()
     }
+}
+
+/// One release queue entry: a replica (or layer) a node must release and zero.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ReleaseView {
+    pub id: u64,
+    pub node: u64,
+    pub node_name: String,
+    pub volume: u64,
+    pub segment: u32,
+    /// Set for a snapshot layer; absent for a whole replica.
+    pub layer_epoch: Option<u64>,
+    /// `volume_deleted`, `replica_replaced`, `replica_moved` or `snapshot_deleted`.
+    pub reason: String,
+    /// `pending` (not yet released by its node), `released` (extents journaled dirty,
+    /// zeroing under way) or `erased` (every extent verified zero).
+    pub state: String,
+    pub queued_ms: u64,
+    pub released_ms: Option<u64>,
+    pub erased_ms: Option<u64>,
+    pub extents_released: u64,
+    pub extents_verified: u64,
+    pub extents_failed: u64,
+}
+
+/// Whether one metadata voter has purged a deleted volume's key.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct VoterPurgeView {
+    pub id: u64,
+    /// The highest root epoch the voter reported purged.
+    pub purged_epoch: Option<u64>,
+    pub purged: bool,
+    /// Still a voter (false: removed since the delete).
+    pub current: bool,
+}
+
+/// A deleted volume and the progress of its erasure.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErasureView {
+    pub volume: u64,
+    pub name: String,
+    pub tenant: u64,
+    pub size_bytes: u64,
+    pub deleted_ms: u64,
+    pub deleted_by: String,
+    /// `erasing` or `complete`.
+    pub state: String,
+    pub completed_ms: Option<u64>,
+    /// The root key epoch the delete ratcheted to.
+    pub root_epoch: u64,
+    pub replicas_total: u64,
+    pub replicas_released: u64,
+    pub replicas_erased: u64,
+    pub extents_released: u64,
+    pub extents_verified: u64,
+    pub extents_failed: u64,
+    pub releases: Vec<ReleaseView>,
+    pub meta_voters: Vec<VoterPurgeView>,
 }

@@ -35,19 +35,30 @@ pub enum VolumeCmd {
     /// List volumes.
     List,
     /// Show a volume: segments, replica sets, attachments, snapshots, key age.
-    Show { volume: String },
+    Show {
+        volume: String,
+        /// Show a deleted volume's erasure instead: per replica, extents released and
+        /// verified zero; per metadata voter, whether it purged the key.
+        #[arg(long)]
+        deleted: bool,
+    },
     /// Grow a volume.
     Resize {
         volume: String,
         #[arg(long, value_parser = parse_size)]
         size: u64,
     },
-    /// Delete a volume: its key is crypto-shredded and its extents zeroed.
+    /// Delete a volume: its key is crypto-shredded, then every extent of every replica is
+    /// zeroed and verified (`slate volume show V --deleted` shows how far).
     Delete {
         volume: String,
         /// Delete even while attached.
         #[arg(long)]
         force: bool,
+        /// Block with a progress bar until every replica is verified zero and every metadata
+        /// voter purged the key.
+        #[arg(long)]
+        wait: bool,
     },
 }
 
@@ -121,7 +132,7 @@ pub enum AuditCmd {
     Verify,
 }
 
-fn print(json_out: bool, v: &Value, human: impl FnOnce(&Value) -> String) {
+pub(super) fn print(json_out: bool, v: &Value, human: impl FnOnce(&Value) -> String) {
     if json_out {
         println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
     } else {
@@ -129,7 +140,7 @@ fn print(json_out: bool, v: &Value, human: impl FnOnce(&Value) -> String) {
     }
 }
 
-fn bytes_h(n: u64) -> String {
+pub(super) fn bytes_h(n: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut x = n as f64;
     let mut i = 0;
@@ -144,7 +155,7 @@ fn bytes_h(n: u64) -> String {
     }
 }
 
-fn table(rows: &Value, cols: &[(&str, &str)]) -> String {
+pub(super) fn table(rows: &Value, cols: &[(&str, &str)]) -> String {
     let mut out = String::new();
     let items = rows.as_array().cloned().unwrap_or_default();
     let cells: Vec<Vec<String>> = items
@@ -264,6 +275,7 @@ pub async fn run(api: &ApiClient, cmd: Cmd, json_out: bool) -> Result<()> {
             });
             Ok(())
         }
+        Cmd::Erasure(c) => super::erasure::run(api, c, json_out).await,
         Cmd::Audit(AuditCmd::List) => {
             let v: Value = api.get("/v1/audit").await?;
             print(json_out, &v, |v| {
@@ -356,7 +368,11 @@ async fn volume(api: &ApiClient, cmd: VolumeCmd, json_out: bool) -> Result<()> {
                 )
             });
         }
-        VolumeCmd::Show { volume } => {
+        VolumeCmd::Show { volume, deleted: true } => {
+            let id = super::erasure::resolve_deleted(api, &volume).await?;
+            super::erasure::show(api, id, false, None, json_out).await?;
+        }
+        VolumeCmd::Show { volume, deleted: false } => {
             let id = resolve_volume(api, &volume).await?;
             let v: Value = api.get(&format!("/v1/volumes/{id}")).await?;
             print(json_out, &v, show_volume);
@@ -368,11 +384,23 @@ async fn volume(api: &ApiClient, cmd: VolumeCmd, json_out: bool) -> Result<()> {
                 format!("volume {} is now {}\n", v["id"], bytes_h(v["size_bytes"].as_u64().unwrap_or(0)))
             });
         }
-        VolumeCmd::Delete { volume, force } => {
+        VolumeCmd::Delete { volume, force, wait } => {
             let id = resolve_volume(api, &volume).await?;
             let q = if force { "?force=true" } else { "" };
             let v: Value = api.delete(&format!("/v1/volumes/{id}{q}")).await?;
-            print(json_out, &v, |_| format!("volume {id} deleted: its key is shredded; its extents will be zeroed\n"));
+            if wait {
+                if !json_out {
+                    eprintln!("volume {id} deleted: its key is shredded; waiting for every extent to be verified zero");
+                }
+                super::erasure::show(api, id, true, None, json_out).await?;
+            } else {
+                print(json_out, &v, |_| {
+                    format!(
+                        "volume {id} deleted: its key is shredded; its extents are being zeroed and verified \
+                         (follow with `slate volume show {id} --deleted`)\n"
+                    )
+                });
+            }
         }
     }
     Ok(())

@@ -7,6 +7,7 @@ pub mod api;
 pub mod attach;
 pub mod cluster;
 pub mod commands;
+pub mod erasure;
 pub mod metactl;
 pub mod procs;
 pub mod up;
@@ -72,6 +73,9 @@ pub enum Cmd {
     /// The audit chain.
     #[command(subcommand)]
     Audit(commands::AuditCmd),
+    /// Erasure of deleted volumes: per-replica zeroing and per-voter key purge.
+    #[command(subcommand)]
+    Erasure(erasure::ErasureCmd),
     /// The metadata service's status.
     Status,
 }
