@@ -211,6 +211,20 @@ impl Cluster {
         self.info().role("node").into_iter().cloned().collect()
     }
 
+    /// Starts a storage node of this cluster again (after the test killed it), as `slate up`
+    /// runs it: `slate run-node serve --config <its dir>/node.toml`, logging to
+    /// `node-<id>.restart.log` in the scratch directory. The guard stops it by PID.
+    pub fn restart_node(&self, node: &ProcessEntry) -> ProcessGuard {
+        let config = node.data.parent().expect("node dir").join("node.toml");
+        let log_path = self.scratch().join(format!("node-{}.restart.log", node.id));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).expect("node log");
+        let mut cmd = Command::new(Self::slate_bin());
+        cmd.args(["run-node", "serve", "--config"]).arg(&config).stdout(log.try_clone().expect("dup log")).stderr(log);
+        let guard = ProcessGuard::spawn(&format!("slate-node {}", node.id), &mut cmd).expect("spawn slate-node");
+        eprintln!("[cluster] restarted node {} (pid {}), log {}", node.id, guard.pid(), log_path.display());
+        guard
+    }
+
     /// A `slate` command pointed at this cluster (`--cluster DIR/cluster.json`).
     pub fn slate(&self) -> Command {
         let mut c = Command::new(Self::slate_bin());

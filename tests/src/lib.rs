@@ -8,6 +8,7 @@
 //! guard signals exactly the PID it spawned.
 
 pub mod cluster;
+pub mod disk;
 
 use rustix::process::{kill_process, Pid, Signal};
 use std::net::{SocketAddr, TcpListener, TcpStream};

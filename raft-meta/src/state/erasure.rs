@@ -247,6 +247,7 @@ impl MetaState {
             extents_released: r.extents.len() as u64,
             extents_verified: r.verified_extents,
             extents_failed: r.failed_extents,
+            extents: r.extents.clone(),
         }
     }
 

@@ -242,6 +242,8 @@ pub struct ReleaseView {
     pub extents_released: u64,
     pub extents_verified: u64,
     pub extents_failed: u64,
+    /// The ids of the released extents on the node's disk.
+    pub extents: Vec<u32>,
 }
 
 /// Whether one metadata voter has purged a deleted volume's key.

@@ -355,6 +355,23 @@ pub fn format(path: &Path, opts: &FormatOptions) -> Result<FormatReport, EngineE
     })
 }
 
+/// The geometry of a formatted disk, from its first superblock, without opening it
+/// (buffered read: the superblock never changes after format). For tools and tests
+/// that look at a disk file from outside, e.g. to tell data blocks from metadata.
+pub fn read_geometry(path: &std::path::Path) -> Result<FormatReport, EngineError> {
+    use std::io::Read;
+    let mut b = vec![0u8; ALIGN];
+    std::fs::File::open(path)?.read_exact(&mut b)?;
+    let sb = Superblock::decode(&b)?;
+    Ok(FormatReport {
+        capacity_bytes: sb.extent_count * sb.extent_blocks * BLOCK,
+        extent_size_bytes: sb.extent_blocks * BLOCK,
+        extent_count: sb.extent_count,
+        data_start_bytes: sb.data_start * BLOCK,
+        metadata_bytes: sb.metadata_bytes(),
+    })
+}
+
 /// Reads the superblock: copy A, else copy B (at the last block). Repairs a bad copy.
 pub fn read_superblock(disk: &mut Disk) -> Result<Superblock, EngineError> {
     let mut a = AlignedBuf::zeroed(ALIGN);

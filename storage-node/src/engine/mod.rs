@@ -41,7 +41,7 @@ use std::sync::{mpsc, Arc, RwLock};
 use std::thread::JoinHandle;
 use tokio::sync::oneshot;
 
-pub use layout::{FormatReport, DEFAULT_EXTENT_SIZE_BYTES, DEFAULT_JOURNAL_BYTES};
+pub use layout::{read_geometry, FormatReport, DEFAULT_EXTENT_SIZE_BYTES, DEFAULT_JOURNAL_BYTES};
 
 /// Epoch value that names a segment's writable head layer in [`EngineHandle::changed_blocks`]
 /// and [`EngineHandle::read_at`] (`to = HEAD_EPOCH` means "up to and including the head").
