@@ -58,7 +58,7 @@ pub fn nonzero_prints(path: &Path, from: u64) -> HashSet<u128> {
 }
 
 /// How many blocks of `path` (anywhere) have a fingerprint in `prints`.
-pub fn count_present(path: &Path, prints: &HashSet<u128>) -> usize {
+pub fn count_present<S: std::hash::BuildHasher>(path: &Path, prints: &HashSet<u128, S>) -> usize {
     let mut n = 0;
     for_each_block(path, 0, |_, b| {
         if prints.contains(&fingerprint(b)) {
