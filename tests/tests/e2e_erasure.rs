@@ -112,7 +112,7 @@ fn released_extents(v: &Value) -> HashSet<(String, u64)> {
         .flatten()
         .flat_map(|r| {
             let node = r["node_name"].as_str().unwrap_or_default().to_owned();
-            r["extents"].as_array().into_iter().flatten().filter_map(|e| e.as_u64()).map(move |e| (node.clone(), e))
+            r["extents"].as_array().into_iter().flatten().filter_map(Value::as_u64).map(move |e| (node.clone(), e))
         })
         .collect()
 }
