@@ -146,7 +146,17 @@ fn write_for(w: &AckedWriter, d: Duration, what: &str) {
 #[test]
 fn meta_leader_then_node_killed_under_qd32_writes() {
     let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let cluster = Cluster::start("e2e-meta-failover-a", opts());
+    let mut cluster = Cluster::start("e2e-meta-failover-a", opts());
+    // The case: the leader is the API `slate attach` was given first (and talks to). Which node
+    // wins an election is chance; a few restarts make that case likely, and the test runs either way.
+    for _ in 0..6 {
+        let l = meta_leader(&cluster);
+        if cluster.info().api.ends_with(&l.addr) {
+            break;
+        }
+        eprintln!("the leader is meta-{}, not the client's first API {}; restarting", l.id, cluster.info().api);
+        cluster.restart();
+    }
     let seed = slate_tests::seed_from_env("SLATE_META_FAILOVER_SEED");
     let before = cluster.volume_show("demo");
     eprintln!("placement: {}", placement(&before));
@@ -154,10 +164,11 @@ fn meta_leader_then_node_killed_under_qd32_writes() {
     let w = start_writer(&cluster, seed);
     let leader = meta_leader(&cluster);
     eprintln!(
-        "[{:>5.1} s] kill -9 the metadata leader meta-{} (pid {})",
+        "[{:>5.1} s] kill -9 the metadata leader meta-{} (pid {}; the client's first API: {})",
         w.elapsed().as_secs_f64(),
         leader.id,
-        leader.pid
+        leader.pid,
+        cluster.info().api.ends_with(&leader.addr)
     );
     kill9(leader.pid);
     write_for(&w, Duration::from_secs(6), "leader dead");
