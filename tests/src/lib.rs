@@ -7,6 +7,7 @@
 //! binaries across packages) in one place. No helper ever kills by name: a
 //! guard signals exactly the PID it spawned.
 
+pub mod acked;
 pub mod cluster;
 pub mod disk;
 

@@ -22,6 +22,7 @@ use slate_node::client::NodeClient;
 use slate_protocol::{Epoch, Generation, NodeId, Reply, Request, SegmentIndex, SignedCapability, Target, VolumeId};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tracing::{info, warn};
 use zeroize::Zeroizing;
 
@@ -161,7 +162,13 @@ async fn assign(set: &SegmentReplicas, cap: &SignedCapability, segment_blocks: u
     Ok(())
 }
 
-/// The volume engine's control plane over slate-meta's API.
+/// How long a control-plane call keeps trying the metadata nodes (an
+/// election takes seconds; the capability TTL and the write stall timeout are
+/// much longer).
+pub const CONTROL_PATIENCE: Duration = Duration::from_mins(1);
+
+/// The volume engine's control plane over slate-meta's API. Every call tries
+/// every metadata node and rides through an election (see [`ApiClient::patient`]).
 #[derive(Debug)]
 pub struct MetaControl {
     api: ApiClient,
@@ -247,6 +254,8 @@ impl ControlPlane for MetaControl {
 
 /// Attaches and serves until a signal; detaches on the way out.
 pub async fn run(api: ApiClient, args: AttachArgs) -> Result<()> {
+    // From here on every call rides through the loss of a metadata node or an election.
+    let api = api.patient(CONTROL_PATIENCE);
     if args.nbd_unix.is_none() && args.nbd_tcp.is_none() {
         bail!("give --nbd-unix PATH and/or --nbd-tcp ADDR to serve the volume");
     }

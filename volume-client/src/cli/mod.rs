@@ -23,9 +23,11 @@ pub struct Cli {
     /// The cluster file written by `slate up` (default: ./slate-data/cluster.json).
     #[arg(long, global = true, env = "SLATE_CLUSTER")]
     pub cluster: Option<PathBuf>,
-    /// The management API (overrides the cluster file), e.g. https://127.0.0.1:7443.
-    #[arg(long, global = true, env = "SLATE_API")]
-    pub cluster_api: Option<String>,
+    /// The management API of a metadata node (overrides the cluster file), e.g. https://127.0.0.1:7443.
+    /// Repeat it, or separate addresses with commas, to name every metadata node: calls go to
+    /// whichever answers (the leader first, once known).
+    #[arg(long, global = true, env = "SLATE_API", value_delimiter = ',', action = clap::ArgAction::Append)]
+    pub cluster_api: Vec<String>,
     /// CA certificate (PEM) to trust for the API (with --cluster-api).
     #[arg(long, global = true, env = "SLATE_CA")]
     pub ca: Option<PathBuf>,
@@ -83,10 +85,10 @@ pub enum Cmd {
 impl Cli {
     /// An API client from the flags or the cluster file.
     pub fn api(&self) -> Result<api::ApiClient> {
-        if let Some(url) = &self.cluster_api {
+        if !self.cluster_api.is_empty() {
             let ca = self.ca.as_ref().ok_or_else(|| anyhow::anyhow!("--cluster-api needs --ca"))?;
             let tok = self.token_file.as_ref().ok_or_else(|| anyhow::anyhow!("--cluster-api needs --token-file"))?;
-            return api::ApiClient::new(vec![url.clone()], ca, tok);
+            return api::ApiClient::new(self.cluster_api.clone(), ca, tok);
         }
         let (_, file) = cluster::ClusterFile::locate(self.cluster.as_deref())?;
         let mut bases = vec![file.api.clone()];
@@ -126,4 +128,27 @@ fn run(cli: Cli) -> Result<()> {
             other => commands::run(&api, other, cli.json).await,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_api_is_repeatable_and_comma_separated() {
+        let cli = Cli::try_parse_from([
+            "slate",
+            "--cluster-api",
+            "https://127.0.0.1:1,https://127.0.0.1:2",
+            "--cluster-api",
+            "https://127.0.0.1:3",
+            "attach",
+            "demo",
+        ])
+        .expect("parses");
+        assert_eq!(cli.cluster_api, ["https://127.0.0.1:1", "https://127.0.0.1:2", "https://127.0.0.1:3"]);
+        // After the subcommand too (a global flag).
+        let cli = Cli::try_parse_from(["slate", "status", "--cluster-api", "https://a:1,https://b:2"]).expect("parses");
+        assert_eq!(cli.cluster_api, ["https://a:1", "https://b:2"]);
+    }
 }

@@ -228,9 +228,11 @@ pub fn run(args: UpArgs) -> Result<()> {
         // The client: `slate attach` in its own process, serving NBD.
         let sock = dir.join("nbd.sock");
         let mut cmd = self_cmd();
-        cmd.arg("--cluster-api")
-            .arg(layout.api_url(st.meta[0].id))
-            .arg("--ca")
+        // Every metadata node: the client must ride through the loss of any one of them.
+        for m in &st.meta {
+            cmd.arg("--cluster-api").arg(layout.api_url(m.id));
+        }
+        cmd.arg("--ca")
             .arg(layout.ca_path())
             .arg("--token-file")
             .arg(layout.host_token_path())

@@ -31,6 +31,7 @@
 use super::control::ControlPlane;
 use super::deps::{DepTracker, LockMode};
 use super::error::VolumeError;
+use super::intents::IntentTracker;
 use super::layout::{ReplicaRole, VolumeLayout};
 use super::link::{Connector, LinkError, NodeLink};
 use super::rebuild::{self, RebuildCtx, RebuildGrant};
@@ -39,7 +40,7 @@ use super::runs::{self, check_data};
 use super::status::{Counters, SegmentStatus, VolumeStatus};
 use super::VolumeConfig;
 use bytes::Bytes;
-use slate_protocol::message::{BlockRange, MAX_IO_BLOCKS, MAX_RANGE_BLOCKS};
+use slate_protocol::message::{BlockRange, MAX_IO_BLOCKS, MAX_RANGES, MAX_RANGE_BLOCKS};
 use slate_protocol::{BlockIndex, ErrorKind, NodeId, Reply, Request, SegmentIndex, SignedCapability, Target};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -137,6 +138,10 @@ pub enum Event {
         links: Vec<(NodeId, Arc<dyn NodeLink>)>,
     },
     RenewFailed(String),
+    /// The nodes' recorded write intents, for a round of clearing.
+    IntentsSeen {
+        per_node: Vec<(NodeId, Vec<BlockRange>)>,
+    },
 }
 
 /// Which part of an operation a reply is for.
@@ -307,6 +312,12 @@ pub struct Actor {
     progress_reported: HashMap<(SegmentIndex, NodeId), Instant>,
     /// Replacement requests per segment since its last finished rebuild (for backoff).
     replacement_attempts: HashMap<SegmentIndex, u32>,
+    /// Regions touched and regions never to clear (periodic intent clearing).
+    intents: IntentTracker,
+    /// When the next round of intent clearing starts; `None` while one runs.
+    intent_round_at: Option<Instant>,
+    /// Members per segment when healthy (as attached): fewer means a replica is missing.
+    full_size: Vec<usize>,
 }
 
 impl std::fmt::Debug for Actor {
@@ -327,6 +338,8 @@ pub async fn run(init: Init, cmds: mpsc::Receiver<Cmd>) {
     let target = Target { volume: init.layout.volume, generation: init.layout.generation };
     let writable = init.capability.claims.rights.contains(slate_protocol::Rights::WRITE);
     let renew = renew_at(slate_protocol::now_unix_secs(), init.capability.claims.expires_unix_secs);
+    let full_size: Vec<usize> = sets.iter().map(|s| s.members().len().max(MIN_COPIES)).collect();
+    let intent_round_at = Some(Instant::now() + init.cfg.intent_clear_interval);
     let mut actor = Actor {
         layout: init.layout,
         target,
@@ -353,6 +366,9 @@ pub async fn run(init: Init, cmds: mpsc::Receiver<Cmd>) {
         retired: Vec::new(),
         progress_reported: HashMap::new(),
         replacement_attempts: HashMap::new(),
+        intents: IntentTracker::new(),
+        intent_round_at,
+        full_size,
     };
     for (node, why) in init.down {
         actor.node_failed(node, &why);
@@ -583,6 +599,11 @@ impl Actor {
         permit: Option<Budget>,
         reply: Responder<()>,
     ) {
+        self.intents.touch(start, count);
+        if pieces.iter().any(|p| !self.segment_healthy(p.piece.segment)) {
+            // A replica is missing or catching up: this region may end up different on the replicas.
+            self.intents.make_sticky(start, count);
+        }
         let remaining = pieces.len();
         let op = WriteOp { pieces, remaining, reply: Some(reply), failed: None, waiting_since: None };
         self.enqueue(start, count, LockMode::Exclusive, OpKind::Write(op), permit);
@@ -922,6 +943,11 @@ impl Actor {
             );
         }
         if w.remaining == 0 {
+            if w.failed.is_some() {
+                for p in &w.pieces {
+                    self.intents.make_sticky(p.piece.start, p.piece.count);
+                }
+            }
             if let Some(reply) = w.reply.take() {
                 let _ = reply.send(w.failed.take().map_or(Ok(()), Err));
             }
@@ -975,6 +1001,14 @@ impl Actor {
         }
         warn!(volume = %self.target.volume, %node, %why, "replica failed; asking for a replacement");
         self.links.remove(&node);
+        // Writes in flight or queued may now land on some replicas only: their regions stay recorded.
+        for op in self.ops.values() {
+            if let OpKind::Write(w) = &op.kind {
+                for p in &w.pieces {
+                    self.intents.make_sticky(p.piece.start, p.piece.count);
+                }
+            }
+        }
         self.counters.node_failures += 1;
         let segs: Vec<SegmentIndex> =
             self.sets.iter_mut().filter_map(|s| s.remove(node).then_some(s.segment)).collect();
@@ -1380,6 +1414,7 @@ impl Actor {
             Event::Fatal(e) => self.go_fatal(e),
             Event::Renewed { capability, links } => self.on_renewed(capability, links),
             Event::RenewFailed(why) => self.on_renew_failed(&why),
+            Event::IntentsSeen { per_node } => self.on_intents_seen(per_node),
         }
     }
 
@@ -1460,6 +1495,7 @@ impl Actor {
     /// Fails writes that have waited too long for a second copy (a replacement that never comes).
     fn on_tick(&mut self) {
         self.renew_if_due();
+        self.clear_intents_if_due();
         let limit = self.cfg.stall_timeout;
         let stuck: Vec<u64> = self
             .ops
@@ -1480,6 +1516,117 @@ impl Actor {
             for i in 0..self.write_piece_count(id) {
                 self.check_write_piece(id, i);
             }
+        }
+    }
+
+    /// True when every member of the segment is in sync, none is missing and no replacement is pending.
+    fn segment_healthy(&self, segment: SegmentIndex) -> bool {
+        let Some(set) = self.set(segment) else { return false };
+        let full = self.full_size.get(segment.0 as usize).copied().unwrap_or(MIN_COPIES);
+        set.members().len() >= full
+            && set.members().iter().all(|m| m.role == ReplicaRole::InSync && !self.dead.contains(&m.node))
+            && !self.replacing.iter().any(|(s, _)| *s == segment)
+            && !self.rebuilds.keys().any(|(s, _)| *s == segment)
+    }
+
+    /// Starts a round of intent clearing when due: asks every node for its recorded regions.
+    fn clear_intents_if_due(&mut self) {
+        let interval = self.cfg.intent_clear_interval;
+        if interval.is_zero() || !self.writable || self.fatal.is_some() || self.closing.is_some() {
+            return;
+        }
+        if self.intent_round_at.is_none_or(|at| Instant::now() < at) {
+            return;
+        }
+        self.intent_round_at = None;
+        let mut nodes: Vec<NodeId> = self
+            .sets
+            .iter()
+            .filter(|s| self.segment_healthy(s.segment))
+            .flat_map(|s| s.members().iter().map(|m| m.node))
+            .collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        let links: Vec<(NodeId, Arc<dyn NodeLink>)> =
+            nodes.into_iter().filter_map(|n| self.links.get(&n).map(|l| (n, Arc::clone(l)))).collect();
+        let req = Request::WriteIntents { target: self.target };
+        let asks: Vec<(NodeId, super::link::BoxFuture<Result<Reply, LinkError>>)> =
+            links.iter().map(|(n, l)| (*n, l.start(&req))).collect();
+        let tx = self.events_tx.clone();
+        let timeout = self.cfg.request_timeout;
+        let h = tokio::spawn(async move {
+            let mut per_node = Vec::new();
+            for (node, fut) in asks {
+                match classify(tokio::time::timeout(timeout, fut).await.unwrap_or(Err(LinkError::Timeout))) {
+                    Outcome::Ok(Reply::Ranges(r)) => per_node.push((node, r)),
+                    Outcome::Fatal(e) => {
+                        let _ = tx.send(Event::Fatal(e));
+                        return;
+                    }
+                    // The data path notices a node that is down; this round just leaves it out.
+                    other => debug!(%node, ?other, "write intents not available"),
+                }
+            }
+            let _ = tx.send(Event::IntentsSeen { per_node });
+        });
+        self.helpers.retain(|h| !h.is_finished());
+        self.helpers.push(h);
+    }
+
+    /// Ends a round of intent clearing: clears, on each node, the recorded regions that are cold.
+    fn on_intents_seen(&mut self, per_node: Vec<(NodeId, Vec<BlockRange>)>) {
+        self.intent_round_at = Some(Instant::now() + self.cfg.intent_clear_interval);
+        let touched = self.intents.take_touched();
+        if self.fatal.is_some() || !self.writable {
+            return;
+        }
+        let busy = self.deps.ranges();
+        let volume_blocks = self.layout.volume_blocks();
+        let mut sent = 0u64;
+        for (node, ranges) in per_node {
+            if self.dead.contains(&node) {
+                continue;
+            }
+            let Some(link) = self.links.get(&node).cloned() else { continue };
+            let mut clear: Vec<BlockRange> = Vec::new();
+            for r in ranges {
+                let (a, b) = (r.start.0.min(volume_blocks), r.start.0.saturating_add(r.count).min(volume_blocks));
+                if a >= b {
+                    continue;
+                }
+                for piece in runs::split(a, b - a, self.layout.segment_blocks, u64::MAX) {
+                    let in_sync_member =
+                        self.set(piece.segment).and_then(|s| s.role(node)) == Some(ReplicaRole::InSync);
+                    if !in_sync_member || !self.segment_healthy(piece.segment) {
+                        continue;
+                    }
+                    for (x, y) in self.intents.clearable(piece.start, piece.start + piece.count, &touched, &busy) {
+                        clear.push(BlockRange { start: BlockIndex(x), count: y - x });
+                    }
+                }
+            }
+            if clear.is_empty() {
+                continue;
+            }
+            debug!(volume = %self.target.volume, %node, ranges = clear.len(), "clearing write intents of quiet regions");
+            for batch in clear.chunks(MAX_RANGES) {
+                sent += batch.len() as u64;
+                // Sent now, so that the node orders it before any later write of this session.
+                let fut = link.start(&Request::ClearIntents { target: self.target, ranges: batch.to_vec() });
+                let tx = self.events_tx.clone();
+                let timeout = self.cfg.request_timeout;
+                tokio::spawn(async move {
+                    match classify(tokio::time::timeout(timeout, fut).await.unwrap_or(Err(LinkError::Timeout))) {
+                        Outcome::Ok(_) => {}
+                        Outcome::Fatal(e) => drop(tx.send(Event::Fatal(e))),
+                        other => debug!(%node, ?other, "clearing write intents failed; they stay recorded"),
+                    }
+                });
+            }
+        }
+        if sent > 0 {
+            self.counters.intent_clear_rounds += 1;
+            self.counters.intent_ranges_cleared += sent;
         }
     }
 

@@ -98,6 +98,11 @@ impl DepTracker {
         self.entries.get(&id).is_some_and(|e| e.granted)
     }
 
+    /// The ranges `[start, end)` of every operation in the table (granted and waiting).
+    pub fn ranges(&self) -> Vec<(u64, u64)> {
+        self.entries.values().map(|e| (e.start, e.end)).collect()
+    }
+
     /// Operations in the table (granted and waiting).
     pub fn len(&self) -> usize {
         self.entries.len()

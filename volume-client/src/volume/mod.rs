@@ -30,12 +30,14 @@
 //! | `actor.rs` | the task that owns the volume: fan-out, repair, failover, fencing |
 //! | `rebuild.rs` | filling a new replica under range locks |
 //! | `reconcile.rs` | write-intent reconciliation at open |
+//! | `intents.rs` | which intent regions may be cleared while serving |
 //! | `status.rs` | what `slate volume show` prints |
 
 pub mod actor;
 pub mod control;
 pub mod deps;
 pub mod error;
+pub mod intents;
 pub mod layout;
 pub mod link;
 pub mod node_link;
@@ -85,6 +87,9 @@ pub struct VolumeConfig {
     pub queue_depth: usize,
     /// Blocks copied per range lock during a rebuild.
     pub rebuild_chunk_blocks: u32,
+    /// How often the nodes' write intents of quiet, healthy regions are cleared
+    /// (see `intents.rs`); zero turns it off (intents then wait for the next attach).
+    pub intent_clear_interval: Duration,
 }
 
 impl Default for VolumeConfig {
@@ -97,6 +102,7 @@ impl Default for VolumeConfig {
             max_in_flight_ops: 1024,
             queue_depth: 1024,
             rebuild_chunk_blocks: 256,
+            intent_clear_interval: Duration::from_secs(15),
         }
     }
 }

@@ -17,8 +17,9 @@
 //!
 //! This is only as good as the nodes' intent records: a region must stay
 //! recorded on a node until every replica has the write. slate-node keeps
-//! every intent, across its own crashes and clean stops, until it is cleared
-//! here (lazy clearing after `intent_idle_clear_secs` is off by default,
+//! every intent, across its own crashes and clean stops, until a client clears
+//! it: here, or while serving for regions that stayed quiet on healthy
+//! segments (`intents.rs`) (lazy clearing after `intent_idle_clear_secs` is off by default,
 //! because a client that died with a write on one replica and re-attaches
 //! later would find no intent for that region).
 
