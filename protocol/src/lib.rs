@@ -4,6 +4,7 @@
 //! same bytes.
 
 pub mod capability;
+pub mod certificate;
 pub mod frame;
 pub mod ids;
 pub mod message;

@@ -43,6 +43,46 @@ pub struct ReleaseTask {
     pub extents: Vec<u32>,
 }
 
+/// A drain's copy of one segment replica onto this node (the target), from a
+/// source node, for a volume that no client has attached read-write. The copy
+/// carries the volume's generation: a client that attaches meanwhile bumps it,
+/// the nodes then refuse the mover's writes, and the client's own rebuild takes over.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopyTask {
+    /// The move's id (what the report names).
+    pub id: u64,
+    pub volume: u64,
+    pub segment: u32,
+    /// Blocks per segment of the volume (for the assignment).
+    pub segment_blocks: u64,
+    /// First block of the segment in the volume, and its length in blocks.
+    pub first_block: u64,
+    pub blocks: u64,
+    pub generation: u64,
+    pub source_node: u64,
+    pub source_addr: String,
+    /// A capability for the volume on the source and this node (filled in by the API).
+    #[serde(default)]
+    pub capability: String,
+}
+
+/// A disk to overwrite, verify and retire.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecommissionTask {
+    pub disk: u64,
+    pub disk_name: String,
+}
+
+/// A scrub to run now on this node (requested by an operator).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScrubRequest {
+    /// Increases with every request: a node runs a scrub for each new id once.
+    pub id: u64,
+}
+
 /// What slate-meta asks a node to do, returned with every heartbeat.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,6 +90,13 @@ pub struct NodeWork {
     /// Releases that are not yet verified zero, oldest first.
     #[serde(default)]
     pub releases: Vec<ReleaseTask>,
+    /// Drain copies onto this node.
+    #[serde(default)]
+    pub copies: Vec<CopyTask>,
+    #[serde(default)]
+    pub decommission: Option<DecommissionTask>,
+    #[serde(default)]
+    pub scrub: Option<ScrubRequest>,
 }
 
 /// A heartbeat's reply.
@@ -73,6 +120,88 @@ pub enum ReleaseReport {
     /// (`verified`), except `failed` extents that failed verification repeatedly
     /// and were retired (never allocated again).
     Erased { verified: u64, failed: u64 },
+}
+
+/// A mover's report on one copy: `POST /v1/nodes/{node}/moves/{id}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case", deny_unknown_fields)]
+pub enum MoveReport {
+    Progress {
+        done_blocks: u64,
+        total_blocks: u64,
+    },
+    /// Every written block of the source is on this node, under `generation`.
+    Copied {
+        blocks_copied: u64,
+        generation: u64,
+    },
+    /// The copy stopped (e.g. a client attached and fenced it); slate-meta decides what next.
+    Failed {
+        message: String,
+    },
+}
+
+/// How a disk was erased and verified, as the node measured it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EraseSummary {
+    pub device_path: String,
+    /// `file` or `block_device`.
+    pub device_kind: String,
+    pub size_bytes: u64,
+    /// Identity of the device: serial, model, major:minor, inode, backing file, ...
+    pub identity: std::collections::BTreeMap<String, String>,
+    /// `zero-range`, `blkzeroout` or `overwrite`.
+    pub method: String,
+    pub technique: String,
+    pub bytes_written: u64,
+    pub bytes_verified: u64,
+    pub mismatched_bytes: u64,
+    #[serde(default)]
+    pub first_mismatch_offset: Option<u64>,
+    pub started_ms: u64,
+    pub finished_ms: u64,
+    pub tool: String,
+    pub tool_version: String,
+}
+
+/// A node's report on a decommission: `POST /v1/disks/{disk}/decommission-report`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DecommissionReport {
+    /// `stage` is `overwrite` or `verify`.
+    Progress {
+        stage: String,
+        bytes_done: u64,
+        bytes_total: u64,
+    },
+    Done {
+        erase: EraseSummary,
+    },
+    Failed {
+        message: String,
+    },
+}
+
+/// A node's scrub progress: `POST /v1/nodes/{node}/scrub-report`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScrubReport {
+    /// The operator request this pass answers (0: a background pass).
+    pub scrub_id: u64,
+    pub running: bool,
+    pub started_ms: u64,
+    #[serde(default)]
+    pub finished_ms: Option<u64>,
+    pub segments_done: u64,
+    pub segments_total: u64,
+    pub blocks_checked: u64,
+    /// Blocks whose stored crc32c did not match their data.
+    pub corrupt_found: u64,
+    /// Of those, rewritten from a peer replica's good copy.
+    pub repaired: u64,
+    /// Of those, not repairable now (no good copy reachable); retried next pass.
+    pub unrepaired: u64,
 }
 
 /// Most extents one release report may name (a 16 GiB segment of 4 MiB extents

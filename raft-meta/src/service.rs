@@ -110,15 +110,21 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyh
     result
 }
 
+/// How often the leader pushes running drains along (start moves, finish moves).
+const DRAIN_STEP_EVERY: Duration = Duration::from_secs(2);
+
 async fn leader_duties(state: Arc<ApiState>, bootstrap_hash: Option<String>, sweep_every: Duration) {
     let mut last_sweep = Instant::now();
+    let mut last_drain = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_millis(300)).await;
         if state.handle.status().role != Role::Leader {
             continue;
         }
-        let Ok((bootstrapped, sweep_due)) =
-            state.handle.read(|sm| (sm.state().bootstrapped, sm.state().sweep_due(api::now_ms()))).await
+        let Ok((bootstrapped, sweep_due, drain_due)) = state
+            .handle
+            .read(|sm| (sm.state().bootstrapped, sm.state().sweep_due(api::now_ms()), sm.state().drain_due()))
+            .await
         else {
             continue;
         };
@@ -130,6 +136,12 @@ async fn leader_duties(state: Arc<ApiState>, bootstrap_hash: Option<String>, swe
                 }
             }
             continue;
+        }
+        if drain_due && last_drain.elapsed() >= DRAIN_STEP_EVERY {
+            last_drain = Instant::now();
+            if let Err(e) = propose_system(&state, Command::DrainStep).await {
+                tracing::warn!(error = %e, "drain step proposal failed");
+            }
         }
         if sweep_due && last_sweep.elapsed() >= sweep_every {
             last_sweep = Instant::now();

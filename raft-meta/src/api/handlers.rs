@@ -85,6 +85,7 @@ async fn simple(s: &ApiState, caller: &Caller, cmd: Command) -> JsonResult {
 async fn openapi_json() -> impl IntoResponse {
     let mut doc = super::ApiDoc::openapi();
     doc.merge(super::erasure::ErasureDoc::openapi());
+    doc.merge(super::operations::OperationsDoc::openapi());
     Json(doc)
 }
 
@@ -372,7 +373,9 @@ async fn get_node(State(s): S, caller: Caller, ApiPath(id): ApiPath<u64>) -> Jso
     description = "Marks the storage node alive (operators or hosts). A node silent longer than the heartbeat timeout is marked down and its replicas are re-placed.",
     responses((status = 200), (status = "4XX", body = ErrorBody)))]
 async fn heartbeat(State(s): S, caller: Caller, ApiPath(id): ApiPath<u64>) -> JsonResult {
-    simple(&s, &caller, Command::Heartbeat { node: id }).await
+    let mut body = s.call(&caller, Command::Heartbeat { node: id }).await?.body;
+    super::operations::sign_copy_tasks(&s, id, &mut body)?;
+    Ok(Json(body))
 }
 
 #[utoipa::path(post, path = "/v1/nodes/{id}/state", tag = "nodes", security(("bearer" = [])), params(("id" = u64, Path)),
@@ -544,7 +547,7 @@ impl std::fmt::Debug for AttachReply {
     }
 }
 
-fn sign(s: &ApiState, c: &CapabilityClaims) -> Result<CapabilityView, ApiError> {
+pub(super) fn sign(s: &ApiState, c: &CapabilityClaims) -> Result<CapabilityView, ApiError> {
     if c.nodes.is_empty() || c.nodes.len() > MAX_SCOPE_NODES {
         return Err(ApiError::new(
             ErrorCode::Unsatisfiable,

@@ -15,6 +15,7 @@
 
 mod erasure;
 mod handlers;
+mod operations;
 
 use crate::consensus::{ConsensusError, ConsensusHandle};
 use crate::keys::hash_secret;
@@ -61,6 +62,7 @@ impl std::fmt::Debug for ApiState {
 pub fn router(state: Arc<ApiState>, max_body_bytes: usize) -> axum::Router {
     handlers::routes()
         .merge(erasure::routes())
+        .merge(operations::routes())
         .fallback(handlers::not_found)
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), count_status))

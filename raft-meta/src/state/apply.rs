@@ -9,8 +9,8 @@ use super::command::{
     RegisterNodeRequest, Response, UpdateSettingsRequest,
 };
 use super::types::{
-    Access, AttachMode, Attachment, Disk, Grant, NodeState, Principal, Replica, ReplicaState, Role, Segment, Snapshot,
-    StorageNode, Tenant, Token, Volume,
+    Access, AttachMode, Attachment, Disk, DiskState, Grant, NodeState, Principal, Replica, ReplicaState, Role, Segment,
+    Snapshot, StorageNode, Tenant, Token, Volume,
 };
 use super::view::{
     AttachGrant, AttachmentView, AuditPage, CapabilityClaims, DekInfo, DiskView, GrantView, IssuedToken, NodeView,
@@ -245,7 +245,7 @@ impl MetaState {
         if matches!(env.credential, Credential::System) {
             return self.apply_system(now, cmd);
         }
-        if matches!(cmd, Command::Bootstrap { .. } | Command::Tick | Command::ReportPurge { .. }) {
+        if matches!(cmd, Command::Bootstrap { .. } | Command::Tick | Command::ReportPurge { .. } | Command::DrainStep) {
             return Applied {
                 response: Response::Err(Refusal::forbidden("system command from a client")),
                 shredded: false,
@@ -327,6 +327,10 @@ impl MetaState {
             }
             Command::ReportPurge { meta_node, root_epoch, voters } => {
                 self.report_purge(now, *meta_node, *root_epoch, voters)
+            }
+            Command::DrainStep => {
+                self.drain_step(now);
+                Ok(serde_json::Value::Null)
             }
             // Only the leader duties and purge reports run as the system; nothing else may borrow its authority.
             _ => Err(Refusal::forbidden("only bootstrap and liveness sweeps run as the system")),
@@ -438,7 +442,7 @@ impl MetaState {
 
     fn execute(&mut self, ctx: &mut Ctx, cmd: &Command, root: &mut RootKey) -> Res {
         match cmd {
-            Command::Bootstrap { .. } | Command::Tick | Command::ReportPurge { .. } => {
+            Command::Bootstrap { .. } | Command::Tick | Command::ReportPurge { .. } | Command::DrainStep => {
                 Err(Refusal::forbidden("system command"))
             }
             Command::WhoAmI => {
@@ -767,13 +771,21 @@ impl MetaState {
                         registered_ms: ctx.now,
                         last_heartbeat_ms: ctx.now,
                         allocated_bytes: 0,
+                        drain: None,
                     },
                 );
                 for d in &req.disks {
                     let did = take(&mut self.next.disk);
                     self.disks.insert(
                         did,
-                        Disk { id: did, node: nid, name: d.name.clone(), capacity_bytes: d.capacity_bytes },
+                        Disk {
+                            id: did,
+                            node: nid,
+                            name: d.name.clone(),
+                            capacity_bytes: d.capacity_bytes,
+                            state: DiskState::Active,
+                            decommission: None,
+                        },
                     );
                 }
                 json(&self.node_view(nid)?)
@@ -789,7 +801,7 @@ impl MetaState {
             }
             Command::ListDisks => {
                 require_operator(&ctx.actor)?;
-                let list: Vec<DiskView> = self.disks.values().map(disk_view).collect();
+                let list: Vec<DiskView> = self.disks.values().map(|d| self.disk_view(d)).collect();
                 json(&list)
             }
             Command::Heartbeat { node } => {
@@ -805,7 +817,11 @@ impl MetaState {
                     ctx.skip_audit = true;
                 }
                 let state = n.state;
-                json(&serde_json::json!({"node": node, "state": state, "work": self.node_work(*node)}))
+                let mut work = self.node_work(*node);
+                work.copies = self.copy_tasks(*node);
+                work.decommission = self.decommission_task(*node);
+                work.scrub = self.scrub_request(*node);
+                json(&serde_json::json!({"node": node, "state": state, "work": work}))
             }
             Command::SetNodeState { node, req } => {
                 require_operator(&ctx.actor)?;
@@ -905,8 +921,10 @@ impl MetaState {
                 for r in &mut seg.replicas {
                     if r.node == req.node {
                         r.state = ReplicaState::InSync;
+                        r.rebuild_done_blocks = r.rebuild_total_blocks;
                     }
                 }
+                self.finish_moves(ctx.now);
                 let v = &self.volumes[volume];
                 json(&self.segment_view(v, &v.segments[req.segment as usize]))
             }
@@ -997,6 +1015,30 @@ impl MetaState {
             Command::ReportRelease { node, release, report } => self.report_release(ctx, *node, *release, report),
             Command::ListReleases { node } => self.list_releases(ctx, *node),
             Command::ListErasures => self.list_erasures(ctx),
+            Command::DrainNode { node } => self.drain_node(ctx, *node),
+            Command::DrainDisk { disk } => {
+                let node = self.disks.get(disk).ok_or_else(|| Refusal::not_found(format!("no disk {disk}")))?.node;
+                self.drain_node(ctx, node)
+            }
+            Command::GetDrain { node } => {
+                require_operator(&ctx.actor)?;
+                let node = self.node_id_of(*node)?;
+                json(&self.drain_view(node))
+            }
+            Command::ReportMove { node, id, report } => self.report_move(ctx, *node, *id, report),
+            Command::RebuildProgress { volume, req } => self.rebuild_progress(ctx, *volume, req),
+            Command::DecommissionDisk { disk } => self.decommission_disk(ctx, *disk),
+            Command::GetDecommission { disk } => {
+                require_operator(&ctx.actor)?;
+                if !self.disks.contains_key(disk) {
+                    return Err(Refusal::not_found(format!("no disk {disk}")));
+                }
+                json(&self.decommission_view(*disk))
+            }
+            Command::ReportDecommission { disk, report } => self.report_decommission(ctx, *disk, report),
+            Command::GetCertificate { disk } => self.certificate(ctx, *disk),
+            Command::RequestScrub { node } => self.request_scrub(ctx, *node),
+            Command::ReportScrub { node, report } => self.report_scrub(ctx, *node, report),
             Command::GetErasure { volume } => self.get_erasure(ctx, *volume),
             Command::ChangeMembership { req, add } => {
                 require_operator(&ctx.actor)?;
@@ -1210,7 +1252,7 @@ impl MetaState {
         let seg = &mut v.segments[segment as usize];
         for r in &mut seg.replicas {
             if r.node == failed {
-                *r = Replica { node: new, state: ReplicaState::Rebuilding };
+                *r = Replica::new(new, ReplicaState::Rebuilding);
             }
         }
         seg.epoch += 1;
@@ -1359,13 +1401,13 @@ impl MetaState {
 
     // ----- authorization -----
 
-    fn volume_for(&self, ctx: &mut Ctx, volume: u64) -> Result<&Volume, Refusal> {
+    pub(super) fn volume_for(&self, ctx: &mut Ctx, volume: u64) -> Result<&Volume, Refusal> {
         let v = self.volumes.get(&volume).ok_or_else(|| Refusal::not_found(format!("no volume vol-{volume}")))?;
         ctx.object_tenant = Some(v.tenant);
         Ok(v)
     }
 
-    fn check_volume(&self, actor: &Actor, v: &Volume, need: Need) -> Result<(), Refusal> {
+    pub(super) fn check_volume(&self, actor: &Actor, v: &Volume, need: Need) -> Result<(), Refusal> {
         if actor.is_admin_of(v.tenant) {
             return Ok(());
         }
@@ -1410,7 +1452,7 @@ impl MetaState {
 
     // ----- placement helpers -----
 
-    fn candidates(&self) -> Vec<Candidate> {
+    pub(super) fn candidates(&self) -> Vec<Candidate> {
         self.nodes
             .values()
             .filter(|n| n.state == NodeState::Active)
@@ -1437,7 +1479,7 @@ impl MetaState {
         }
     }
 
-    fn replicas_on(&self, node: u64) -> u64 {
+    pub(super) fn replicas_on(&self, node: u64) -> u64 {
         self.volumes
             .values()
             .flat_map(|v| v.segments.iter())
@@ -1490,9 +1532,21 @@ impl MetaState {
         })
     }
 
-    fn node_view(&self, id: u64) -> Result<NodeView, Refusal> {
+    fn disk_view(&self, d: &Disk) -> DiskView {
+        DiskView {
+            id: d.id,
+            node: d.node,
+            node_name: self.nodes.get(&d.node).map_or_else(|| format!("node-{}", d.node), |n| n.name.clone()),
+            name: d.name.clone(),
+            capacity_bytes: d.capacity_bytes,
+            state: d.state,
+            decommission_stage: d.decommission.as_ref().map_or_else(|| "none".into(), |x| x.stage.clone()),
+        }
+    }
+
+    pub(super) fn node_view(&self, id: u64) -> Result<NodeView, Refusal> {
         let n = self.nodes.get(&id).ok_or_else(|| Refusal::not_found(format!("no node {id}")))?;
-        let disks: Vec<DiskView> = self.disks.values().filter(|d| d.node == id).map(disk_view).collect();
+        let disks: Vec<DiskView> = self.disks.values().filter(|d| d.node == id).map(|d| self.disk_view(d)).collect();
         Ok(NodeView {
             id,
             name: n.name.clone(),
@@ -1506,6 +1560,9 @@ impl MetaState {
             replicas: self.replicas_on(id),
             releases_outstanding: self.releases_outstanding_on(id),
             disks,
+            drain: self.drain_view(id),
+            scrub: self.scrubs.get(&id).and_then(|s| s.report.clone()),
+            scrub_requested: self.scrubs.get(&id).map_or(0, |s| s.requested),
         })
     }
 
@@ -1528,6 +1585,8 @@ impl MetaState {
                         failure_domain: n.map(|n| n.failure_domain.clone()).unwrap_or_default(),
                         state: r.state,
                         node_state: n.map_or(NodeState::Down, |n| n.state),
+                        rebuild_done_blocks: r.rebuild_done_blocks,
+                        rebuild_total_blocks: r.rebuild_total_blocks,
                     }
                 })
                 .collect(),
@@ -1579,7 +1638,7 @@ impl MetaState {
 
 /// What a caller needs on a volume.
 #[derive(Clone, Copy, Debug)]
-enum Need {
+pub(super) enum Need {
     View,
     Manage,
     AttachRw,
@@ -1609,7 +1668,7 @@ pub(super) fn require_operator(actor: &Actor) -> Result<(), Refusal> {
     }
 }
 
-fn segment_bytes(size_bytes: u64, segment_blocks: u64, index: u32) -> u64 {
+pub(super) fn segment_bytes(size_bytes: u64, segment_blocks: u64, index: u32) -> u64 {
     let seg = segment_blocks * BLOCK_SIZE_BYTES_U64;
     let start = u64::from(index) * seg;
     seg.min(size_bytes.saturating_sub(start))
@@ -1636,7 +1695,7 @@ fn place_segments(
         out.push(Segment {
             index,
             epoch: 1,
-            replicas: nodes.into_iter().map(|node| Replica { node, state: ReplicaState::InSync }).collect(),
+            replicas: nodes.into_iter().map(|node| Replica::new(node, ReplicaState::InSync)).collect(),
         });
     }
     Ok(out)
@@ -1644,10 +1703,6 @@ fn place_segments(
 
 fn grant_view(g: &Grant) -> GrantView {
     GrantView { id: g.id, principal: g.principal, volume: g.volume, access: g.access, created_ms: g.created_ms }
-}
-
-fn disk_view(d: &Disk) -> DiskView {
-    DiskView { id: d.id, node: d.node, name: d.name.clone(), capacity_bytes: d.capacity_bytes }
 }
 
 fn attachment_view(a: &Attachment) -> AttachmentView {

@@ -16,7 +16,7 @@ use super::types::{Access, AttachMode, NodeState, Qos, Role};
 use crate::keys::WrappedKey;
 use crate::placement::DomainLevel;
 use serde::{Deserialize, Serialize};
-use slate_protocol::ops::ReleaseReport;
+use slate_protocol::ops::{DecommissionReport, MoveReport, ReleaseReport, ScrubReport};
 use utoipa::ToSchema;
 
 /// A command with its context, as proposed.
@@ -178,6 +178,16 @@ pub struct ReportFailureRequest {
 pub struct MarkInSyncRequest {
     pub segment: u32,
     pub node: u64,
+}
+
+/// A rebuild's progress, reported by the client that copies.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RebuildProgressRequest {
+    pub segment: u32,
+    pub node: u64,
+    pub done_blocks: u64,
+    pub total_blocks: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -377,6 +387,52 @@ pub enum Command {
     GetErasure {
         volume: u64,
     },
+    /// Start moving every replica off a node (operators).
+    DrainNode {
+        node: u64,
+    },
+    /// Drain the node that holds a disk (operators; one disk per node today).
+    DrainDisk {
+        disk: u64,
+    },
+    GetDrain {
+        node: u64,
+    },
+    /// Starts and finishes drain moves (system, by the leader while a drain runs).
+    DrainStep,
+    /// A mover's report on a copy.
+    ReportMove {
+        node: u64,
+        id: u64,
+        report: MoveReport,
+    },
+    RebuildProgress {
+        volume: u64,
+        req: RebuildProgressRequest,
+    },
+    /// Overwrite, verify and certify a drained disk (operators).
+    DecommissionDisk {
+        disk: u64,
+    },
+    GetDecommission {
+        disk: u64,
+    },
+    ReportDecommission {
+        disk: u64,
+        report: DecommissionReport,
+    },
+    /// The erase certificate of a decommissioned disk (operators).
+    GetCertificate {
+        disk: u64,
+    },
+    /// Ask a node to scrub now (operators).
+    RequestScrub {
+        node: u64,
+    },
+    ReportScrub {
+        node: u64,
+        report: ScrubReport,
+    },
     /// A metadata voter purged its Raft log past the current root epoch's shred (system only).
     ReportPurge {
         meta_node: u64,
@@ -439,6 +495,18 @@ impl Command {
             Self::ListErasures => "erasure.list",
             Self::GetErasure { .. } => "erasure.show",
             Self::ReportPurge { .. } => "cluster.purge_report",
+            Self::DrainNode { .. } => "node.drain",
+            Self::DrainDisk { .. } => "disk.drain",
+            Self::GetDrain { .. } => "node.drain_show",
+            Self::DrainStep => "cluster.drain_step",
+            Self::ReportMove { .. } => "segment.move_report",
+            Self::RebuildProgress { .. } => "volume.rebuild_progress",
+            Self::DecommissionDisk { .. } => "disk.decommission",
+            Self::GetDecommission { .. } => "disk.decommission_show",
+            Self::ReportDecommission { .. } => "disk.decommission_report",
+            Self::GetCertificate { .. } => "disk.certificate",
+            Self::RequestScrub { .. } => "node.scrub",
+            Self::ReportScrub { .. } => "node.scrub_report",
         }
     }
 }

@@ -83,7 +83,7 @@ impl MetaState {
                 extents: r.extents.clone(),
             })
             .collect();
-        NodeWork { releases }
+        NodeWork { releases, ..NodeWork::default() }
     }
 
     /// Outstanding releases of `node` (for the node view).

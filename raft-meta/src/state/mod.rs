@@ -17,6 +17,7 @@
 pub mod apply;
 pub mod command;
 mod erasure;
+mod operations;
 pub mod types;
 pub mod view;
 
@@ -41,6 +42,8 @@ pub struct Counters {
     pub snapshot: u64,
     #[serde(default = "first_id")]
     pub release: u64,
+    #[serde(default = "first_id")]
+    pub moves: u64,
 }
 
 fn first_id() -> u64 {
@@ -60,6 +63,7 @@ impl Default for Counters {
             attachment: 1,
             snapshot: 1,
             release: 1,
+            moves: 1,
         }
     }
 }
@@ -106,6 +110,12 @@ pub struct MetaState {
     /// The metadata voters, as last reported by a voter.
     #[serde(default)]
     pub meta_voters: Vec<u64>,
+    /// Replica moves of drains in flight, by id.
+    #[serde(default)]
+    pub moves: BTreeMap<u64, types::Move>,
+    /// Scrub requests per storage node (the last id asked for) and what the node reported.
+    #[serde(default)]
+    pub scrubs: BTreeMap<u64, types::ScrubStatus>,
 }
 
 /// The result of applying one command.

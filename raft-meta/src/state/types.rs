@@ -136,6 +136,9 @@ pub struct StorageNode {
     pub last_heartbeat_ms: u64,
     /// Bytes of segment replicas placed on the node.
     pub allocated_bytes: u64,
+    /// The node's drain, once asked for.
+    #[serde(default)]
+    pub drain: Option<Drain>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,12 +147,86 @@ pub struct Disk {
     pub node: u64,
     pub name: String,
     pub capacity_bytes: u64,
+    #[serde(default)]
+    pub state: DiskState,
+    /// The decommission of this disk, once asked for.
+    #[serde(default)]
+    pub decommission: Option<Decommission>,
+}
+
+/// A disk's life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskState {
+    #[default]
+    Active,
+    /// Being overwritten and verified by its node.
+    Decommissioning,
+    /// Erased, verified and certified; never used again.
+    Decommissioned,
+}
+
+/// A disk's decommission: progress as its node reports it, then the certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decommission {
+    pub requested_ms: u64,
+    /// The operator who asked (audit label).
+    pub operator: String,
+    /// `queued`, `overwrite`, `verify`, `done` or `failed`.
+    pub stage: String,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub failure: Option<String>,
+    pub finished_ms: Option<u64>,
+    /// The certificate's body (canonical JSON) and its SHA-256, once done.
+    pub certificate: Option<serde_json::Value>,
+    pub certificate_sha256: Option<String>,
+}
+
+/// A node's drain: every replica moved elsewhere, one segment at a time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drain {
+    pub started_ms: u64,
+    pub operator: String,
+    /// Replicas on the node when the drain started, and moved off it since.
+    pub replicas_total: u64,
+    pub replicas_moved: u64,
+    pub completed_ms: Option<u64>,
+    /// Why the drain cannot make progress right now (no node in a suitable domain, ...).
+    pub blocked: Option<String>,
+}
+
+/// One replica being moved by a drain: `to` was added to the segment as
+/// rebuilding; when it is in sync, `from` leaves the set and is released.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Move {
+    pub id: u64,
+    pub volume: u64,
+    pub segment: u32,
+    pub from: u64,
+    pub to: u64,
+    pub started_ms: u64,
+    /// Progress of the copy onto `to`, as last reported (by the mover or the client).
+    pub done_blocks: u64,
+    pub total_blocks: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Replica {
     pub node: u64,
     pub state: ReplicaState,
+    /// While rebuilding: blocks copied so far and blocks to copy, as last reported.
+    #[serde(default)]
+    pub rebuild_done_blocks: u64,
+    #[serde(default)]
+    pub rebuild_total_blocks: u64,
+}
+
+impl Replica {
+    /// A replica in `state` with no rebuild progress.
+    pub fn new(node: u64, state: ReplicaState) -> Self {
+        Self { node, state, rebuild_done_blocks: 0, rebuild_total_blocks: 0 }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -294,4 +371,15 @@ pub struct Erasure {
     /// Metadata voters when the volume was deleted.
     pub voters: Vec<u64>,
     pub completed_ms: Option<u64>,
+}
+
+/// A node's scrub: the last one asked for and the last progress reported.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubStatus {
+    /// The last scrub an operator asked for (0: none; background scrubs run anyway).
+    pub requested: u64,
+    #[serde(default)]
+    pub report: Option<slate_protocol::ops::ScrubReport>,
+    #[serde(default)]
+    pub reported_ms: u64,
 }

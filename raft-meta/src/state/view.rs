@@ -66,8 +66,13 @@ pub struct GrantView {
 pub struct DiskView {
     pub id: u64,
     pub node: u64,
+    /// The node's name.
+    pub node_name: String,
     pub name: String,
     pub capacity_bytes: u64,
+    pub state: super::types::DiskState,
+    /// Decommission progress (`none` if never asked).
+    pub decommission_stage: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -86,6 +91,12 @@ pub struct NodeView {
     /// Release queue entries the node has not yet verified zero.
     pub releases_outstanding: u64,
     pub disks: Vec<DiskView>,
+    pub drain: DrainView,
+    /// The last scrub progress the node reported.
+    #[schema(value_type = Object)]
+    pub scrub: Option<slate_protocol::ops::ScrubReport>,
+    /// The last scrub an operator asked for (0: none).
+    pub scrub_requested: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -96,6 +107,9 @@ pub struct ReplicaView {
     pub failure_domain: String,
     pub state: ReplicaState,
     pub node_state: NodeState,
+    /// While rebuilding: blocks copied so far, of `rebuild_total_blocks`.
+    pub rebuild_done_blocks: u64,
+    pub rebuild_total_blocks: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -279,4 +293,52 @@ pub struct ErasureView {
     pub extents_failed: u64,
     pub releases: Vec<ReleaseView>,
     pub meta_voters: Vec<VoterPurgeView>,
+}
+
+/// One replica move of a drain.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct MoveView {
+    pub id: u64,
+    pub volume: u64,
+    pub segment: u32,
+    /// The node the replica moves to.
+    pub to: u64,
+    pub started_ms: u64,
+    pub done_blocks: u64,
+    pub total_blocks: u64,
+}
+
+/// A node's drain.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct DrainView {
+    pub node: u64,
+    pub node_name: String,
+    /// `none`, `draining`, `blocked` or `complete`.
+    pub state: String,
+    pub started_ms: Option<u64>,
+    pub completed_ms: Option<u64>,
+    pub replicas_total: u64,
+    pub replicas_moved: u64,
+    /// Replicas still on the node.
+    pub replicas_left: u64,
+    pub blocked: Option<String>,
+    pub moves: Vec<MoveView>,
+}
+
+/// A disk's decommission.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct DecommissionView {
+    pub disk: u64,
+    pub disk_name: String,
+    pub node: u64,
+    pub state: super::types::DiskState,
+    /// `none`, `queued`, `overwrite`, `verify`, `done` or `failed`.
+    pub stage: String,
+    pub requested_ms: Option<u64>,
+    pub operator: Option<String>,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub failure: Option<String>,
+    pub finished_ms: Option<u64>,
+    pub certificate_sha256: Option<String>,
 }
