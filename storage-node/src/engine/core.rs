@@ -29,6 +29,7 @@ use super::meta::{
     MAX_LAYERS,
 };
 use super::uring::{AlignedBuf, AsyncRing, Completion, Disk, Fsync, Io, Waker, ALIGN};
+use super::zero::{ZeroMethod, Zeroing};
 use super::{Cmd, EngineError, EngineOptions, ExtentPhase, ReadResult, Reply, StatsCell, HEAD_EPOCH};
 use bytes::Bytes;
 use slate_protocol::{BlockIndex, BlockRange, Epoch, Generation, NodeId, SegmentIndex, VolumeId};
@@ -43,6 +44,12 @@ type SegList = Arc<RwLock<Vec<(VolumeId, SegmentIndex, u64)>>>;
 
 /// Bytes written (and then read back) per zeroer step.
 const ZERO_STEP_BYTES: usize = 256 << 10;
+/// Bytes zeroed per step by a cheap primitive (zero-range, device write-zeroes).
+const OFFLOAD_STEP_BYTES: usize = 16 << 20;
+/// Rate-limiter cost of one cheap zeroing call, whatever its length.
+const OFFLOAD_COST_BYTES: f64 = (64 << 10) as f64;
+/// A verify read costs this fraction of its length.
+const VERIFY_COST_FRACTION: f64 = 0.25;
 /// Zero verification failures before an extent is retired.
 const MAX_ZERO_FAILURES: u8 = 3;
 /// Most blocks in one read or write command.
@@ -201,6 +208,7 @@ pub(crate) struct Core {
     zero_refill: Instant,
     zero_buf: AlignedBuf,
     verify_buf: AlignedBuf,
+    zeroing: Zeroing,
     intents_live: HashMap<(VolumeId, u64), IntentLive>,
     vol_geom: HashMap<VolumeId, u64>,
     stats: Arc<StatsCell>,
@@ -327,6 +335,13 @@ impl Core {
         let now = Instant::now();
         let waker = Arc::new(Waker::new()?);
         let ring = AsyncRing::new(&disk, Arc::clone(&waker))?;
+        let zeroing = Zeroing::for_file(disk.file(), opts.zero_with_writes)?;
+        tracing::debug!(
+            method = zeroing.method().name(),
+            block_device = zeroing.is_block(),
+            cheap = zeroing.is_cheap(),
+            "zeroing primitive"
+        );
         let mut core = Core {
             disk,
             opts,
@@ -346,6 +361,7 @@ impl Core {
             zero_refill: now,
             zero_buf: AlignedBuf::zeroed(ZERO_STEP_BYTES),
             verify_buf: AlignedBuf::zeroed(ZERO_STEP_BYTES),
+            zeroing,
             intents_live: HashMap::new(),
             vol_geom: HashMap::new(),
             stats,
@@ -1037,34 +1053,28 @@ impl Core {
             ZeroPhase::Write(done) => {
                 if done == 0 {
                     // Erase the extent's per-block metadata (crcs, bitmaps) as well: the
-                    // previous owner's metadata goes with its data, and on a preallocated
-                    // file the page slots are initialised before they are needed.
+                    // previous owner's metadata goes with its data.
                     self.drop_cached_pages(job.extent);
                     let first = self.sb.chunk_page_block(u64::from(job.extent) * self.sb.pages_per_extent, 0);
                     let total = (2 * self.sb.pages_per_extent) as usize * ALIGN;
-                    let mut at = 0usize;
-                    while at < total {
-                        let len = (total - at).min(self.zero_buf.len());
-                        let res = self.disk.write_at(Superblock::off(first) + at as u64, &self.zero_buf[..len]);
-                        if let Err(e) = res {
-                            return Err(self.fail(format!("zeroing metadata write failed: {e}")));
-                        }
-                        at += len;
+                    if let Err(e) = self.zero_range(Superblock::off(first), total, false) {
+                        return Err(self.fail(format!("zeroing metadata failed: {e}")));
                     }
                 }
-                let mut len = ZERO_STEP_BYTES.min(ext_bytes - done);
+                let step = if self.zeroing.is_cheap() { OFFLOAD_STEP_BYTES } else { ZERO_STEP_BYTES };
+                let mut len = step.min(ext_bytes - done);
                 let half = ext_bytes / 2;
                 let crash_mid = done < half && done + len >= half && crash_point("mid_zeroing");
                 if crash_mid {
-                    // Simulated crash with the extent half overwritten.
+                    // Simulated crash with the extent half zeroed.
                     len = half - done;
                 }
-                let res = self.disk.write_at(base + done as u64, &self.zero_buf[..len]);
-                if let Err(e) = res {
-                    return Err(self.fail(format!("zeroing write failed: {e}")));
-                }
+                let cost = match self.zero_range(base + done as u64, len, true) {
+                    Ok(c) => c,
+                    Err(e) => return Err(self.fail(format!("zeroing failed: {e}"))),
+                };
                 if !urgent {
-                    self.zero_tokens -= len as f64;
+                    self.zero_tokens -= cost;
                 }
                 self.stats.bytes_zeroed_total.fetch_add(len as u64, Ordering::Relaxed);
                 let done = done + len;
@@ -1094,6 +1104,9 @@ impl Core {
                 let res = self.disk.read_at(base + done as u64, &mut vb[..len]);
                 let all_zero = vb[..len].iter().all(|b| *b == 0);
                 self.verify_buf = vb;
+                if !urgent {
+                    self.zero_tokens -= len as f64 * VERIFY_COST_FRACTION;
+                }
                 if let Err(e) = res {
                     return Err(self.fail(format!("zeroing verify read failed: {e}")));
                 }
@@ -1122,6 +1135,29 @@ impl Core {
             }
         }
         Ok(true)
+    }
+
+    /// Zeroes `len` bytes at `offset` with the disk's cheapest primitive (writing zeros
+    /// where there is none); not synced. Returns the rate-limiter cost; bytes of
+    /// extent data (`data`) zeroed without writing are counted in the stats.
+    fn zero_range(&mut self, offset: u64, len: usize, data: bool) -> std::io::Result<f64> {
+        let cheap = self.zeroing.is_cheap();
+        let method = self.zeroing.zero(self.disk.file(), offset, len as u64)?;
+        if data && method != ZeroMethod::Overwrite {
+            self.stats.bytes_zeroed_offload_total.fetch_add(len as u64, Ordering::Relaxed);
+        }
+        match method {
+            ZeroMethod::Overwrite => {
+                let mut at = 0usize;
+                while at < len {
+                    let n = (len - at).min(self.zero_buf.len());
+                    self.disk.write_at(offset + at as u64, &self.zero_buf[..n])?;
+                    at += n;
+                }
+                Ok(len as f64)
+            }
+            _ => Ok(if cheap { OFFLOAD_COST_BYTES } else { len as f64 }),
+        }
     }
 
     // ----- the thread -----

@@ -30,6 +30,7 @@ mod journal;
 mod layout;
 mod meta;
 mod uring;
+pub(crate) mod zero;
 
 use bytes::Bytes;
 use slate_protocol::{
@@ -42,6 +43,7 @@ use std::thread::JoinHandle;
 use tokio::sync::oneshot;
 
 pub use layout::{FormatReport, DEFAULT_EXTENT_SIZE_BYTES, DEFAULT_JOURNAL_BYTES};
+pub use zero::ZeroMethod;
 
 /// Epoch value that names a segment's writable head layer in [`EngineHandle::changed_blocks`]
 /// and [`EngineHandle::read_at`] (`to = HEAD_EPOCH` means "up to and including the head").
@@ -102,9 +104,15 @@ pub fn format(path: &Path, opts: &FormatOptions) -> Result<FormatReport, EngineE
 /// Run-time options of an opened engine.
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
-    /// Background zeroing rate (bytes written per second). `u64::MAX`: unlimited.
-    /// Allocation that finds no verified extent zeroes one at full speed regardless.
+    /// Background zeroing budget, in bytes of device work per second. Zeros written
+    /// count in full; a range zeroed by the device's own primitive (zero-range on a
+    /// file, BLKZEROOUT on a device with write-zeroes) a flat 64 KiB per call; the
+    /// verify read a quarter of its length. `u64::MAX`: unlimited. Allocation that
+    /// finds no verified extent zeroes one at full speed regardless.
     pub zero_rate_bytes_per_sec: u64,
+    /// Always zero by writing zeros, never by fallocate or BLKZEROOUT (for a disk file
+    /// whose underlying blocks must be physically overwritten; see the design notes).
+    pub zero_with_writes: bool,
     /// Bound on RAM used by cached metadata pages (per-block crcs and bitmaps).
     pub metadata_cache_bytes: u64,
     /// Granularity of write-intent records, in volume blocks (power of two).
@@ -124,6 +132,7 @@ impl Default for EngineOptions {
     fn default() -> Self {
         Self {
             zero_rate_bytes_per_sec: 256 << 20,
+            zero_with_writes: false,
             metadata_cache_bytes: 64 << 20,
             intent_region_blocks: 256,
             max_batch_commands: 256,
@@ -203,6 +212,8 @@ pub struct EngineStats {
     /// Extents that failed zero verification repeatedly and are never allocated.
     pub extents_failed: u64,
     pub bytes_zeroed_total: u64,
+    /// Of `bytes_zeroed_total`, bytes zeroed by fallocate or BLKZEROOUT rather than written.
+    pub bytes_zeroed_offload_total: u64,
     pub extents_zeroed_total: u64,
     pub reads: u64,
     pub writes: u64,
@@ -233,6 +244,7 @@ pub(crate) struct StatsCell {
     pub extents_zeroing: AtomicU64,
     pub extents_failed: AtomicU64,
     pub bytes_zeroed_total: AtomicU64,
+    pub bytes_zeroed_offload_total: AtomicU64,
     pub extents_zeroed_total: AtomicU64,
     pub reads: AtomicU64,
     pub writes: AtomicU64,
@@ -263,6 +275,7 @@ impl StatsCell {
             extents_zeroing: g(&self.extents_zeroing),
             extents_failed: g(&self.extents_failed),
             bytes_zeroed_total: g(&self.bytes_zeroed_total),
+            bytes_zeroed_offload_total: g(&self.bytes_zeroed_offload_total),
             extents_zeroed_total: g(&self.extents_zeroed_total),
             reads: g(&self.reads),
             writes: g(&self.writes),
