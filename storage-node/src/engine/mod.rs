@@ -199,6 +199,31 @@ pub struct ReadResult {
     pub data: Bytes,
 }
 
+/// Most blocks one [`EngineHandle::scrub`] call reads (a larger `max_blocks` is clamped).
+pub const MAX_SCRUB_BLOCKS: u32 = 1024;
+
+/// One step of a scrub: see [`EngineHandle::scrub`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ScrubChunk {
+    /// Where the next call continues; `None`: every layer of the segment has been scrubbed.
+    pub next_cursor: Option<u64>,
+    /// Written blocks read and checked by this call.
+    pub blocks_checked: u64,
+    /// Blocks whose data does not match their stored crc32c.
+    pub corrupt: Vec<CorruptBlock>,
+}
+
+/// A block whose stored data fails its checksum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CorruptBlock {
+    /// The layer: the snapshot epoch it was frozen at, or [`HEAD_EPOCH`] for the head.
+    pub epoch: Epoch,
+    /// The volume block.
+    pub block: BlockIndex,
+    /// The crc32c recorded for it (what a good copy's data hashes to).
+    pub stored_crc: u32,
+}
+
 /// Counters for metrics; a cheap copy of atomics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EngineStats {
@@ -230,6 +255,9 @@ pub struct EngineStats {
     pub metadata_page_loads: u64,
     pub metadata_page_evictions: u64,
     pub corrupt_reads: u64,
+    pub scrub_blocks_checked: u64,
+    pub scrub_corrupt_blocks: u64,
+    pub repaired_blocks: u64,
 }
 
 /// Shared atomic counters behind [`EngineStats`].
@@ -260,6 +288,9 @@ pub(crate) struct StatsCell {
     pub metadata_page_loads: AtomicU64,
     pub metadata_page_evictions: AtomicU64,
     pub corrupt_reads: AtomicU64,
+    pub scrub_blocks_checked: AtomicU64,
+    pub scrub_corrupt_blocks: AtomicU64,
+    pub repaired_blocks: AtomicU64,
 }
 
 impl StatsCell {
@@ -291,6 +322,9 @@ impl StatsCell {
             metadata_page_loads: g(&self.metadata_page_loads),
             metadata_page_evictions: g(&self.metadata_page_evictions),
             corrupt_reads: g(&self.corrupt_reads),
+            scrub_blocks_checked: g(&self.scrub_blocks_checked),
+            scrub_corrupt_blocks: g(&self.scrub_corrupt_blocks),
+            repaired_blocks: g(&self.repaired_blocks),
         }
     }
 }
@@ -378,6 +412,24 @@ pub(crate) enum Cmd {
         volume: VolumeId,
         ranges: Vec<BlockRange>,
         tx: Reply<()>,
+    },
+    /// Runs with the pipeline drained (no write in flight).
+    Scrub {
+        volume: VolumeId,
+        segment: SegmentIndex,
+        cursor: u64,
+        max_blocks: u32,
+        tx: Reply<ScrubChunk>,
+    },
+    /// Runs with the pipeline drained (no write in flight).
+    RepairBlock {
+        volume: VolumeId,
+        epoch: Epoch,
+        block: BlockIndex,
+        bad_crc: u32,
+        data: Bytes,
+        crc: u32,
+        tx: Reply<bool>,
     },
     /// Test hook: wait until no extent is dirty or zeroing (or the timeout passes).
     WaitZeroed {
@@ -620,6 +672,53 @@ impl EngineHandle {
     /// The snapshot epochs of a segment, oldest first (the head is not listed).
     pub async fn layers(&self, volume: VolumeId, segment: SegmentIndex) -> Result<Vec<Epoch>, EngineError> {
         self.call(|tx| Cmd::Layers { volume, segment, tx }).await
+    }
+
+    /// Scrubs the next written blocks of every layer of a segment: reads each, checks it
+    /// against its stored crc32c and reports those that fail.
+    ///
+    /// `cursor` is a position in the segment's layers laid end to end in the order of
+    /// their ids (oldest layer first, the head last; ids never change and a new snapshot's
+    /// head gets a higher id): layer id `k` covers `k * segment_blocks ..
+    /// (k + 1) * segment_blocks`, and within it the segment block. Start at 0 and pass
+    /// `next_cursor` back until it is `None`. A layer created or folded between calls
+    /// keeps the order (blocks a fold moves to a newer layer may be checked twice).
+    ///
+    /// Each call is one step of the engine thread, taken with no write in flight: it
+    /// reads at most `max_blocks` (clamped to 1 ..= [`MAX_SCRUB_BLOCKS`]) blocks and
+    /// visits at most 64 times as many block positions, so tenant I/O waits at most
+    /// one such step.
+    pub async fn scrub(
+        &self,
+        volume: VolumeId,
+        segment: SegmentIndex,
+        cursor: u64,
+        max_blocks: u32,
+    ) -> Result<ScrubChunk, EngineError> {
+        self.call(|tx| Cmd::Scrub { volume, segment, cursor, max_blocks, tx }).await
+    }
+
+    /// Rewrites volume block `block` in the layer named by `epoch` ([`HEAD_EPOCH`]: the
+    /// head) with `data` (one block whose crc32c is `crc`), but only if that layer holds
+    /// the block with stored crc `bad_crc` and its data there still fails that crc: a
+    /// repair that raced a newer write of the block never overwrites the newer data.
+    /// Returns whether it wrote. Durable when it returns.
+    pub async fn repair_block(
+        &self,
+        volume: VolumeId,
+        epoch: Epoch,
+        block: BlockIndex,
+        bad_crc: u32,
+        data: Bytes,
+        crc: u32,
+    ) -> Result<bool, EngineError> {
+        if data.len() != BLOCK_SIZE_BYTES {
+            return Err(EngineError::Invalid(format!("repair with {} bytes", data.len())));
+        }
+        if crc32c::crc32c(&data) != crc {
+            return Err(EngineError::BadCrc { block });
+        }
+        self.call(|tx| Cmd::RepairBlock { volume, epoch, block, bad_crc, data, crc, tx }).await
     }
 
     /// Regions (volume blocks) that may hold incomplete writes or differ between replicas.
