@@ -29,7 +29,7 @@ mod core;
 mod journal;
 mod layout;
 mod meta;
-mod uring;
+pub(crate) mod uring;
 pub(crate) mod zero;
 
 use bytes::Bytes;
