@@ -2,7 +2,6 @@
 //! checksums, layers, verified zeroing).
 
 pub mod engine;
-/// Whole-device erase for decommissioning (overwrite, then verify every byte).
 pub mod erase;
 
 // Data-plane server side: sessions and capability checks, the TCP server, the

@@ -12,17 +12,19 @@
 //! data and the metadata that finds it are on stable storage.
 //!
 //! The on-disk layout, journal, checkpoint, extent lifecycle and layer rules
-//! are described in `docs/engine-notes.md` and in the submodules:
+//! are described in `docs/design/engine.md` and in the submodules:
 //! - [`layout`]: superblock, geometry, page framing (checksummed, ping-pong slots).
 //! - [`journal`]: the metadata journal records and their replay.
 //! - [`meta`]: the extent table (in RAM), the catalog, the bounded page cache.
-//! - [`uring`]: the only `unsafe` code: io_uring submission, aligned buffers.
+//! - [`uring`]: io_uring submission, aligned buffers (`unsafe`, documented).
+//! - [`zero`]: zeroing a range with fallocate / BLKZEROOUT (one documented `unsafe` ioctl),
+//!   shared with the whole-device erase (`crate::erase`).
 //! - [`core`]: the engine thread: batching, allocation, layers, zeroer, checkpoint.
 //!
 //! Failpoints (feature `failpoints`, always on in this crate's tests), each of
 //! which stops the engine thread as a crash would (no checkpoint, no replies):
 //! `after_data_write_before_journal`, `after_journal_before_fsync`, `before_ack`,
-//! `mid_zeroing` (zeros half written), `after_zeroing_before_verify`,
+//! `mid_zeroing` (half the extent zeroed), `after_zeroing_before_verify`,
 //! `mid_checkpoint` (pages written, checkpoint block not).
 
 mod core;
