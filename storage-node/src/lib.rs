@@ -2,6 +2,7 @@
 //! checksums, layers, verified zeroing).
 
 pub mod engine;
+pub mod erase;
 
 // Data-plane server side: sessions and capability checks, the TCP server, the
 // reusable client, metrics, local admin, configuration, and the node assembly.

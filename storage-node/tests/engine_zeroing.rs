@@ -69,11 +69,28 @@ fn opts(rate: u64) -> EngineOptions {
     EngineOptions { zero_rate_bytes_per_sec: rate, metadata_cache_bytes: 4 << 20, ..EngineOptions::default() }
 }
 
+/// How the engine is expected to have zeroed: by the disk's own primitive or by writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Offload,
+    Writes,
+}
+
+fn check_method(h: &EngineHandle, expect: Expect) {
+    let st = h.stats();
+    assert!(st.bytes_zeroed_total > 0, "{st:?}");
+    match expect {
+        Expect::Offload => assert_eq!(st.bytes_zeroed_offload_total, st.bytes_zeroed_total, "{st:?}"),
+        Expect::Writes => assert_eq!(st.bytes_zeroed_offload_total, 0, "{st:?}"),
+    }
+}
+
 /// Writes two generations of a pattern, deletes the snapshot that held the first and
 /// releases the segment; after zeroing, no byte sequence of either is on the disk.
-async fn pattern_gone_after_free(dev: &Path, backing: &Path) {
-    let (engine, h) = Engine::open(dev, opts(64 << 20)).expect("open");
+async fn pattern_gone_after_free(dev: &Path, backing: &Path, o: EngineOptions, expect: Expect) {
+    let (engine, h) = Engine::open(dev, o.clone()).expect("open");
     assert!(h.wait_zeroed(Duration::from_mins(2)).await.unwrap(), "initial zeroing");
+    check_method(&h, expect);
     h.assign_segment(V, SegmentIndex(0), 4096).await.unwrap();
     let old = b"TENANT-A-OLD-DAT";
     let new = b"TENANT-A-NEW-DAT";
@@ -84,7 +101,7 @@ async fn pattern_gone_after_free(dev: &Path, backing: &Path) {
     let raw = std::fs::read(backing).unwrap();
     assert!(contains(&raw, &old[..]) && contains(&raw, &new[..]), "pattern written to the disk");
 
-    let (engine, h) = Engine::open(dev, opts(64 << 20)).expect("reopen");
+    let (engine, h) = Engine::open(dev, o.clone()).expect("reopen");
     // The snapshot's layer is fully shadowed by the head: its extents go to zeroing.
     h.delete_layer(V, SegmentIndex(0), Epoch(1)).await.unwrap();
     assert!(h.wait_zeroed(Duration::from_mins(2)).await.unwrap());
@@ -93,9 +110,10 @@ async fn pattern_gone_after_free(dev: &Path, backing: &Path) {
     assert!(!contains(&raw, &old[..]), "old pattern survives the layer delete");
     assert!(contains(&raw, &new[..]));
 
-    let (engine, h) = Engine::open(dev, opts(64 << 20)).expect("reopen");
+    let (engine, h) = Engine::open(dev, o).expect("reopen");
     h.release_segment(V, SegmentIndex(0)).await.unwrap();
     assert!(h.wait_zeroed(Duration::from_mins(2)).await.unwrap());
+    check_method(&h, expect);
     let st = h.stats();
     assert_eq!(st.extents_owned, 0, "{st:?}");
     assert_eq!(st.extents_free, st.extents_total, "{st:?}");
@@ -110,7 +128,18 @@ async fn freed_extents_are_zeroed_on_a_file() {
     let dir = scratch();
     let path = dir.path().join("disk");
     fmt(&path, Some(16 << 20));
-    pattern_gone_after_free(&path, &path).await;
+    // A regular file on ext4 / xfs: fallocate(FALLOC_FL_ZERO_RANGE).
+    pattern_gone_after_free(&path, &path, opts(64 << 20), Expect::Offload).await;
+}
+
+#[tokio::test]
+async fn freed_extents_are_zeroed_by_writes_when_asked() {
+    let _serial = SERIAL.lock().await;
+    let dir = scratch();
+    let path = dir.path().join("disk");
+    fmt(&path, Some(16 << 20));
+    let o = EngineOptions { zero_with_writes: true, ..opts(64 << 20) };
+    pattern_gone_after_free(&path, &path, o, Expect::Writes).await;
 }
 
 /// The same on a loop device, when this machine lets us make one (root, loop driver).
@@ -140,7 +169,9 @@ async fn freed_extents_are_zeroed_on_a_loop_device() {
     }
     let guard = Detach(dev.clone());
     fmt(&dev, None);
-    pattern_gone_after_free(&dev, &dev).await;
+    // BLKZEROOUT (offloaded to the backing file by the loop driver where it advertises
+    // write-zeroes, else the kernel writes zero pages: either way not our writes).
+    pattern_gone_after_free(&dev, &dev, opts(64 << 20), Expect::Offload).await;
     drop(guard);
     let raw = std::fs::read(&backing).unwrap();
     assert!(!contains(&raw, b"TENANT-A-OLD-DAT") && !contains(&raw, b"TENANT-A-NEW-DAT"));

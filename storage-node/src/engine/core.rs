@@ -29,7 +29,11 @@ use super::meta::{
     MAX_LAYERS,
 };
 use super::uring::{AlignedBuf, AsyncRing, Completion, Disk, Fsync, Io, Waker, ALIGN};
-use super::{Cmd, EngineError, EngineOptions, ExtentPhase, ReadResult, Reply, StatsCell, HEAD_EPOCH};
+use super::zero::{ZeroMethod, Zeroing};
+use super::{
+    Cmd, CorruptBlock, EngineError, EngineOptions, ExtentPhase, ReadResult, Reply, ScrubChunk, StatsCell, HEAD_EPOCH,
+    MAX_SCRUB_BLOCKS,
+};
 use bytes::Bytes;
 use slate_protocol::{BlockIndex, BlockRange, Epoch, Generation, NodeId, SegmentIndex, VolumeId};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -43,6 +47,12 @@ type SegList = Arc<RwLock<Vec<(VolumeId, SegmentIndex, u64)>>>;
 
 /// Bytes written (and then read back) per zeroer step.
 const ZERO_STEP_BYTES: usize = 256 << 10;
+/// Bytes zeroed per step by a cheap primitive (zero-range, device write-zeroes).
+const OFFLOAD_STEP_BYTES: usize = 16 << 20;
+/// Rate-limiter cost of one cheap zeroing call, whatever its length.
+const OFFLOAD_COST_BYTES: f64 = (64 << 10) as f64;
+/// A verify read costs this fraction of its length.
+const VERIFY_COST_FRACTION: f64 = 0.25;
 /// Zero verification failures before an extent is retired.
 const MAX_ZERO_FAILURES: u8 = 3;
 /// Most blocks in one read or write command.
@@ -201,6 +211,7 @@ pub(crate) struct Core {
     zero_refill: Instant,
     zero_buf: AlignedBuf,
     verify_buf: AlignedBuf,
+    zeroing: Zeroing,
     intents_live: HashMap<(VolumeId, u64), IntentLive>,
     vol_geom: HashMap<VolumeId, u64>,
     stats: Arc<StatsCell>,
@@ -327,6 +338,13 @@ impl Core {
         let now = Instant::now();
         let waker = Arc::new(Waker::new()?);
         let ring = AsyncRing::new(&disk, Arc::clone(&waker))?;
+        let zeroing = Zeroing::for_file(disk.file(), opts.zero_with_writes)?;
+        tracing::debug!(
+            method = zeroing.method().name(),
+            block_device = zeroing.is_block(),
+            cheap = zeroing.is_cheap(),
+            "zeroing primitive"
+        );
         let mut core = Core {
             disk,
             opts,
@@ -346,6 +364,7 @@ impl Core {
             zero_refill: now,
             zero_buf: AlignedBuf::zeroed(ZERO_STEP_BYTES),
             verify_buf: AlignedBuf::zeroed(ZERO_STEP_BYTES),
+            zeroing,
             intents_live: HashMap::new(),
             vol_geom: HashMap::new(),
             stats,
@@ -1037,34 +1056,28 @@ impl Core {
             ZeroPhase::Write(done) => {
                 if done == 0 {
                     // Erase the extent's per-block metadata (crcs, bitmaps) as well: the
-                    // previous owner's metadata goes with its data, and on a preallocated
-                    // file the page slots are initialised before they are needed.
+                    // previous owner's metadata goes with its data.
                     self.drop_cached_pages(job.extent);
                     let first = self.sb.chunk_page_block(u64::from(job.extent) * self.sb.pages_per_extent, 0);
                     let total = (2 * self.sb.pages_per_extent) as usize * ALIGN;
-                    let mut at = 0usize;
-                    while at < total {
-                        let len = (total - at).min(self.zero_buf.len());
-                        let res = self.disk.write_at(Superblock::off(first) + at as u64, &self.zero_buf[..len]);
-                        if let Err(e) = res {
-                            return Err(self.fail(format!("zeroing metadata write failed: {e}")));
-                        }
-                        at += len;
+                    if let Err(e) = self.zero_range(Superblock::off(first), total, false) {
+                        return Err(self.fail(format!("zeroing metadata failed: {e}")));
                     }
                 }
-                let mut len = ZERO_STEP_BYTES.min(ext_bytes - done);
+                let step = if self.zeroing.is_cheap() { OFFLOAD_STEP_BYTES } else { ZERO_STEP_BYTES };
+                let mut len = step.min(ext_bytes - done);
                 let half = ext_bytes / 2;
                 let crash_mid = done < half && done + len >= half && crash_point("mid_zeroing");
                 if crash_mid {
-                    // Simulated crash with the extent half overwritten.
+                    // Simulated crash with the extent half zeroed.
                     len = half - done;
                 }
-                let res = self.disk.write_at(base + done as u64, &self.zero_buf[..len]);
-                if let Err(e) = res {
-                    return Err(self.fail(format!("zeroing write failed: {e}")));
-                }
+                let cost = match self.zero_range(base + done as u64, len, true) {
+                    Ok(c) => c,
+                    Err(e) => return Err(self.fail(format!("zeroing failed: {e}"))),
+                };
                 if !urgent {
-                    self.zero_tokens -= len as f64;
+                    self.zero_tokens -= cost;
                 }
                 self.stats.bytes_zeroed_total.fetch_add(len as u64, Ordering::Relaxed);
                 let done = done + len;
@@ -1094,6 +1107,9 @@ impl Core {
                 let res = self.disk.read_at(base + done as u64, &mut vb[..len]);
                 let all_zero = vb[..len].iter().all(|b| *b == 0);
                 self.verify_buf = vb;
+                if !urgent {
+                    self.zero_tokens -= len as f64 * VERIFY_COST_FRACTION;
+                }
                 if let Err(e) = res {
                     return Err(self.fail(format!("zeroing verify read failed: {e}")));
                 }
@@ -1122,6 +1138,29 @@ impl Core {
             }
         }
         Ok(true)
+    }
+
+    /// Zeroes `len` bytes at `offset` with the disk's cheapest primitive (writing zeros
+    /// where there is none); not synced. Returns the rate-limiter cost; bytes of
+    /// extent data (`data`) zeroed without writing are counted in the stats.
+    fn zero_range(&mut self, offset: u64, len: usize, data: bool) -> std::io::Result<f64> {
+        let cheap = self.zeroing.is_cheap();
+        let method = self.zeroing.zero(self.disk.file(), offset, len as u64)?;
+        if data && method != ZeroMethod::Overwrite {
+            self.stats.bytes_zeroed_offload_total.fetch_add(len as u64, Ordering::Relaxed);
+        }
+        match method {
+            ZeroMethod::Overwrite => {
+                let mut at = 0usize;
+                while at < len {
+                    let n = (len - at).min(self.zero_buf.len());
+                    self.disk.write_at(offset + at as u64, &self.zero_buf[..n])?;
+                    at += n;
+                }
+                Ok(len as f64)
+            }
+            _ => Ok(if cheap { OFFLOAD_COST_BYTES } else { len as f64 }),
+        }
     }
 
     // ----- the thread -----
@@ -1276,7 +1315,7 @@ impl Core {
                 !overlaps_write(*volume, start.0, start.0.saturating_add(u64::from(*count)))
             }
             // These run alone, with the pipeline drained.
-            Cmd::DeleteLayer { .. } | Cmd::Checkpoint { .. } => false,
+            Cmd::DeleteLayer { .. } | Cmd::Checkpoint { .. } | Cmd::Scrub { .. } | Cmd::RepairBlock { .. } => false,
             _ => true,
         }
     }
@@ -1497,6 +1536,12 @@ impl Core {
                 let _ = tx.send(Err(EngineError::Invalid("internal: command needs a drained pipeline".into())));
             }
             Cmd::Checkpoint { tx } => {
+                let _ = tx.send(Err(EngineError::Invalid("internal: command needs a drained pipeline".into())));
+            }
+            Cmd::Scrub { tx, .. } => {
+                let _ = tx.send(Err(EngineError::Invalid("internal: command needs a drained pipeline".into())));
+            }
+            Cmd::RepairBlock { tx, .. } => {
                 let _ = tx.send(Err(EngineError::Invalid("internal: command needs a drained pipeline".into())));
             }
             Cmd::Crash | Cmd::Shutdown => {}
@@ -1791,6 +1836,30 @@ impl Core {
                         return;
                     }
                     self.publish();
+                    let _ = tx.send(r);
+                }
+                Some(Cmd::Scrub { .. }) => {
+                    let Some(Cmd::Scrub { volume, segment, cursor, max_blocks, tx }) = self.queue.pop_front() else {
+                        break;
+                    };
+                    let r = self.scrub((volume, segment), cursor, max_blocks);
+                    let _ = tx.send(r);
+                }
+                Some(Cmd::RepairBlock { .. }) => {
+                    let Some(Cmd::RepairBlock { volume, epoch, block, bad_crc, data, crc, tx }) =
+                        self.queue.pop_front()
+                    else {
+                        break;
+                    };
+                    let r = if let Some(f) = self.failed.clone() {
+                        Err(EngineError::Failed(f))
+                    } else {
+                        self.new_seq();
+                        self.repair_block(volume, epoch, block, bad_crc, &data, crc)
+                    };
+                    if self.crashed {
+                        return;
+                    }
                     let _ = tx.send(r);
                 }
                 Some(Cmd::Checkpoint { .. }) => {
@@ -2428,6 +2497,128 @@ impl Core {
         self.emit(&mut recs, Record::LayerMerged { volume: key.0, segment: key.1, removed: id, into, base })?;
         self.commit_records(recs)?;
         Ok(freed)
+    }
+
+    // ----- scrub and repair -----
+
+    /// One scrub step (see `EngineHandle::scrub` for the cursor). Runs with no write in flight.
+    fn scrub(&mut self, key: SegKey, cursor: u64, max_blocks: u32) -> Result<ScrubChunk, EngineError> {
+        let seg = self.cat.segments.get(&key).ok_or(EngineError::NotAssigned)?;
+        let seg_blocks = seg.blocks;
+        let n = seg.layers.len();
+        // (layer id, its epoch, its slots -> extents)
+        type LayerSlots = (u64, Epoch, Vec<(u32, u32)>);
+        let layers: Vec<LayerSlots> = seg
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let epoch = if i + 1 == n { HEAD_EPOCH } else { seg.layers[i + 1].base };
+                (l.id, epoch, l.extents.iter().map(|(s, e)| (*s, *e)).collect())
+            })
+            .collect();
+        let max = max_blocks.clamp(1, MAX_SCRUB_BLOCKS) as usize;
+        let visit_budget = max as u64 * 64;
+        let eb = self.sb.extent_blocks;
+        let first_vblock = u64::from(key.1 .0) * seg_blocks;
+        let (start_layer, start_block) = (cursor / seg_blocks, cursor % seg_blocks);
+        // (extent, offset, stored crc, layer epoch, volume block)
+        let mut todo: Vec<(u32, u32, u32, Epoch, u64)> = Vec::with_capacity(max);
+        let mut visited = 0u64;
+        let mut next = None;
+        'layers: for (id, epoch, slots) in layers.iter().filter(|l| l.0 >= start_layer) {
+            let from = if *id == start_layer { start_block } else { 0 };
+            for &(slot, extent) in slots {
+                let slot_first = u64::from(slot) * eb;
+                let slot_end = (slot_first + eb).min(seg_blocks);
+                let mut sb = slot_first.max(from);
+                while sb < slot_end {
+                    if todo.len() >= max || visited >= visit_budget {
+                        let pos = id
+                            .checked_mul(seg_blocks)
+                            .and_then(|p| p.checked_add(sb))
+                            .ok_or_else(|| EngineError::Invalid("scrub cursor overflows".into()))?;
+                        next = Some(pos);
+                        break 'layers;
+                    }
+                    visited += 1;
+                    let off = (sb - slot_first) as u32;
+                    let (written, _, crc) = self.page_bits(extent, off)?;
+                    if written {
+                        todo.push((extent, off, crc, *epoch, first_vblock + sb));
+                    }
+                    sb += 1;
+                }
+            }
+        }
+        let mut buf = AlignedBuf::zeroed(todo.len().max(1) * ALIGN);
+        {
+            let mut ios: Vec<Io<'_>> = Vec::new();
+            let mut rest: &mut [u8] = &mut buf[..];
+            let mut i = 0;
+            while i < todo.len() {
+                // Coalesce blocks that are adjacent on the disk into one read.
+                let mut j = i + 1;
+                while j < todo.len() && todo[j].0 == todo[i].0 && todo[j].1 == todo[j - 1].1 + 1 {
+                    j += 1;
+                }
+                let (head, tail) = rest.split_at_mut((j - i) * ALIGN);
+                let offset = Superblock::off(self.sb.extent_block(todo[i].0) + u64::from(todo[i].1));
+                ios.push(Io::Read { offset, buf: head });
+                rest = tail;
+                i = j;
+            }
+            self.disk.run(&mut ios, false).first_error()?;
+        }
+        let mut corrupt = Vec::new();
+        for (i, &(_, _, stored_crc, epoch, vblock)) in todo.iter().enumerate() {
+            if crc32c::crc32c(&buf[i * ALIGN..(i + 1) * ALIGN]) != stored_crc {
+                corrupt.push(CorruptBlock { epoch, block: BlockIndex(vblock), stored_crc });
+            }
+        }
+        self.stats.scrub_blocks_checked.fetch_add(todo.len() as u64, Ordering::Relaxed);
+        self.stats.scrub_corrupt_blocks.fetch_add(corrupt.len() as u64, Ordering::Relaxed);
+        Ok(ScrubChunk { next_cursor: next, blocks_checked: todo.len() as u64, corrupt })
+    }
+
+    /// Rewrites one block in its layer if it still fails its stored crc `bad_crc` (see
+    /// `EngineHandle::repair_block`). Runs with no write in flight, so the stored crc
+    /// reflects every write acknowledged before it.
+    fn repair_block(
+        &mut self,
+        volume: VolumeId,
+        epoch: Epoch,
+        block: BlockIndex,
+        bad_crc: u32,
+        data: &[u8],
+        crc: u32,
+    ) -> Result<bool, EngineError> {
+        let pieces = self.pieces(volume, block.0, 1)?;
+        let Some(&(key, sblock, _, _)) = pieces.first() else { return Err(EngineError::OutOfRange) };
+        let li = self.top_for(key, epoch)?;
+        let eb = self.sb.extent_blocks;
+        let (slot, off) = ((sblock / eb) as u32, (sblock % eb) as u32);
+        let Some(&extent) = self.cat.segments[&key].layers[li].extents.get(&slot) else { return Ok(false) };
+        let (written, _, stored) = self.page_bits(extent, off)?;
+        if !written || stored != bad_crc {
+            return Ok(false);
+        }
+        let phys = Superblock::off(self.sb.extent_block(extent) + u64::from(off));
+        let mut cur = AlignedBuf::zeroed(ALIGN);
+        self.disk.read_at(phys, &mut cur)?;
+        if crc32c::crc32c(&cur) == stored {
+            return Ok(false);
+        }
+        // Data first and synced, then the record with its crc: a crash in between leaves
+        // a block that still fails its (old) crc, i.e. still repairable.
+        self.disk.write_at(phys, &AlignedBuf::copy_from(data))?;
+        self.disk.sync()?;
+        self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let mut recs = Vec::new();
+        self.emit(&mut recs, Record::Write { extent, offset: off, crcs: vec![crc] })?;
+        self.commit_records(recs)?;
+        self.stats.repaired_blocks.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// Copies blocks `offsets` of extent `src` to the same offsets of `dst` and syncs.

@@ -12,24 +12,27 @@
 //! data and the metadata that finds it are on stable storage.
 //!
 //! The on-disk layout, journal, checkpoint, extent lifecycle and layer rules
-//! are described in `docs/engine-notes.md` and in the submodules:
+//! are described in `docs/design/engine.md` and in the submodules:
 //! - [`layout`]: superblock, geometry, page framing (checksummed, ping-pong slots).
 //! - [`journal`]: the metadata journal records and their replay.
 //! - [`meta`]: the extent table (in RAM), the catalog, the bounded page cache.
-//! - [`uring`]: the only `unsafe` code: io_uring submission, aligned buffers.
+//! - [`uring`]: io_uring submission, aligned buffers (`unsafe`, documented).
+//! - [`zero`]: zeroing a range with fallocate / BLKZEROOUT (one documented `unsafe` ioctl),
+//!   shared with the whole-device erase (`crate::erase`).
 //! - [`core`]: the engine thread: batching, allocation, layers, zeroer, checkpoint.
 //!
 //! Failpoints (feature `failpoints`, always on in this crate's tests), each of
 //! which stops the engine thread as a crash would (no checkpoint, no replies):
 //! `after_data_write_before_journal`, `after_journal_before_fsync`, `before_ack`,
-//! `mid_zeroing` (zeros half written), `after_zeroing_before_verify`,
+//! `mid_zeroing` (half the extent zeroed), `after_zeroing_before_verify`,
 //! `mid_checkpoint` (pages written, checkpoint block not).
 
 mod core;
 mod journal;
 mod layout;
 mod meta;
-mod uring;
+pub(crate) mod uring;
+pub(crate) mod zero;
 
 use bytes::Bytes;
 use slate_protocol::{
@@ -42,6 +45,7 @@ use std::thread::JoinHandle;
 use tokio::sync::oneshot;
 
 pub use layout::{read_geometry, FormatReport, DEFAULT_EXTENT_SIZE_BYTES, DEFAULT_JOURNAL_BYTES};
+pub use zero::ZeroMethod;
 
 /// Epoch value that names a segment's writable head layer in [`EngineHandle::changed_blocks`]
 /// and [`EngineHandle::read_at`] (`to = HEAD_EPOCH` means "up to and including the head").
@@ -102,9 +106,15 @@ pub fn format(path: &Path, opts: &FormatOptions) -> Result<FormatReport, EngineE
 /// Run-time options of an opened engine.
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
-    /// Background zeroing rate (bytes written per second). `u64::MAX`: unlimited.
-    /// Allocation that finds no verified extent zeroes one at full speed regardless.
+    /// Background zeroing budget, in bytes of device work per second. Zeros written
+    /// count in full; a range zeroed by the device's own primitive (zero-range on a
+    /// file, BLKZEROOUT on a device with write-zeroes) a flat 64 KiB per call; the
+    /// verify read a quarter of its length. `u64::MAX`: unlimited. Allocation that
+    /// finds no verified extent zeroes one at full speed regardless.
     pub zero_rate_bytes_per_sec: u64,
+    /// Always zero by writing zeros, never by fallocate or BLKZEROOUT (for a disk file
+    /// whose underlying blocks must be physically overwritten; see the design notes).
+    pub zero_with_writes: bool,
     /// Bound on RAM used by cached metadata pages (per-block crcs and bitmaps).
     pub metadata_cache_bytes: u64,
     /// Granularity of write-intent records, in volume blocks (power of two).
@@ -124,6 +134,7 @@ impl Default for EngineOptions {
     fn default() -> Self {
         Self {
             zero_rate_bytes_per_sec: 256 << 20,
+            zero_with_writes: false,
             metadata_cache_bytes: 64 << 20,
             intent_region_blocks: 256,
             max_batch_commands: 256,
@@ -190,6 +201,31 @@ pub struct ReadResult {
     pub data: Bytes,
 }
 
+/// Most blocks one [`EngineHandle::scrub`] call reads (a larger `max_blocks` is clamped).
+pub const MAX_SCRUB_BLOCKS: u32 = 1024;
+
+/// One step of a scrub: see [`EngineHandle::scrub`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ScrubChunk {
+    /// Where the next call continues; `None`: every layer of the segment has been scrubbed.
+    pub next_cursor: Option<u64>,
+    /// Written blocks read and checked by this call.
+    pub blocks_checked: u64,
+    /// Blocks whose data does not match their stored crc32c.
+    pub corrupt: Vec<CorruptBlock>,
+}
+
+/// A block whose stored data fails its checksum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CorruptBlock {
+    /// The layer: the snapshot epoch it was frozen at, or [`HEAD_EPOCH`] for the head.
+    pub epoch: Epoch,
+    /// The volume block.
+    pub block: BlockIndex,
+    /// The crc32c recorded for it (what a good copy's data hashes to).
+    pub stored_crc: u32,
+}
+
 /// Counters for metrics; a cheap copy of atomics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EngineStats {
@@ -203,6 +239,8 @@ pub struct EngineStats {
     /// Extents that failed zero verification repeatedly and are never allocated.
     pub extents_failed: u64,
     pub bytes_zeroed_total: u64,
+    /// Of `bytes_zeroed_total`, bytes zeroed by fallocate or BLKZEROOUT rather than written.
+    pub bytes_zeroed_offload_total: u64,
     pub extents_zeroed_total: u64,
     pub reads: u64,
     pub writes: u64,
@@ -219,6 +257,9 @@ pub struct EngineStats {
     pub metadata_page_loads: u64,
     pub metadata_page_evictions: u64,
     pub corrupt_reads: u64,
+    pub scrub_blocks_checked: u64,
+    pub scrub_corrupt_blocks: u64,
+    pub repaired_blocks: u64,
 }
 
 /// Shared atomic counters behind [`EngineStats`].
@@ -233,6 +274,7 @@ pub(crate) struct StatsCell {
     pub extents_zeroing: AtomicU64,
     pub extents_failed: AtomicU64,
     pub bytes_zeroed_total: AtomicU64,
+    pub bytes_zeroed_offload_total: AtomicU64,
     pub extents_zeroed_total: AtomicU64,
     pub reads: AtomicU64,
     pub writes: AtomicU64,
@@ -248,6 +290,9 @@ pub(crate) struct StatsCell {
     pub metadata_page_loads: AtomicU64,
     pub metadata_page_evictions: AtomicU64,
     pub corrupt_reads: AtomicU64,
+    pub scrub_blocks_checked: AtomicU64,
+    pub scrub_corrupt_blocks: AtomicU64,
+    pub repaired_blocks: AtomicU64,
 }
 
 impl StatsCell {
@@ -263,6 +308,7 @@ impl StatsCell {
             extents_zeroing: g(&self.extents_zeroing),
             extents_failed: g(&self.extents_failed),
             bytes_zeroed_total: g(&self.bytes_zeroed_total),
+            bytes_zeroed_offload_total: g(&self.bytes_zeroed_offload_total),
             extents_zeroed_total: g(&self.extents_zeroed_total),
             reads: g(&self.reads),
             writes: g(&self.writes),
@@ -278,6 +324,9 @@ impl StatsCell {
             metadata_page_loads: g(&self.metadata_page_loads),
             metadata_page_evictions: g(&self.metadata_page_evictions),
             corrupt_reads: g(&self.corrupt_reads),
+            scrub_blocks_checked: g(&self.scrub_blocks_checked),
+            scrub_corrupt_blocks: g(&self.scrub_corrupt_blocks),
+            repaired_blocks: g(&self.repaired_blocks),
         }
     }
 }
@@ -365,6 +414,24 @@ pub(crate) enum Cmd {
         volume: VolumeId,
         ranges: Vec<BlockRange>,
         tx: Reply<()>,
+    },
+    /// Runs with the pipeline drained (no write in flight).
+    Scrub {
+        volume: VolumeId,
+        segment: SegmentIndex,
+        cursor: u64,
+        max_blocks: u32,
+        tx: Reply<ScrubChunk>,
+    },
+    /// Runs with the pipeline drained (no write in flight).
+    RepairBlock {
+        volume: VolumeId,
+        epoch: Epoch,
+        block: BlockIndex,
+        bad_crc: u32,
+        data: Bytes,
+        crc: u32,
+        tx: Reply<bool>,
     },
     /// Test hook: wait until no extent is dirty or zeroing (or the timeout passes).
     WaitZeroed {
@@ -607,6 +674,53 @@ impl EngineHandle {
     /// The snapshot epochs of a segment, oldest first (the head is not listed).
     pub async fn layers(&self, volume: VolumeId, segment: SegmentIndex) -> Result<Vec<Epoch>, EngineError> {
         self.call(|tx| Cmd::Layers { volume, segment, tx }).await
+    }
+
+    /// Scrubs the next written blocks of every layer of a segment: reads each, checks it
+    /// against its stored crc32c and reports those that fail.
+    ///
+    /// `cursor` is a position in the segment's layers laid end to end in the order of
+    /// their ids (oldest layer first, the head last; ids never change and a new snapshot's
+    /// head gets a higher id): layer id `k` covers `k * segment_blocks ..
+    /// (k + 1) * segment_blocks`, and within it the segment block. Start at 0 and pass
+    /// `next_cursor` back until it is `None`. A layer created or folded between calls
+    /// keeps the order (blocks a fold moves to a newer layer may be checked twice).
+    ///
+    /// Each call is one step of the engine thread, taken with no write in flight: it
+    /// reads at most `max_blocks` (clamped to 1 ..= [`MAX_SCRUB_BLOCKS`]) blocks and
+    /// visits at most 64 times as many block positions, so tenant I/O waits at most
+    /// one such step.
+    pub async fn scrub(
+        &self,
+        volume: VolumeId,
+        segment: SegmentIndex,
+        cursor: u64,
+        max_blocks: u32,
+    ) -> Result<ScrubChunk, EngineError> {
+        self.call(|tx| Cmd::Scrub { volume, segment, cursor, max_blocks, tx }).await
+    }
+
+    /// Rewrites volume block `block` in the layer named by `epoch` ([`HEAD_EPOCH`]: the
+    /// head) with `data` (one block whose crc32c is `crc`), but only if that layer holds
+    /// the block with stored crc `bad_crc` and its data there still fails that crc: a
+    /// repair that raced a newer write of the block never overwrites the newer data.
+    /// Returns whether it wrote. Durable when it returns.
+    pub async fn repair_block(
+        &self,
+        volume: VolumeId,
+        epoch: Epoch,
+        block: BlockIndex,
+        bad_crc: u32,
+        data: Bytes,
+        crc: u32,
+    ) -> Result<bool, EngineError> {
+        if data.len() != BLOCK_SIZE_BYTES {
+            return Err(EngineError::Invalid(format!("repair with {} bytes", data.len())));
+        }
+        if crc32c::crc32c(&data) != crc {
+            return Err(EngineError::BadCrc { block });
+        }
+        self.call(|tx| Cmd::RepairBlock { volume, epoch, block, bad_crc, data, crc, tx }).await
     }
 
     /// Regions (volume blocks) that may hold incomplete writes or differ between replicas.

@@ -192,6 +192,11 @@ impl Disk {
         self.size_bytes
     }
 
+    /// The open file (for range operations that are not reads or writes).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Submits every I/O of `ios` (and then, if `sync`, one fdatasync drained behind
     /// them) and waits for all of them. Short transfers are resubmitted for the rest.
     pub fn run(&mut self, ios: &mut [Io<'_>], sync: bool) -> BatchResult {
