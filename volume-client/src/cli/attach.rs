@@ -172,6 +172,8 @@ pub const CONTROL_PATIENCE: Duration = Duration::from_mins(1);
 #[derive(Debug)]
 pub struct MetaControl {
     api: ApiClient,
+    /// The same API without the patience, for advisory calls (rebuild progress).
+    quick_api: ApiClient,
     volume: u64,
     attachment: u64,
     segment_blocks: u64,
@@ -217,6 +219,34 @@ impl ControlPlane for MetaControl {
         Ok(ReplicaUpdate { set, capability })
     }
 
+    async fn report_rebuild_progress(
+        &self,
+        volume: VolumeId,
+        segment: SegmentIndex,
+        node: NodeId,
+        done_blocks: u64,
+        total_blocks: u64,
+    ) -> Result<(), ControlError> {
+        // Progress is advisory: one attempt, no patience (the engine ignores failures).
+        let body =
+            json!({"segment": segment.0, "node": node.0, "done_blocks": done_blocks, "total_blocks": total_blocks});
+        let _: Value = self
+            .quick_api
+            .post(&format!("/v1/volumes/{}/rebuild-progress", volume.0), &body)
+            .await
+            .map_err(|e| ControlError(format!("{e:#}")))?;
+        Ok(())
+    }
+
+    async fn assign_replicas(
+        &self,
+        _volume: VolumeId,
+        set: &SegmentReplicas,
+        capability: &SignedCapability,
+    ) -> Result<(), ControlError> {
+        assign(set, capability, self.segment_blocks).await
+    }
+
     async fn report_rebuilt(&self, volume: VolumeId, segment: SegmentIndex, node: NodeId) -> Result<(), ControlError> {
         let _: Value = self
             .api
@@ -255,6 +285,7 @@ impl ControlPlane for MetaControl {
 /// Attaches and serves until a signal; detaches on the way out.
 pub async fn run(api: ApiClient, args: AttachArgs) -> Result<()> {
     // From here on every call rides through the loss of a metadata node or an election.
+    let quick_api = api.clone();
     let api = api.patient(CONTROL_PATIENCE);
     if args.nbd_unix.is_none() && args.nbd_tcp.is_none() {
         bail!("give --nbd-unix PATH and/or --nbd-tcp ADDR to serve the volume");
@@ -288,6 +319,7 @@ pub async fn run(api: ApiClient, args: AttachArgs) -> Result<()> {
     }
     let control = Arc::new(MetaControl {
         api: api.clone(),
+        quick_api,
         volume: id,
         attachment,
         segment_blocks: layout.segment_blocks,

@@ -25,6 +25,16 @@
 //!   reported once per segment through [`ControlPlane`]; the new member joins
 //!   as rebuilding at once and a rebuild task copies the segment into it,
 //!   chunk by chunk, each chunk under an exclusive range lock.
+//! - **Layout changes made elsewhere** (a drain) are polled for every
+//!   `layout_poll_interval`. A segment whose epoch is newer than the client's
+//!   is adopted through the same merge as a replacement: members that joined
+//!   (assigned the segment and reachable first, with a renewed capability if
+//!   the current one does not cover them) get every write at once and are
+//!   rebuilt, then reported in sync; members that left stop receiving reads
+//!   and writes, and a write still in flight to one no longer waits for it
+//!   (its late reply, good or bad, is ignored and never marks the node
+//!   failed). An older or equal epoch never changes a set, so a poll reply
+//!   that raced with the client's own failure report cannot undo it.
 //! - **Fencing.** A `StaleGeneration` reply is fatal: every in-flight and
 //!   later operation fails with [`VolumeError::Fenced`]; nothing is retried.
 
@@ -32,7 +42,7 @@ use super::control::ControlPlane;
 use super::deps::{DepTracker, LockMode};
 use super::error::VolumeError;
 use super::intents::IntentTracker;
-use super::layout::{ReplicaRole, VolumeLayout};
+use super::layout::{ReplicaInfo, ReplicaRole, SegmentReplicas, VolumeLayout};
 use super::link::{Connector, LinkError, NodeLink};
 use super::rebuild::{self, RebuildCtx, RebuildGrant};
 use super::replicas::SegmentSet;
@@ -41,7 +51,7 @@ use super::status::{Counters, SegmentStatus, VolumeStatus};
 use super::VolumeConfig;
 use bytes::Bytes;
 use slate_protocol::message::{BlockRange, MAX_IO_BLOCKS, MAX_RANGES, MAX_RANGE_BLOCKS};
-use slate_protocol::{BlockIndex, ErrorKind, NodeId, Reply, Request, SegmentIndex, SignedCapability, Target};
+use slate_protocol::{BlockIndex, Epoch, ErrorKind, NodeId, Reply, Request, SegmentIndex, SignedCapability, Target};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -129,6 +139,9 @@ pub enum Event {
     },
     NodeDown {
         node: NodeId,
+        /// The segment the failure was seen for, if one: a node that has left
+        /// that segment's set meanwhile is not failed for it.
+        segment: Option<SegmentIndex>,
         why: String,
     },
     Fatal(VolumeError),
@@ -142,6 +155,20 @@ pub enum Event {
     IntentsSeen {
         per_node: Vec<(NodeId, Vec<BlockRange>)>,
     },
+    /// A round of layout polling ended.
+    LayoutSeen(Result<LayoutPoll, String>),
+}
+
+/// What a layout poll found, prepared for the actor.
+#[derive(Debug)]
+pub struct LayoutPoll {
+    /// Replica sets newer than the client's when the poll started, ready to
+    /// adopt: their new members are assigned the segment and connected.
+    pub sets: Vec<SegmentReplicas>,
+    /// A capability whose node scope covers the new members, when the current one did not.
+    pub capability: Option<SignedCapability>,
+    /// Sessions with nodes new to this client.
+    pub links: Vec<(NodeId, Arc<dyn NodeLink>)>,
 }
 
 /// Which part of an operation a reply is for.
@@ -316,8 +343,14 @@ pub struct Actor {
     intents: IntentTracker,
     /// When the next round of intent clearing starts; `None` while one runs.
     intent_round_at: Option<Instant>,
-    /// Members per segment when healthy (as attached): fewer means a replica is missing.
+    /// Members per segment when healthy (as attached or last adopted from the
+    /// control plane): fewer means a replica is missing.
     full_size: Vec<usize>,
+    /// When the next layout poll starts; `None` while one runs.
+    layout_poll_at: Option<Instant>,
+    /// Write requests (op, piece, node) still in flight to a member that has
+    /// left the piece's segment: their replies are dropped, whatever they say.
+    detached: HashSet<(u64, usize, NodeId)>,
 }
 
 impl std::fmt::Debug for Actor {
@@ -340,6 +373,7 @@ pub async fn run(init: Init, cmds: mpsc::Receiver<Cmd>) {
     let renew = renew_at(slate_protocol::now_unix_secs(), init.capability.claims.expires_unix_secs);
     let full_size: Vec<usize> = sets.iter().map(|s| s.members().len().max(MIN_COPIES)).collect();
     let intent_round_at = Some(Instant::now() + init.cfg.intent_clear_interval);
+    let layout_poll_at = Some(Instant::now() + init.cfg.layout_poll_interval);
     let mut actor = Actor {
         layout: init.layout,
         target,
@@ -369,6 +403,8 @@ pub async fn run(init: Init, cmds: mpsc::Receiver<Cmd>) {
         intents: IntentTracker::new(),
         intent_round_at,
         full_size,
+        layout_poll_at,
+        detached: HashSet::new(),
     };
     for (node, why) in init.down {
         actor.node_failed(node, &why);
@@ -387,7 +423,11 @@ pub async fn run(init: Init, cmds: mpsc::Receiver<Cmd>) {
 
 impl Actor {
     async fn main_loop(&mut self, mut cmds: mpsc::Receiver<Cmd>, mut events: mpsc::UnboundedReceiver<Event>) {
-        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+        let mut period = Duration::from_millis(500);
+        if !self.cfg.layout_poll_interval.is_zero() {
+            period = period.min(self.cfg.layout_poll_interval).max(Duration::from_millis(10));
+        }
+        let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -700,10 +740,24 @@ impl Actor {
     }
 
     fn on_read_reply(&mut self, id: u64, i: usize, node: NodeId, outcome: Outcome) {
+        let seg = match self.ops.get(&id) {
+            Some(Op { kind: OpKind::Read(r), .. }) => r.pieces.get(i).map(|p| p.piece.segment),
+            _ => None,
+        };
+        let Some(seg) = seg else { return };
+        let members: Vec<NodeId> = self.set(seg).map(|s| s.write_set().collect()).unwrap_or_default();
         let Some(Op { kind: OpKind::Read(r), .. }) = self.ops.get_mut(&id) else { return };
         let allocated_only = r.allocated_only;
         let Some(p) = r.pieces.get_mut(i) else { return };
         if p.done || p.current != Some(node) {
+            return;
+        }
+        if !members.contains(&node) && !matches!(outcome, Outcome::Ok(_) | Outcome::Fatal(_)) {
+            // The node left the segment's set (or failed) while the read was in flight: its
+            // refusal says nothing about its other segments. Read another member.
+            debug!(volume = %self.target.volume, %node, segment = %seg, ?outcome, "read from a former member failed; reading another");
+            self.dispatch_read(id, i);
+            self.check_read(id);
             return;
         }
         let count = p.piece.count as usize;
@@ -715,6 +769,7 @@ impl Actor {
                         let bad_copies = if self.writable { p.corrupt.as_slice() } else { &[] };
                         let repairs: Vec<(NodeId, Vec<Request>)> = bad_copies
                             .iter()
+                            .filter(|(bad, _)| members.contains(bad))
                             .map(|(bad, block)| {
                                 let only =
                                     block.and_then(|b| b.0.checked_sub(start.0)).map(|k| k as usize..k as usize + 1);
@@ -833,9 +888,13 @@ impl Actor {
         let Some(Op { kind: OpKind::Read(r), .. }) = self.ops.get_mut(&id) else { return };
         let Some(pos) = r.repairs.iter().position(|n| *n == node) else { return };
         r.repairs.swap_remove(pos);
+        let segs: Vec<SegmentIndex> =
+            r.pieces.iter().filter(|p| p.corrupt.iter().any(|(n, _)| *n == node)).map(|p| p.piece.segment).collect();
+        let member = segs.iter().any(|s| self.set(*s).is_some_and(|set| set.contains(node)));
         match outcome {
             Outcome::Ok(_) => {}
             Outcome::Fatal(e) => return self.go_fatal(e),
+            _ if !member => debug!(%node, "repair of a former member failed; it holds no data of ours any more"),
             Outcome::NodeDown(why) | Outcome::Failed(why) | Outcome::Retry(why) => self.node_failed(node, &why),
             Outcome::Corrupt(_) => self.node_failed(node, "corrupt reply to a repair write"),
         }
@@ -923,6 +982,9 @@ impl Actor {
         if !p.done && p.pending.contains(&node) && !self.dead.contains(&node) {
             let req = p.request.clone();
             self.send(node, &req, id, Tag::Piece(i));
+        } else {
+            // Nothing is in flight for it any more (it was waiting to be sent again).
+            self.detached.remove(&(id, i, node));
         }
     }
 
@@ -958,9 +1020,11 @@ impl Actor {
     // ----- flush ------------------------------------------------------------------------------
 
     fn on_flush_reply(&mut self, id: u64, node: NodeId, outcome: Outcome) {
+        let member = self.sets.iter().any(|s| s.contains(node));
         match outcome {
             Outcome::Ok(_) => {}
             Outcome::Fatal(e) => return self.go_fatal(e),
+            _ if !member => debug!(%node, "flush of a former member failed; it holds no data of ours any more"),
             Outcome::NodeDown(why) | Outcome::Retry(why) | Outcome::Failed(why) => self.node_failed(node, &why),
             Outcome::Corrupt(_) => self.node_failed(node, "corrupt reply to a flush"),
         }
@@ -1155,17 +1219,36 @@ impl Actor {
                 self.links.entry(n).or_insert(l);
             }
         }
-        let Some(set) = self.set_mut(segment) else { return };
-        let out = set.merge(&update.set);
+        let current = self.set(segment).map(|s| s.epoch);
+        if current.is_some_and(|e| update.set.epoch < e) {
+            // A layout poll already brought a newer set (made after this reply): keep it.
+            info!(
+                volume = %self.target.volume, %segment, epoch = %update.set.epoch.0, current = ?current,
+                "replacement reply is older than the set in use; ignored"
+            );
+            return;
+        }
+        let joined = self.adopt_set(segment, &update.set, &unreachable);
+        self.counters.replicas_replaced += joined as u64;
+    }
+
+    /// Installs a replica set from the control plane (a replacement's reply or
+    /// a polled layout): members that left stop receiving reads and writes,
+    /// members that joined receive every write at once and are rebuilt.
+    /// Returns how many members joined.
+    fn adopt_set(&mut self, segment: SegmentIndex, new: &SegmentReplicas, unreachable: &[NodeId]) -> usize {
+        let Some(set) = self.set_mut(segment) else { return 0 };
+        let out = set.merge(new);
         info!(
-            volume = %self.target.volume, %segment, joined = ?out.joined, left = ?out.left,
+            volume = %self.target.volume, %segment, epoch = %new.epoch.0, joined = ?out.joined, left = ?out.left,
             "replica set changed"
         );
-        self.counters.replicas_replaced += out.joined.len() as u64;
         for n in &out.left {
             if let Some(h) = self.rebuilds.remove(&(segment, *n)) {
                 h.abort();
             }
+            self.progress_reported.remove(&(segment, *n));
+            self.detach_member(segment, *n);
         }
         // Members that cannot serve: already failed, or unreachable now.
         let members: Vec<NodeId> = self.set(segment).map(|s| s.write_set().collect()).unwrap_or_default();
@@ -1181,8 +1264,10 @@ impl Actor {
                 self.node_failed(n, "unreachable when it joined");
             }
         }
+        let mut joined = 0;
         for n in out.joined {
             if self.set(segment).is_some_and(|s| s.contains(n)) {
+                joined += 1;
                 self.join_in_flight_writes(segment, n);
                 self.spawn_rebuild(segment, n);
             }
@@ -1192,6 +1277,32 @@ impl Actor {
         for id in ids {
             for i in 0..self.write_piece_count(id) {
                 self.check_write_piece(id, i);
+            }
+        }
+        joined
+    }
+
+    /// `node` left `segment`'s set (the metadata service moved the replica):
+    /// unfinished writes of the segment stop waiting for it and stop counting
+    /// its copy; requests still in flight to it finish on their own and their
+    /// replies are ignored. Its session closes once it is in no set.
+    fn detach_member(&mut self, segment: SegmentIndex, node: NodeId) {
+        for (id, op) in &mut self.ops {
+            let OpKind::Write(w) = &mut op.kind else { continue };
+            for (i, p) in w.pieces.iter_mut().enumerate() {
+                if p.done || p.piece.segment != segment {
+                    continue;
+                }
+                if p.pending.contains(&node) {
+                    p.pending.retain(|n| *n != node);
+                    self.detached.insert((*id, i, node));
+                }
+                p.acked.retain(|n| *n != node);
+            }
+        }
+        if !self.sets.iter().any(|s| s.contains(node)) {
+            if let Some(link) = self.links.remove(&node) {
+                self.retired.push((Instant::now(), link));
             }
         }
     }
@@ -1224,6 +1335,7 @@ impl Actor {
         }
         error!(volume = %self.target.volume, error = %err, "volume stops serving");
         self.fatal = Some(err.clone());
+        self.detached.clear();
         for (_, h) in self.rebuilds.drain() {
             h.abort();
         }
@@ -1382,6 +1494,12 @@ impl Actor {
                 if self.fatal.is_some() {
                     return;
                 }
+                if let Tag::Piece(i) = tag {
+                    if self.detached.remove(&(op, i, node)) {
+                        debug!(%node, op, piece = i, ok = result.is_ok(), "late reply of a former member ignored");
+                        return;
+                    }
+                }
                 let outcome = classify(result);
                 match tag {
                     Tag::Piece(i) => match self.ops.get(&op).map(|o| &o.kind) {
@@ -1406,8 +1524,11 @@ impl Actor {
             Event::RebuildDone { segment, target, copied_blocks } => {
                 self.on_rebuild_done(segment, target, copied_blocks);
             }
-            Event::NodeDown { node, why } => {
-                if self.fatal.is_none() {
+            Event::NodeDown { node, segment, why } => {
+                let left = segment.is_some_and(|seg| !self.set(seg).is_some_and(|s| s.contains(node)));
+                if left {
+                    debug!(%node, ?segment, %why, "failure of a former member ignored");
+                } else if self.fatal.is_none() {
                     self.node_failed(node, &why);
                 }
             }
@@ -1415,6 +1536,7 @@ impl Actor {
             Event::Renewed { capability, links } => self.on_renewed(capability, links),
             Event::RenewFailed(why) => self.on_renew_failed(&why),
             Event::IntentsSeen { per_node } => self.on_intents_seen(per_node),
+            Event::LayoutSeen(result) => self.on_layout_seen(result),
         }
     }
 
@@ -1492,9 +1614,75 @@ impl Actor {
         self.renew_at = Some(now + (left / 2).clamp(1, 10));
     }
 
+    /// Starts a layout poll when due (read-write attachments only).
+    fn poll_layout_if_due(&mut self) {
+        let interval = self.cfg.layout_poll_interval;
+        if interval.is_zero() || !self.writable || self.fatal.is_some() || self.closing.is_some() {
+            return;
+        }
+        if self.layout_poll_at.is_none_or(|at| Instant::now() < at) {
+            return;
+        }
+        self.layout_poll_at = None;
+        let ctx = PollCtx {
+            control: Arc::clone(&self.control),
+            connector: Arc::clone(&self.connector),
+            target: self.target,
+            segment_blocks: self.layout.segment_blocks,
+            known: self.sets.iter().map(|s| (s.epoch, s.write_set().collect())).collect(),
+            linked: self.links.keys().copied().collect(),
+            dead: self.dead.clone(),
+            capability: self.capability.clone(),
+            timeout: self.cfg.request_timeout,
+        };
+        let tx = self.events_tx.clone();
+        let h = tokio::spawn(async move {
+            let result = poll_layout(ctx, &tx).await;
+            let _ = tx.send(Event::LayoutSeen(result));
+        });
+        self.helpers.retain(|h| !h.is_finished());
+        self.helpers.push(h);
+    }
+
+    /// Ends a layout poll: adopts every set whose epoch is newer than the one in use.
+    fn on_layout_seen(&mut self, result: Result<LayoutPoll, String>) {
+        self.layout_poll_at = Some(Instant::now() + self.cfg.layout_poll_interval);
+        let poll = match result {
+            Ok(p) => p,
+            Err(why) => {
+                debug!(volume = %self.target.volume, %why, "layout poll failed; trying again later");
+                return;
+            }
+        };
+        if self.fatal.is_some() {
+            return;
+        }
+        if let Some(c) = poll.capability {
+            // Existing sessions keep theirs; the renewal schedule (from the oldest) stays as it is.
+            self.capability = c;
+        }
+        for (n, l) in poll.links {
+            if !self.dead.contains(&n) {
+                self.links.entry(n).or_insert(l);
+            }
+        }
+        for set in poll.sets {
+            let Some(current) = self.set(set.segment).map(|s| s.epoch) else { continue };
+            if set.epoch <= current {
+                continue; // our own report (or an earlier poll) got there first
+            }
+            if let Some(full) = self.full_size.get_mut(set.segment.0 as usize) {
+                *full = set.replicas.len().max(MIN_COPIES);
+            }
+            self.counters.layout_changes += 1;
+            self.adopt_set(set.segment, &set, &[]);
+        }
+    }
+
     /// Fails writes that have waited too long for a second copy (a replacement that never comes).
     fn on_tick(&mut self) {
         self.renew_if_due();
+        self.poll_layout_if_due();
         self.clear_intents_if_due();
         let limit = self.cfg.stall_timeout;
         let stuck: Vec<u64> = self
@@ -1646,4 +1834,89 @@ impl Actor {
             counters: self.counters.clone(),
         }
     }
+}
+
+/// What a layout poll needs from the actor's state when it starts.
+struct PollCtx {
+    control: Arc<dyn ControlPlane>,
+    connector: Arc<dyn Connector>,
+    target: Target,
+    segment_blocks: u64,
+    /// Per segment (by index): the epoch and members in use.
+    known: Vec<(Epoch, Vec<NodeId>)>,
+    linked: HashSet<NodeId>,
+    dead: HashSet<NodeId>,
+    capability: SignedCapability,
+    timeout: Duration,
+}
+
+/// Fetches the layout and prepares the sets that are newer than the client's:
+/// gets a capability covering their new members if needed, has those members
+/// assigned the segment, and opens sessions with them. A set whose new
+/// members cannot be prepared is left for the next poll.
+async fn poll_layout(ctx: PollCtx, tx: &mpsc::UnboundedSender<Event>) -> Result<LayoutPoll, String> {
+    let volume = ctx.target.volume;
+    let layout = ctx.control.refresh_layout(volume).await.map_err(|e| e.to_string())?;
+    if layout.volume != volume || layout.segment_blocks != ctx.segment_blocks {
+        return Err("the control plane returned the layout of another volume or geometry".into());
+    }
+    layout.validate()?;
+    let mut sets: Vec<(SegmentReplicas, Vec<ReplicaInfo>)> = Vec::new();
+    for s in layout.segments {
+        let Some((epoch, members)) = ctx.known.get(s.segment.0 as usize) else { continue };
+        if s.epoch <= *epoch {
+            continue;
+        }
+        let fresh: Vec<ReplicaInfo> =
+            s.replicas.iter().filter(|r| !members.contains(&r.node) && !ctx.dead.contains(&r.node)).cloned().collect();
+        sets.push((s, fresh));
+    }
+    if sets.is_empty() {
+        return Ok(LayoutPoll { sets: Vec::new(), capability: None, links: Vec::new() });
+    }
+    // A capability whose node scope covers every new member (slate-meta signs from the current layout).
+    let uncovered = sets.iter().flat_map(|(_, f)| f).any(|r| !ctx.capability.claims.nodes.contains(&r.node));
+    let renewed = if uncovered {
+        let c = ctx.control.renew_capability(volume, ctx.target.generation).await.map_err(|e| e.to_string())?;
+        if c.claims.volume != volume || c.claims.generation != ctx.target.generation {
+            return Err("the renewed capability is for another attachment".into());
+        }
+        Some(c)
+    } else {
+        None
+    };
+    let cap = renewed.clone().unwrap_or(ctx.capability);
+    let mut links: Vec<(NodeId, Arc<dyn NodeLink>)> = Vec::new();
+    let mut ready = Vec::new();
+    'sets: for (set, fresh) in sets {
+        if !fresh.is_empty() {
+            let new_members = SegmentReplicas { segment: set.segment, epoch: set.epoch, replicas: fresh.clone() };
+            if let Err(e) = ctx.control.assign_replicas(volume, &new_members, &cap).await {
+                warn!(%volume, segment = %set.segment, error = %e, "cannot assign the segment to its new replicas; trying again later");
+                continue;
+            }
+            for r in &fresh {
+                if ctx.linked.contains(&r.node) || links.iter().any(|(n, _)| *n == r.node) {
+                    continue;
+                }
+                match tokio::time::timeout(ctx.timeout, ctx.connector.connect(r.node, &r.addr, &cap)).await {
+                    Ok(Ok(link)) => links.push((r.node, link)),
+                    Ok(Err(LinkError::Remote(e))) if e.kind == ErrorKind::StaleGeneration => {
+                        let _ = tx.send(Event::Fatal(VolumeError::Fenced));
+                        return Err("fenced".into());
+                    }
+                    Ok(Err(e)) => {
+                        warn!(%volume, node = %r.node, addr = %r.addr, error = %e, "cannot reach a new replica; trying again later");
+                        continue 'sets;
+                    }
+                    Err(_) => {
+                        warn!(%volume, node = %r.node, addr = %r.addr, "timed out reaching a new replica; trying again later");
+                        continue 'sets;
+                    }
+                }
+            }
+        }
+        ready.push(set);
+    }
+    Ok(LayoutPoll { sets: ready, capability: renewed, links })
 }

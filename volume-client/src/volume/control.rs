@@ -2,7 +2,9 @@
 //!
 //! The data plane never waits on slate-meta except when the layout must
 //! change: a replica stopped answering (the engine asks for a replacement)
-//! or a rebuild finished (the engine says the new replica is in sync). Those
+//! or a rebuild finished (the engine says the new replica is in sync). A
+//! read-write attachment also polls the layout, to follow changes made
+//! elsewhere (a drain adds a replica, then removes the drained one). Those
 //! calls sit behind this small trait so that the engine can be driven by an
 //! in-test fake and the lead can implement it over slate-meta's HTTP API.
 
@@ -71,6 +73,22 @@ pub trait ControlPlane: Send + Sync + std::fmt::Debug + 'static {
         Err(ControlError("capability renewal is not supported".into()))
     }
 
-    /// The volume's current layout (after a reconfiguration made elsewhere).
+    /// The volume's current layout (after a reconfiguration made elsewhere,
+    /// such as a drain adding or removing a replica). Polled by a read-write
+    /// attachment every `VolumeConfig::layout_poll_interval`.
     async fn refresh_layout(&self, volume: VolumeId) -> Result<VolumeLayout, ControlError>;
+
+    /// `set` lists replicas that joined `set.segment` elsewhere (seen through
+    /// [`ControlPlane::refresh_layout`]): tell their nodes that they hold the
+    /// segment (idempotent) before the engine writes to them. `capability`
+    /// covers them. The default does nothing (the nodes already know).
+    async fn assign_replicas(
+        &self,
+        volume: VolumeId,
+        set: &SegmentReplicas,
+        capability: &SignedCapability,
+    ) -> Result<(), ControlError> {
+        let _ = (volume, set, capability);
+        Ok(())
+    }
 }

@@ -21,7 +21,7 @@
 //! | file | what |
 //! |---|---|
 //! | `layout.rs` | attach reply types (`AttachInfo`, `VolumeLayout`, replica sets, the key) |
-//! | `control.rs` | `ControlPlane`: replacement of failed replicas, rebuild done |
+//! | `control.rs` | `ControlPlane`: replacement of failed replicas, rebuild done, layout polling |
 //! | `link.rs` | `NodeLink`/`Connector`: the engine's view of node sessions |
 //! | `node_link.rs` | those traits over `slate_node::client::NodeClient` |
 //! | `deps.rs` | the FIFO range lock that orders overlapping operations |
@@ -90,6 +90,10 @@ pub struct VolumeConfig {
     /// How often the nodes' write intents of quiet, healthy regions are cleared
     /// (see `intents.rs`); zero turns it off (intents then wait for the next attach).
     pub intent_clear_interval: Duration,
+    /// How often a read-write attachment asks the control plane for the
+    /// volume's layout, to follow replica sets changed elsewhere (a drain);
+    /// zero turns it off.
+    pub layout_poll_interval: Duration,
 }
 
 impl Default for VolumeConfig {
@@ -103,6 +107,7 @@ impl Default for VolumeConfig {
             queue_depth: 1024,
             rebuild_chunk_blocks: 256,
             intent_clear_interval: Duration::from_secs(15),
+            layout_poll_interval: Duration::from_secs(3),
         }
     }
 }

@@ -104,10 +104,10 @@ pub async fn run(ctx: RebuildCtx) {
             }
             Err(CopyError::Source(src, why)) => {
                 // The actor drops the source before it sees the unlock; the chunk is retried from another.
-                let _ = ctx.events.send(Event::NodeDown { node: src, why });
+                let _ = ctx.events.send(Event::NodeDown { node: src, segment: Some(ctx.segment), why });
             }
             Err(CopyError::Target(why)) => {
-                let _ = ctx.events.send(Event::NodeDown { node: ctx.node, why });
+                let _ = ctx.events.send(Event::NodeDown { node: ctx.node, segment: Some(ctx.segment), why });
                 return;
             }
             Err(CopyError::Fatal(e)) => {

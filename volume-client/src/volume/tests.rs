@@ -536,3 +536,161 @@ async fn reads_in_flight_on_a_node_that_dies_are_served_by_the_survivor() {
         assert_eq!(&got[..], &pattern(b as u64, 6)[..]);
     }
 }
+
+fn poll_cfg() -> VolumeConfig {
+    VolumeConfig { layout_poll_interval: Duration::from_millis(20), ..cfg() }
+}
+
+/// Changes segment `seg`'s set in the fake control plane, as a drain does, and bumps its epoch.
+fn change_set(rig: &Rig, seg: usize, f: impl FnOnce(&mut Vec<super::layout::ReplicaInfo>)) {
+    let mut l = rig.control.layout.lock().unwrap();
+    let s = &mut l.segments[seg];
+    f(&mut s.replicas);
+    s.epoch = s.epoch.next();
+}
+
+async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    for _ in 0..4000 {
+        if ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn members(v: &Volume, seg: usize) -> Vec<(NodeId, ReplicaRole)> {
+    v.status().await.unwrap().segments[seg].replicas.iter().map(|m| (m.node, m.role)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_added_elsewhere_is_rebuilt_and_a_removed_one_gets_nothing_more() {
+    let rig = Rig::new(&[&[1, 2], &[1, 2]], &[3], Duration::ZERO);
+    for n in &rig.nodes {
+        n.lock().max_delay_us = 300;
+    }
+    let l = rig.control.layout.lock().unwrap().clone();
+    let v = Arc::new(
+        Volume::open(info(&l, &rig.all), rig.control.clone(), rig.connector.clone(), poll_cfg()).await.unwrap(),
+    );
+    for b in 0..2 * SEG {
+        v.write_blocks(b, &pattern(b, 1), false).await.unwrap();
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for w in 0..6u64 {
+        let (v, stop) = (Arc::clone(&v), Arc::clone(&stop));
+        tasks.push(tokio::spawn(async move {
+            // Writer w owns the blocks b with b % 6 == w, so the last version of each is known.
+            let mut model = std::collections::HashMap::new();
+            let mut k = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || k < 50 {
+                k += 1;
+                let b = w + 6 * ((k * 7 + w) % (2 * SEG / 6));
+                let version = 2 + (k % 250) as u8;
+                v.write_blocks(b, &pattern(b, version), false).await?;
+                model.insert(b, version);
+                tokio::task::yield_now().await;
+            }
+            Ok::<_, VolumeError>(model)
+        }));
+    }
+    // The drain adds node 3 to segment 0 as rebuilding; the client rebuilds it and marks it in sync.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    change_set(&rig, 0, |r| {
+        r.push(super::layout::ReplicaInfo { node: NodeId(3), addr: "fake:3".into(), role: ReplicaRole::Rebuilding });
+    });
+    wait_for("node 3 marked in sync", || {
+        rig.control.rebuilt_reports.lock().unwrap().contains(&(SegmentIndex(0), NodeId(3)))
+    })
+    .await;
+    // Then it removes node 1 from segment 0.
+    change_set(&rig, 0, |r| r.retain(|x| x.node != NodeId(1)));
+    for _ in 0..4000 {
+        if members(&v, 0).await == vec![(NodeId(2), ReplicaRole::InSync), (NodeId(3), ReplicaRole::InSync)] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(members(&v, 0).await, vec![(NodeId(2), ReplicaRole::InSync), (NodeId(3), ReplicaRole::InSync)]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut model = std::collections::HashMap::new();
+    for t in tasks {
+        model.extend(t.await.unwrap().expect("no write fails during the move"));
+    }
+    let s = v.status().await.unwrap();
+    assert_eq!(s.counters.node_failures, 0, "{:?}", s.counters);
+    assert_eq!(s.counters.layout_changes, 2);
+    assert!(rig.control.failed_reports.lock().unwrap().is_empty());
+    rig.assert_replicas_identical(&s);
+    for b in 0..2 * SEG {
+        let want = model.get(&b).map_or_else(|| pattern(b, 1), |ver| pattern(b, *ver));
+        assert!(v.read_blocks(b, 1).await.unwrap()[..] == want[..], "block {b}");
+    }
+    // Node 1 keeps segment 1 and lost segment 0: none of segment 0's writes reach it any more.
+    let before: Vec<Option<Bytes>> = (0..SEG).map(|b| rig.node(1).block(b)).collect();
+    for b in 0..SEG {
+        v.write_blocks(b, &pattern(b, 255), false).await.unwrap();
+        assert!(v.read_blocks(b, 1).await.unwrap()[..] == pattern(b, 255)[..], "block {b}");
+    }
+    let after: Vec<Option<Bytes>> = (0..SEG).map(|b| rig.node(1).block(b)).collect();
+    assert!(before == after, "the removed replica received a write");
+    // Node 1 still holds segment 1 (reads rotate over both members).
+    v.write_blocks(SEG, &pattern(SEG, 254), false).await.unwrap();
+    assert!(rig.node(1).block(SEG) == rig.node(2).block(SEG));
+    v.close().await;
+}
+
+#[tokio::test]
+async fn a_polled_layout_older_than_the_clients_own_replacement_is_ignored() {
+    let rig = Rig::new(&[&[1, 2]], &[3], Duration::ZERO);
+    let l = rig.control.layout.lock().unwrap().clone();
+    let v = Volume::open(info(&l, &rig.all), rig.control.clone(), rig.connector.clone(), poll_cfg()).await.unwrap();
+    let stale = l.clone();
+    rig.node(2).lock().dead = true;
+    v.write_blocks(0, &pattern(0, 1), false).await.unwrap();
+    let s = wait_in_sync(&v).await;
+    let epoch = s.segments[0].epoch;
+    assert_eq!(members(&v, 0).await, vec![(NodeId(1), ReplicaRole::InSync), (NodeId(3), ReplicaRole::InSync)]);
+    // A poll reply from before the report (node 2 still in the set, older epoch) changes nothing.
+    *rig.control.layout.lock().unwrap() = stale;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let s = v.status().await.unwrap();
+    assert_eq!(s.segments[0].epoch, epoch);
+    assert_eq!(members(&v, 0).await, vec![(NodeId(1), ReplicaRole::InSync), (NodeId(3), ReplicaRole::InSync)]);
+    assert_eq!(s.counters.layout_changes, 0);
+    v.write_blocks(1, &pattern(1, 2), false).await.unwrap();
+    assert_eq!(rig.node(3).block(1), rig.node(1).block(1));
+    assert!(rig.node(2).block(1).is_none());
+}
+
+#[tokio::test]
+async fn a_write_in_flight_to_a_removed_replica_completes_without_it() {
+    let rig = Rig::new(&[&[1, 2, 3]], &[], Duration::ZERO);
+    let l = rig.control.layout.lock().unwrap().clone();
+    let v = Arc::new(
+        Volume::open(info(&l, &rig.all), rig.control.clone(), rig.connector.clone(), poll_cfg()).await.unwrap(),
+    );
+    // Node 1 swallows writes (no reply); the write waits for it...
+    rig.node(1).lock().black_hole_writes = true;
+    let w = {
+        let v = Arc::clone(&v);
+        tokio::spawn(async move { v.write_blocks(5, &pattern(5, 9), false).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!w.is_finished());
+    // ...until the metadata service removes node 1: the write completes on 2 and 3, nothing fails.
+    change_set(&rig, 0, |r| r.retain(|x| x.node != NodeId(1)));
+    tokio::time::timeout(Duration::from_millis(400), w)
+        .await
+        .expect("write completes without node 1")
+        .unwrap()
+        .unwrap();
+    // The swallowed request times out later; that is no failure of node 1.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let s = v.status().await.unwrap();
+    assert_eq!(s.counters.node_failures, 0);
+    assert!(rig.control.failed_reports.lock().unwrap().is_empty());
+    assert_eq!(rig.node(2).block(5), rig.node(3).block(5));
+    assert_eq!(&v.read_blocks(5, 1).await.unwrap()[..], &pattern(5, 9)[..]);
+}

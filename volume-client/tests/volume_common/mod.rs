@@ -228,6 +228,10 @@ impl Cluster {
             admin: self.capability(layout.generation.0, Rights::READ_WRITE.union(Rights::ADMIN)),
             failed: Mutex::default(),
             rebuilt: Mutex::default(),
+            signer: self.key.clone(),
+            renewals: Mutex::default(),
+            progress: Mutex::default(),
+            assigned: Mutex::default(),
         })
     }
 
@@ -253,6 +257,24 @@ pub struct TestControl {
     pub admin: SignedCapability,
     pub failed: Mutex<Vec<(SegmentIndex, NodeId)>>,
     pub rebuilt: Mutex<Vec<(SegmentIndex, NodeId)>>,
+    /// Signs renewed capabilities (scoped to the nodes of the current layout, as slate-meta does).
+    pub signer: SigningKey,
+    pub renewals: Mutex<u32>,
+    /// Rebuild progress reports: (segment, node, done, total).
+    pub progress: Mutex<Vec<(SegmentIndex, NodeId, u64, u64)>>,
+    /// Replicas the client asked to assign after a layout change made elsewhere.
+    pub assigned: Mutex<Vec<(SegmentIndex, NodeId)>>,
+}
+
+impl TestControl {
+    /// Changes segment `seg`'s replica set as the metadata service would
+    /// elsewhere (a drain), bumping its epoch.
+    pub fn change_set(&self, seg: u32, f: impl FnOnce(&mut Vec<ReplicaInfo>)) {
+        let mut l = self.layout.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = l.segments.iter_mut().find(|s| s.segment == SegmentIndex(seg)).expect("segment");
+        f(&mut s.replicas);
+        s.epoch = s.epoch.next();
+    }
 }
 
 #[async_trait]
@@ -304,6 +326,62 @@ impl ControlPlane for TestControl {
 
     async fn refresh_layout(&self, _volume: VolumeId) -> Result<VolumeLayout, ControlError> {
         Ok(self.layout.lock().unwrap_or_else(PoisonError::into_inner).clone())
+    }
+
+    async fn renew_capability(
+        &self,
+        volume: VolumeId,
+        generation: Generation,
+    ) -> Result<SignedCapability, ControlError> {
+        *self.renewals.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        let mut nodes: Vec<NodeId> = {
+            let l = self.layout.lock().unwrap_or_else(PoisonError::into_inner);
+            l.segments.iter().flat_map(|s| s.replicas.iter().map(|r| r.node)).collect()
+        };
+        nodes.sort_unstable();
+        nodes.dedup();
+        Ok(Capability {
+            volume,
+            generation,
+            rights: Rights::READ_WRITE.union(Rights::ADMIN),
+            expires_unix_secs: slate_protocol::now_unix_secs() + 3600,
+            nodes,
+        }
+        .sign(&self.signer))
+    }
+
+    async fn report_rebuild_progress(
+        &self,
+        _volume: VolumeId,
+        segment: SegmentIndex,
+        node: NodeId,
+        done_blocks: u64,
+        total_blocks: u64,
+    ) -> Result<(), ControlError> {
+        self.progress.lock().unwrap_or_else(PoisonError::into_inner).push((segment, node, done_blocks, total_blocks));
+        Ok(())
+    }
+
+    /// Assigns with the client's capability, as `slate attach` does: it must cover the node.
+    async fn assign_replicas(
+        &self,
+        volume: VolumeId,
+        set: &SegmentReplicas,
+        capability: &SignedCapability,
+    ) -> Result<(), ControlError> {
+        for r in &set.replicas {
+            let client = NodeClient::connect(r.addr.parse().unwrap(), capability.clone())
+                .await
+                .map_err(|e| ControlError(format!("{}: {e}", r.node)))?;
+            let target = Target { volume, generation: capability.claims.generation };
+            let req = Request::AssignSegment { target, segment: set.segment, segment_blocks: SEGMENT_BLOCKS };
+            match client.request(req).await {
+                Ok(Reply::Done) => {}
+                other => return Err(ControlError(format!("assign on {}: {other:?}", r.node))),
+            }
+            self.assigned.lock().unwrap_or_else(PoisonError::into_inner).push((set.segment, r.node));
+        }
+        Ok(())
     }
 }
 
