@@ -204,6 +204,34 @@ pub struct ScrubReport {
     pub unrepaired: u64,
 }
 
+/// A node asks where a good copy of a segment is: `POST /v1/nodes/{node}/repair-source`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepairSourceRequest {
+    pub volume: u64,
+    pub segment: u32,
+}
+
+/// Another member of a segment's replica set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerReplica {
+    pub node: u64,
+    pub addr: String,
+}
+
+/// Where to read good copies of a segment's blocks, with a read capability for them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairSource {
+    pub volume: u64,
+    pub segment: u32,
+    pub generation: u64,
+    /// In-sync members other than the asking node.
+    pub peers: Vec<PeerReplica>,
+    /// Read capability for `peers` (filled in by the API).
+    #[serde(default)]
+    pub capability: String,
+}
+
 /// Most extents one release report may name (a 16 GiB segment of 4 MiB extents
 /// has 4096, times a few snapshot layers).
 pub const MAX_REPORTED_EXTENTS: usize = 1 << 16;

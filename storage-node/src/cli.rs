@@ -176,7 +176,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         }
         Command::Serve { config } => {
             let cfg = NodeConfig::load(&config)?;
-            runtime()?.block_on(serve(cfg))
+            runtime()?.block_on(serve(cfg, &config))
         }
         Command::Demo { dir } => runtime()?.block_on(crate::demo::run(dir.as_deref())),
         Command::Keygen { out } => keygen(&out),
@@ -216,7 +216,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
+async fn serve(cfg: NodeConfig, config_path: &Path) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -224,19 +224,75 @@ async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
         Some(link) => Some(crate::heartbeat::MetaClient::new(cfg.node_id, link)?),
         None => None,
     };
+    let state_file = crate::decommission::state_path(config_path);
+    // A decommission under way (or done) here: the disk is no engine's any more.
+    if let Some(st) = crate::decommission::load(&state_file)? {
+        let Some(m) = &meta else { anyhow::bail!("{} exists but the node has no [meta] link", state_file.display()) };
+        let task = slate_protocol::ops::DecommissionTask { disk: st.disk, disk_name: String::new() };
+        tokio::select! {
+            r = crate::decommission::run(m, &task, &st.device, &state_file) => r?,
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+        }
+        let which = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
+        tracing::info!(signal = which, "stopping (decommissioned)");
+        return Ok(());
+    }
     let node = crate::node::RunningNode::start_with(&cfg, meta.as_ref()).await?;
     let stop_heartbeat = tokio_util::sync::CancellationToken::new();
-    let heartbeat = meta.map(|m| crate::heartbeat::spawn(m, node.engine().clone(), stop_heartbeat.clone()));
-    let which = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let (decommission_tx, mut decommission_rx) = tokio::sync::watch::channel(None);
+    let heartbeat = meta.clone().map(|m| {
+        let work = crate::work::Dispatcher {
+            releaser: crate::release::Releaser::new(node.engine().clone()),
+            mover: crate::mover::Mover::new(
+                node.engine().clone(),
+                cfg.node_id,
+                node.addr,
+                cfg.drain_rate_bytes_per_sec,
+            ),
+            scrubber: crate::scrub::Scrubber::new(node.engine().clone(), cfg.node_id, m.clone()),
+            decommission: decommission_tx,
+        };
+        crate::heartbeat::spawn(m, work, stop_heartbeat.clone())
+    });
+    let decommission = async {
+        loop {
+            if decommission_rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            if let Some(t) = decommission_rx.borrow_and_update().clone() {
+                return t;
+            }
+        }
     };
-    tracing::info!(signal = which, "stopping");
+    let stop_reason = tokio::select! {
+        _ = term.recv() => Err("SIGTERM"),
+        _ = int.recv() => Err("SIGINT"),
+        t = decommission => Ok(t),
+    };
     stop_heartbeat.cancel();
     if let Some(h) = heartbeat {
         let _ = h.await;
     }
-    node.shutdown().await
+    match stop_reason {
+        Err(which) => {
+            tracing::info!(signal = which, "stopping");
+            node.shutdown().await
+        }
+        Ok(task) => {
+            tracing::info!(disk = task.disk, "decommission asked: stopping service and closing the disk");
+            node.shutdown().await?;
+            let m = meta.as_ref().expect("work comes from slate-meta");
+            tokio::select! {
+                r = crate::decommission::run(m, &task, &cfg.disks[0], &state_file) => r?,
+                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return Ok(()),
+            }
+            let which = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
+            tracing::info!(signal = which, "stopping (decommissioned)");
+            Ok(())
+        }
+    }
 }
 
 fn keygen(out: &Path) -> anyhow::Result<()> {

@@ -16,6 +16,8 @@
 //! zero_rate_bytes_per_sec = 268435456
 //! metadata_cache_bytes = 67108864
 //! max_inflight_bytes_per_connection = 67108864
+//! drain_rate_bytes_per_sec = 134217728     # drain copies onto this node
+//! scrub_rate_bytes_per_sec = 16777216      # background scrub reads; 0: only on request
 //!
 //! [[assignments]]
 //! volume = 1
@@ -39,6 +41,10 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_MAX_INFLIGHT_BYTES: u64 = 64 << 20;
 /// Default background zeroing rate.
 pub const DEFAULT_ZERO_RATE_BYTES_PER_SEC: u64 = 256 << 20;
+/// Default rate of drain copies onto a node.
+pub const DEFAULT_DRAIN_RATE_BYTES_PER_SEC: u64 = 128 << 20;
+/// Default rate of background scrub reads.
+pub const DEFAULT_SCRUB_RATE_BYTES_PER_SEC: u64 = 16 << 20;
 /// Default memory for cached on-disk metadata.
 pub const DEFAULT_METADATA_CACHE_BYTES: u64 = 64 << 20;
 
@@ -100,6 +106,13 @@ pub struct NodeConfig {
     pub metadata_cache_bytes: u64,
     #[serde(default = "default_inflight")]
     pub max_inflight_bytes_per_connection: u64,
+    /// Rate of drain copies onto this node (bytes per second).
+    #[serde(default = "default_drain_rate")]
+    pub drain_rate_bytes_per_sec: u64,
+    /// Rate of background scrub reads (bytes per second; 0: no background scrub,
+    /// only scrubs an operator asks for).
+    #[serde(default = "default_scrub_rate")]
+    pub scrub_rate_bytes_per_sec: u64,
     /// Segments to assign at start (idempotent), until the metadata service does it.
     #[serde(default)]
     pub assignments: Vec<StaticAssignment>,
@@ -117,6 +130,12 @@ fn default_cache() -> u64 {
 fn default_inflight() -> u64 {
     DEFAULT_MAX_INFLIGHT_BYTES
 }
+fn default_drain_rate() -> u64 {
+    DEFAULT_DRAIN_RATE_BYTES_PER_SEC
+}
+fn default_scrub_rate() -> u64 {
+    DEFAULT_SCRUB_RATE_BYTES_PER_SEC
+}
 
 impl NodeConfig {
     /// A configuration with defaults for everything optional.
@@ -131,6 +150,8 @@ impl NodeConfig {
             zero_rate_bytes_per_sec: DEFAULT_ZERO_RATE_BYTES_PER_SEC,
             metadata_cache_bytes: DEFAULT_METADATA_CACHE_BYTES,
             max_inflight_bytes_per_connection: DEFAULT_MAX_INFLIGHT_BYTES,
+            drain_rate_bytes_per_sec: DEFAULT_DRAIN_RATE_BYTES_PER_SEC,
+            scrub_rate_bytes_per_sec: DEFAULT_SCRUB_RATE_BYTES_PER_SEC,
             assignments: Vec::new(),
             meta: None,
         }

@@ -9,8 +9,8 @@
 //! interval) and never stop the node: the data plane does not depend on it.
 
 use crate::config::MetaLink;
-use crate::engine::EngineHandle;
 use crate::release::Releaser;
+use crate::work::Dispatcher;
 use anyhow::{anyhow, Context, Result};
 use slate_protocol::ops::HeartbeatReply;
 use slate_protocol::NodeId;
@@ -149,15 +149,14 @@ pub async fn release_before_serving(meta: &MetaClient, releaser: &Releaser, pati
 }
 
 /// Starts the heartbeat task; it ends when `stop` is cancelled.
-pub fn spawn(meta: MetaClient, engine: EngineHandle, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+pub fn spawn(meta: MetaClient, work: Dispatcher, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let releaser = Releaser::new(engine);
         let mut failures = 0u32;
         loop {
             match meta.heartbeat().await {
                 Ok(reply) => {
                     failures = 0;
-                    releaser.run(&meta, &reply.work).await;
+                    work.dispatch(&meta, &reply.work).await;
                 }
                 Err(e) => {
                     failures += 1;

@@ -8,7 +8,7 @@ use crate::state::view::{CapabilityClaims, DecommissionView, DrainView};
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use slate_protocol::ops::{DecommissionReport, MoveReport, ScrubReport};
+use slate_protocol::ops::{DecommissionReport, MoveReport, RepairSourceRequest, ScrubReport};
 use slate_protocol::Rights;
 use std::sync::Arc;
 use utoipa::OpenApi;
@@ -30,6 +30,7 @@ pub(super) fn routes() -> Router<Arc<ApiState>> {
         .route("/v1/disks/:id/certificate", get(certificate))
         .route("/v1/nodes/:id/scrub", post(request_scrub))
         .route("/v1/nodes/:id/scrub-report", post(report_scrub))
+        .route("/v1/nodes/:id/repair-source", post(repair_source))
 }
 
 async fn call(s: &ApiState, caller: &Caller, cmd: Command) -> JsonResult {
@@ -158,6 +159,31 @@ async fn report_scrub(
     ApiJson(report): ApiJson<ScrubReport>,
 ) -> JsonResult {
     call(&s, &caller, Command::ReportScrub { node: id, report }).await
+}
+
+#[utoipa::path(post, path = "/v1/nodes/{id}/repair-source", tag = "operations", security(("bearer" = [])),
+    params(("id" = u64, Path)), request_body(content = serde_json::Value),
+    description = "A node that found a corrupt block asks where the segment's in-sync peers are; the reply carries a read capability for them.",
+    responses((status = 200), (status = "4XX", body = ErrorBody)))]
+async fn repair_source(
+    State(s): S,
+    caller: Caller,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(req): ApiJson<RepairSourceRequest>,
+) -> JsonResult {
+    let mut body = s.call(&caller, Command::RepairSource { node: id, req }).await?.body;
+    let peers: Vec<u64> = body["peers"].as_array().into_iter().flatten().filter_map(|p| p["node"].as_u64()).collect();
+    if !peers.is_empty() {
+        let claims = CapabilityClaims {
+            volume: body["volume"].as_u64().unwrap_or_default(),
+            generation: body["generation"].as_u64().unwrap_or_default(),
+            rights: Rights::READ.bits(),
+            nodes: peers,
+            ttl_secs: MOVER_CAPABILITY_SECS,
+        };
+        body["capability"] = serde_json::Value::String(sign(&s, &claims)?.token);
+    }
+    Ok(Json(body))
 }
 
 /// This module's part of the OpenAPI description.

@@ -1039,6 +1039,7 @@ impl MetaState {
             Command::GetCertificate { disk } => self.certificate(ctx, *disk),
             Command::RequestScrub { node } => self.request_scrub(ctx, *node),
             Command::ReportScrub { node, report } => self.report_scrub(ctx, *node, report),
+            Command::RepairSource { node, req } => self.repair_source(ctx, *node, req),
             Command::GetErasure { volume } => self.get_erasure(ctx, *volume),
             Command::ChangeMembership { req, add } => {
                 require_operator(&ctx.actor)?;

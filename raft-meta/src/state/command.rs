@@ -16,7 +16,7 @@ use super::types::{Access, AttachMode, NodeState, Qos, Role};
 use crate::keys::WrappedKey;
 use crate::placement::DomainLevel;
 use serde::{Deserialize, Serialize};
-use slate_protocol::ops::{DecommissionReport, MoveReport, ReleaseReport, ScrubReport};
+use slate_protocol::ops::{DecommissionReport, MoveReport, ReleaseReport, RepairSourceRequest, ScrubReport};
 use utoipa::ToSchema;
 
 /// A command with its context, as proposed.
@@ -433,6 +433,11 @@ pub enum Command {
         node: u64,
         report: ScrubReport,
     },
+    /// Where `node` can read good copies of a segment to repair its own (operators or hosts).
+    RepairSource {
+        node: u64,
+        req: RepairSourceRequest,
+    },
     /// A metadata voter purged its Raft log past the current root epoch's shred (system only).
     ReportPurge {
         meta_node: u64,
@@ -507,6 +512,7 @@ impl Command {
             Self::GetCertificate { .. } => "disk.certificate",
             Self::RequestScrub { .. } => "node.scrub",
             Self::ReportScrub { .. } => "node.scrub_report",
+            Self::RepairSource { .. } => "node.repair_source",
         }
     }
 }

@@ -11,15 +11,14 @@
 
 use super::apply::{json, require_operator, segment_bytes, Ctx, Need, Res};
 use super::command::{ErrorCode, RebuildProgressRequest, Refusal};
-use super::types::{
-    AttachMode, Decommission, DiskState, Drain, Move, NodeState, Replica, ReplicaState, Role, ScrubStatus,
-};
+use super::types::{AttachMode, Decommission, DiskState, Drain, Move, NodeState, Replica, ReplicaState, Role};
 use super::view::{DecommissionView, DrainView, MoveView};
 use super::{take, MetaState};
 use crate::audit::AuditEntry;
 use crate::placement;
 use slate_protocol::ops::{
-    CopyTask, DecommissionReport, DecommissionTask, EraseSummary, MoveReport, ReleaseReason, ScrubReport, ScrubRequest,
+    CopyTask, DecommissionReport, DecommissionTask, EraseSummary, MoveReport, PeerReplica, ReleaseReason, RepairSource,
+    RepairSourceRequest, ScrubReport, ScrubRequest,
 };
 use slate_protocol::BLOCK_SIZE_BYTES_U64;
 use std::collections::BTreeSet;
@@ -645,7 +644,7 @@ impl MetaState {
         require_operator(&ctx.actor)?;
         let node = self.node_id_of(node)?;
         ctx.object = format!("node:node-{node}");
-        let s = self.scrubs.entry(node).or_insert_with(ScrubStatus::default);
+        let s = self.scrubs.entry(node).or_default();
         s.requested += 1;
         let id = s.requested;
         json(&serde_json::json!({"node": node, "scrub": id}))
@@ -653,6 +652,35 @@ impl MetaState {
 
     pub(super) fn scrub_request(&self, node: u64) -> Option<ScrubRequest> {
         self.scrubs.get(&node).filter(|s| s.requested > 0).map(|s| ScrubRequest { id: s.requested })
+    }
+
+    pub(super) fn repair_source(&mut self, ctx: &mut Ctx, node: u64, req: &RepairSourceRequest) -> Res {
+        if !(ctx.actor.is_operator() || ctx.actor.role == Role::Host) {
+            return Err(Refusal::forbidden("repair sources are for storage nodes"));
+        }
+        ctx.skip_audit = true;
+        let v =
+            self.volumes.get(&req.volume).ok_or_else(|| Refusal::not_found(format!("no volume vol-{}", req.volume)))?;
+        let seg = v
+            .segments
+            .get(req.segment as usize)
+            .ok_or_else(|| Refusal::not_found(format!("vol-{} has no segment {}", req.volume, req.segment)))?;
+        if !seg.replicas.iter().any(|r| r.node == node) {
+            return Err(Refusal::forbidden(format!("node {node} holds no replica of segment {}", req.segment)));
+        }
+        let peers: Vec<PeerReplica> = seg
+            .replicas
+            .iter()
+            .filter(|r| r.node != node && r.state == ReplicaState::InSync)
+            .filter_map(|r| self.nodes.get(&r.node).map(|n| PeerReplica { node: n.id, addr: n.addr.clone() }))
+            .collect();
+        json(&RepairSource {
+            volume: req.volume,
+            segment: req.segment,
+            generation: v.generation,
+            peers,
+            capability: String::new(),
+        })
     }
 
     pub(super) fn report_scrub(&mut self, ctx: &mut Ctx, node: u64, report: &ScrubReport) -> Res {
@@ -666,7 +694,7 @@ impl MetaState {
         );
         // Progress is not audited; a finished pass is, and so is anything it found.
         ctx.skip_audit = report.running || (report.corrupt_found == 0 && report.scrub_id == 0);
-        let s = self.scrubs.entry(node).or_insert_with(ScrubStatus::default);
+        let s = self.scrubs.entry(node).or_default();
         s.report = Some(report.clone());
         s.reported_ms = ctx.now;
         json(&serde_json::json!({"node": node}))
