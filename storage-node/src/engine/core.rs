@@ -49,6 +49,8 @@ type SegList = Arc<RwLock<Vec<(VolumeId, SegmentIndex, u64)>>>;
 const ZERO_STEP_BYTES: usize = 256 << 10;
 /// Bytes zeroed per step by a cheap primitive (zero-range, device write-zeroes).
 const OFFLOAD_STEP_BYTES: usize = 16 << 20;
+/// Extents zeroed by a cheap primitive before one shared fdatasync.
+const ZERO_BATCH_EXTENTS: usize = 8;
 /// Rate-limiter cost of one cheap zeroing call, whatever its length.
 const OFFLOAD_COST_BYTES: f64 = (64 << 10) as f64;
 /// A verify read costs this fraction of its length.
@@ -207,6 +209,8 @@ pub(crate) struct Core {
     /// lsn of the entry that released a dirty extent, while that entry is not yet durable.
     dirty_at: HashMap<u32, u64>,
     zero_job: Option<ZeroJob>,
+    /// Extents of a zeroed batch (synced) waiting for their verify read after `zero_job`.
+    verify_queue: VecDeque<u32>,
     zero_tokens: f64,
     zero_refill: Instant,
     zero_buf: AlignedBuf,
@@ -360,6 +364,7 @@ impl Core {
             queued_dirty: BTreeSet::new(),
             dirty_at: HashMap::new(),
             zero_job: None,
+            verify_queue: VecDeque::new(),
             zero_tokens: 0.0,
             zero_refill: now,
             zero_buf: AlignedBuf::zeroed(ZERO_STEP_BYTES),
@@ -1030,24 +1035,36 @@ impl Core {
         let job = if let Some(j) = self.zero_job {
             j
         } else {
-            {
-                // Only extents whose release is durable: an unacknowledged release must
-                // not destroy data that a crash would bring back.
-                let durable = self.durable_lsn;
+            // Only extents whose release is durable: an unacknowledged release must
+            // not destroy data that a crash would bring back. With a cheap primitive,
+            // several extents are zeroed and share one fdatasync.
+            let durable = self.durable_lsn;
+            let batch_max = if self.zeroing.is_cheap() { ZERO_BATCH_EXTENTS } else { 1 };
+            let mut picked = Vec::new();
+            let mut skipped = false;
+            while picked.len() < batch_max {
                 let pos = self.dirty.iter().position(|e| {
                     self.dirty_at.get(e).is_none_or(|l| *l <= durable) && !self.read_extents.contains_key(e)
                 });
-                let Some(extent) = pos.and_then(|p| self.dirty.remove(p)) else { return Ok(false) };
+                let Some(extent) = pos.and_then(|p| self.dirty.remove(p)) else { break };
                 self.dirty_at.remove(&extent);
                 let st = self.et.get(extent).map(|e| e.state);
                 if !matches!(st, Some(ExtentState::Dirty | ExtentState::Zeroing)) {
                     self.queued_dirty.remove(&extent);
-                    return Ok(true);
+                    skipped = true;
+                    continue;
                 }
                 self.emit_pending(Record::State { extent, state: ExtentState::Zeroing as u8 })?;
-                let j = ZeroJob { extent, phase: ZeroPhase::Write(0) };
-                self.zero_job = Some(j);
-                j
+                picked.push(extent);
+            }
+            match picked.len() {
+                0 => return Ok(skipped),
+                1 => {
+                    let j = ZeroJob { extent: picked[0], phase: ZeroPhase::Write(0) };
+                    self.zero_job = Some(j);
+                    j
+                }
+                _ => return self.zero_batch(&picked, urgent),
             }
         };
         let ext_bytes = (self.sb.extent_blocks * BLOCK) as usize;
@@ -1121,7 +1138,7 @@ impl Core {
                     self.et.set(job.extent, e);
                     if retire {
                         self.emit_pending(Record::State { extent: job.extent, state: ExtentState::Failed as u8 })?;
-                        self.zero_job = None;
+                        self.zero_job = self.next_to_verify();
                     } else {
                         self.zero_job = Some(ZeroJob { phase: ZeroPhase::Write(0), ..job });
                     }
@@ -1131,12 +1148,68 @@ impl Core {
                 if done < ext_bytes {
                     self.zero_job = Some(ZeroJob { phase: ZeroPhase::Verify(done), ..job });
                 } else {
-                    self.zero_job = None;
+                    self.zero_job = self.next_to_verify();
                     self.emit_pending(Record::State { extent: job.extent, state: ExtentState::Free as u8 })?;
                     self.stats.extents_zeroed_total.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
+        Ok(true)
+    }
+
+    /// The next extent of a zeroed batch waiting for its verify read.
+    fn next_to_verify(&mut self) -> Option<ZeroJob> {
+        self.verify_queue.pop_front().map(|extent| ZeroJob { extent, phase: ZeroPhase::Verify(0) })
+    }
+
+    /// Zeroes several extents (and their metadata pages) with the cheap primitive, one
+    /// fdatasync for all, then queues them for their verify reads. One zeroer step.
+    fn zero_batch(&mut self, extents: &[u32], urgent: bool) -> Result<bool, EngineError> {
+        let ext_bytes = (self.sb.extent_blocks * BLOCK) as usize;
+        let meta_bytes = (2 * self.sb.pages_per_extent) as usize * ALIGN;
+        for (i, &extent) in extents.iter().enumerate() {
+            self.drop_cached_pages(extent);
+            let meta = Superblock::off(self.sb.chunk_page_block(u64::from(extent) * self.sb.pages_per_extent, 0));
+            let base = Superblock::off(self.sb.extent_block(extent));
+            let mut cost = match self.zero_range(meta, meta_bytes, false) {
+                Ok(c) => c,
+                Err(e) => return Err(self.fail(format!("zeroing metadata failed: {e}"))),
+            };
+            let mut done = 0usize;
+            while done < ext_bytes {
+                let mut len = OFFLOAD_STEP_BYTES.min(ext_bytes - done);
+                let half = ext_bytes / 2;
+                let crash_mid = i == 0 && done < half && done + len >= half && crash_point("mid_zeroing");
+                if crash_mid {
+                    // Simulated crash with the first extent half zeroed.
+                    len = half - done;
+                }
+                cost += match self.zero_range(base + done as u64, len, true) {
+                    Ok(c) => c,
+                    Err(e) => return Err(self.fail(format!("zeroing failed: {e}"))),
+                };
+                self.stats.bytes_zeroed_total.fetch_add(len as u64, Ordering::Relaxed);
+                if crash_mid {
+                    self.crashed = true;
+                    return Ok(true);
+                }
+                done += len;
+            }
+            if !urgent {
+                self.zero_tokens -= cost;
+            }
+        }
+        // Zeros must be on stable storage before they are verified and declared free.
+        if let Err(e) = self.disk.sync() {
+            return Err(self.fail(format!("zeroing sync failed: {e}")));
+        }
+        self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        if crash_point("after_zeroing_before_verify") {
+            self.crashed = true;
+            return Ok(true);
+        }
+        self.verify_queue.extend(extents.iter().copied());
+        self.zero_job = self.next_to_verify();
         Ok(true)
     }
 
