@@ -225,6 +225,39 @@ impl Cluster {
         guard
     }
 
+    /// `GET /v1/status` on one metadata node (no token needed); `None` if it does not answer.
+    pub fn meta_status(&self, addr: &str) -> Option<Value> {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "5", "--cacert"])
+            .arg(&self.info().ca)
+            .arg(format!("https://{addr}/v1/status"))
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// The metadata leader's process, asked of every live metadata node (waits out an election).
+    pub fn meta_leader(&self) -> ProcessEntry {
+        let metas: Vec<ProcessEntry> = self.info().role("meta").into_iter().cloned().collect();
+        let deadline = Instant::now() + Duration::from_mins(1);
+        loop {
+            for m in metas.iter().filter(|m| pid_alive(m.pid)) {
+                let Some(st) = self.meta_status(&m.addr) else { continue };
+                if let Some(api) = st["leader_api"].as_str() {
+                    if let Some(l) = metas.iter().find(|p| p.addr == api || api.ends_with(&p.addr)) {
+                        return l.clone();
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "no metadata leader found");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
     /// A `slate` command pointed at this cluster (`--cluster DIR/cluster.json`).
     pub fn slate(&self) -> Command {
         let mut c = Command::new(Self::slate_bin());

@@ -18,9 +18,8 @@ mod e2e_support;
 use e2e_support::segments;
 use serde_json::{json, Value};
 use slate_tests::acked::{AckedOptions, AckedWriter, Report};
-use slate_tests::cluster::{kill9, pid_alive, Cluster, ProcessEntry, UpOptions};
+use slate_tests::cluster::{kill9, Cluster, UpOptions};
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -31,39 +30,6 @@ const SEGMENT_BLOCKS: u64 = 16384; // 64 MiB: the 256 MiB volume's four segments
 
 fn opts() -> UpOptions {
     UpOptions { segment_blocks: Some(SEGMENT_BLOCKS), ..UpOptions::default() }
-}
-
-/// `GET /v1/status` on one metadata node (no token needed); `None` if it does not answer.
-fn meta_status(cluster: &Cluster, addr: &str) -> Option<Value> {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "5", "--cacert"])
-        .arg(&cluster.info().ca)
-        .arg(format!("https://{addr}/v1/status"))
-        .stdin(Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
-}
-
-/// The metadata leader's process, asked of every live metadata node (waits out an election).
-fn meta_leader(cluster: &Cluster) -> ProcessEntry {
-    let metas: Vec<ProcessEntry> = cluster.info().role("meta").into_iter().cloned().collect();
-    let deadline = Instant::now() + Duration::from_mins(1);
-    loop {
-        for m in metas.iter().filter(|m| pid_alive(m.pid)) {
-            let Some(st) = meta_status(cluster, &m.addr) else { continue };
-            if let Some(api) = st["leader_api"].as_str() {
-                if let Some(l) = metas.iter().find(|p| p.addr == api || api.ends_with(&p.addr)) {
-                    return l.clone();
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "no metadata leader found");
-        std::thread::sleep(Duration::from_millis(300));
-    }
 }
 
 /// `slate --json volume show demo` through the CLI (every API in cluster.json); `None` while it fails.
@@ -150,7 +116,7 @@ fn meta_leader_then_node_killed_under_qd32_writes() {
     // The case: the leader is the API `slate attach` was given first (and talks to). Which node
     // wins an election is chance; a few restarts make that case likely, and the test runs either way.
     for _ in 0..6 {
-        let l = meta_leader(&cluster);
+        let l = cluster.meta_leader();
         if cluster.info().api.ends_with(&l.addr) {
             break;
         }
@@ -162,7 +128,7 @@ fn meta_leader_then_node_killed_under_qd32_writes() {
     eprintln!("placement: {}", placement(&before));
 
     let w = start_writer(&cluster, seed);
-    let leader = meta_leader(&cluster);
+    let leader = cluster.meta_leader();
     eprintln!(
         "[{:>5.1} s] kill -9 the metadata leader meta-{} (pid {}; the client's first API: {})",
         w.elapsed().as_secs_f64(),
@@ -246,7 +212,7 @@ fn capability_renewal_survives_meta_leader_kill() {
     let attached = Instant::now();
     let seed = slate_tests::seed_from_env("SLATE_META_FAILOVER_SEED");
     let w = start_writer(&cluster, seed);
-    let leader = meta_leader(&cluster);
+    let leader = cluster.meta_leader();
     eprintln!(
         "[{:>5.1} s] kill -9 the metadata leader meta-{} (pid {}); capability renewal due ~40 s after the attach",
         w.elapsed().as_secs_f64(),

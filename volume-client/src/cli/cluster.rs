@@ -51,6 +51,9 @@ pub struct ClusterFile {
     pub token_file: PathBuf,
     pub processes: Vec<ProcessInfo>,
     pub volumes: Vec<VolumeInfo>,
+    /// The cluster's ed25519 verifying key (hex): checks capabilities and erase certificates.
+    #[serde(default)]
+    pub verifying_key: Option<String>,
 }
 
 impl ClusterFile {

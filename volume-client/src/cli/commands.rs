@@ -66,12 +66,45 @@ pub enum VolumeCmd {
 pub enum NodeCmd {
     /// List storage nodes.
     List,
+    /// Show a node: state, replicas, releases, drain and scrub progress, disks.
+    Show { node: String },
+    /// Move every replica off the node (never below R in-sync copies), while I/O runs.
+    Drain {
+        node: String,
+        /// Block with a progress bar until the node holds no replica.
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum DiskCmd {
     /// List disks.
     List,
+    /// Show a disk's state and decommission progress.
+    Show { disk: String },
+    /// Move every replica off the disk (its node's only disk today).
+    Drain {
+        disk: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Overwrite every byte of a drained disk, read it back, and issue a signed erase certificate.
+    Decommission {
+        disk: String,
+        /// Block with a progress bar until the disk is verified and certified.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: write the signed certificate here.
+        #[arg(long)]
+        certificate_out: Option<std::path::PathBuf>,
+    },
+    /// Write a decommissioned disk's signed erase certificate to a file.
+    Certificate {
+        disk: String,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -212,10 +245,65 @@ pub async fn run(api: &ApiClient, cmd: Cmd, json_out: bool) -> Result<()> {
         Cmd::Disk(DiskCmd::List) => {
             let v: Value = api.get("/v1/disks").await?;
             print(json_out, &v, |v| {
-                table(v, &[("ID", "id"), ("NODE", "node"), ("NAME", "name"), ("CAPACITY", "capacity_bytes")])
+                table(
+                    v,
+                    &[
+                        ("ID", "id"),
+                        ("NAME", "name"),
+                        ("NODE", "node_name"),
+                        ("CAPACITY", "capacity_bytes"),
+                        ("STATE", "state"),
+                        ("DECOMMISSION", "decommission_stage"),
+                    ],
+                )
             });
             Ok(())
         }
+        Cmd::Disk(DiskCmd::Show { disk }) => {
+            let id = super::operations::resolve_disk(api, &disk).await?;
+            let v: Value = api.get(&format!("/v1/disks/{id}/decommission")).await?;
+            print(json_out, &v, |v| format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default()));
+            Ok(())
+        }
+        Cmd::Disk(DiskCmd::Drain { disk, wait }) => {
+            let id = super::operations::resolve_disk(api, &disk).await?;
+            let disks: Value = api.get("/v1/disks").await?;
+            let node = disks
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|d| d["id"].as_u64() == Some(id))
+                .and_then(|d| d["node"].as_u64())
+                .unwrap_or_default();
+            super::operations::drain(api, node, &format!("/v1/disks/{id}/drain"), wait, json_out).await
+        }
+        Cmd::Disk(DiskCmd::Decommission { disk, wait, certificate_out }) => {
+            let id = super::operations::resolve_disk(api, &disk).await?;
+            super::operations::decommission(api, id, wait, certificate_out.as_deref(), json_out).await
+        }
+        Cmd::Disk(DiskCmd::Certificate { disk, out }) => {
+            let id = super::operations::resolve_disk(api, &disk).await?;
+            super::operations::save_certificate(api, id, &out).await?;
+            if !json_out {
+                println!("certificate of disk {id} written to {}", out.display());
+            }
+            Ok(())
+        }
+        Cmd::Node(NodeCmd::Show { node }) => {
+            let id = super::operations::resolve_node(api, &node).await?;
+            let v: Value = api.get(&format!("/v1/nodes/{id}")).await?;
+            print(json_out, &v, super::operations::render_node);
+            Ok(())
+        }
+        Cmd::Node(NodeCmd::Drain { node, wait }) => {
+            let id = super::operations::resolve_node(api, &node).await?;
+            super::operations::drain(api, id, &format!("/v1/nodes/{id}/drain"), wait, json_out).await
+        }
+        Cmd::Scrub { node, wait } => {
+            let id = super::operations::resolve_node(api, &node).await?;
+            super::operations::scrub(api, id, wait, json_out).await
+        }
+        Cmd::Certificate(_) => unreachable!("handled without the API"),
         Cmd::Tenant(t) => {
             let v: Value = match t {
                 TenantCmd::Create { name } => api.post("/v1/tenants", &json!({"name": name})).await?,

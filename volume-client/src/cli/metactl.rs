@@ -147,7 +147,7 @@ impl Api {
                 "name": name,
                 "addr": format!("127.0.0.1:{}", n.port),
                 "failure_domain": n.failure_domain,
-                "disks": [{"name": "disk.img", "capacity_bytes": disk_bytes}],
+                "disks": [{"name": format!("{name}-disk0"), "capacity_bytes": disk_bytes}],
             }),
         )?;
         let id = v["id"].as_u64().context("register reply without id")?;

@@ -5,10 +5,12 @@
 
 pub mod api;
 pub mod attach;
+pub mod certificate_page;
 pub mod cluster;
 pub mod commands;
 pub mod erasure;
 pub mod metactl;
+pub mod operations;
 pub mod procs;
 pub mod up;
 
@@ -78,6 +80,16 @@ pub enum Cmd {
     /// Erasure of deleted volumes: per-replica zeroing and per-voter key purge.
     #[command(subcommand)]
     Erasure(erasure::ErasureCmd),
+    /// Scrub a storage node now: read every written block, check its crc32c, repair from a peer.
+    Scrub {
+        node: String,
+        /// Block with a progress bar until the pass is done.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Erase certificates of decommissioned disks (offline).
+    #[command(subcommand)]
+    Certificate(operations::CertificateCmd),
     /// The metadata service's status.
     Status,
 }
@@ -118,6 +130,11 @@ pub fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> Result<()> {
     if let Cmd::Up(args) = &cli.cmd {
         return up::run(args.clone());
+    }
+    if let Cmd::Certificate(c) = cli.cmd {
+        // Offline: the cluster file, if there is one, only supplies the verifying key.
+        let key = cluster::ClusterFile::locate(cli.cluster.as_deref()).ok().and_then(|(_, f)| f.verifying_key);
+        return operations::certificate(c, key, cli.json);
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {

@@ -212,6 +212,11 @@ pub fn run(args: UpArgs) -> Result<()> {
         }
         let n_meta = st.meta.len();
         for (i, n) in st.nodes.iter().enumerate() {
+            // A node whose disk was decommissioned serves nothing, by design.
+            if node_dir(&dir, n.id).join(slate_node::decommission::STATE_FILE).exists() {
+                eprintln!("slate up: node-{} is decommissioned (its disk was erased); it serves nothing", n.id);
+                continue;
+            }
             procs::wait_for_port(&format!("127.0.0.1:{}", n.port), Duration::from_mins(1), &mut procs[n_meta + i])?;
         }
         for n in &st.nodes {
@@ -353,6 +358,7 @@ fn cluster_file(dir: &Path, st: &UpState, layout: &MetaLayout, procs: &[Proc]) -
         ca: layout.ca_path(),
         token_file: layout.operator_token_path(),
         processes,
+        verifying_key: metactl::verifying_key_hex(layout).ok(),
         volumes: vec![VolumeInfo {
             name: st.volume_name.clone(),
             nbd_unix: format!("nbd+unix:///{}?socket={}", st.volume_name, sock.display()),
