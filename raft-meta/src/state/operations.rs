@@ -588,6 +588,11 @@ impl MetaState {
             },
             "sanitization": {
                 "category": "Clear",
+                "scope": if e.device_kind == "file" {
+                    "the file's whole logical content (a file-backed disk: blocks the filesystem beneath once held are outside this operation's reach)"
+                } else {
+                    "every addressable block of the device"
+                },
                 "technique": e.technique,
                 "device_primitive": e.method,
                 "bytes_written": e.bytes_written,

@@ -72,8 +72,8 @@ pub fn render(c: &Value, sha256: &str, key: &str) -> String {
  h2 {{ font-size: 15px; text-transform: uppercase; letter-spacing: .06em; color: #1f4e79; margin: 26px 0 8px; }}
  table {{ width: 100%; border-collapse: collapse; font-size: 14px; }}
  th {{ text-align: left; width: 34%; color: #5b6675; font-weight: normal; padding: 6px 8px; vertical-align: top; }}
- td {{ padding: 6px 8px; border-bottom: 1px solid #e3e7ec; word-break: break-all; }}
- .mono {{ font-family: "DejaVu Sans Mono", monospace; font-size: 12px; }}
+ td {{ padding: 6px 8px; border-bottom: 1px solid #e3e7ec; overflow-wrap: break-word; }}
+ .mono {{ font-family: "DejaVu Sans Mono", monospace; font-size: 12px; overflow-wrap: anywhere; }}
  footer {{ margin-top: 30px; font-size: 12px; color: #5b6675; border-top: 1px solid #e3e7ec; padding-top: 12px; }}
 </style></head><body><div class="page">
 <header><div><h1>Certificate of Media Sanitization</h1>
@@ -110,6 +110,7 @@ pub fn render(c: &Value, sha256: &str, key: &str) -> String {
     }
     p.push_str("</table><h2>Sanitization</h2><table>\n");
     row(&mut p, "Category (SP 800-88)", &text(&san["category"]));
+    row(&mut p, "Scope", &text(&san["scope"]));
     row(&mut p, "Technique", &text(&san["technique"]));
     row(&mut p, "Device primitive", &text(&san["device_primitive"]));
     row(&mut p, "Bytes overwritten", &bytes(&san["bytes_written"]));
