@@ -249,8 +249,18 @@ async fn serve(cfg: NodeConfig, config_path: &Path) -> anyhow::Result<()> {
                 cfg.node_id,
                 node.addr,
                 cfg.drain_rate_bytes_per_sec,
+            )
+            .with_metrics(node.metrics().clone()),
+            scrubber: crate::scrub::Scrubber::new(
+                node.engine().clone(),
+                cfg.node_id,
+                m.clone(),
+                crate::scrub::ScrubOptions {
+                    rate_bytes_per_sec: cfg.scrub_rate_bytes_per_sec,
+                    state_path: Some(crate::scrub::state_path(config_path)),
+                    metrics: Some(node.metrics().clone()),
+                },
             ),
-            scrubber: crate::scrub::Scrubber::new(node.engine().clone(), cfg.node_id, m.clone()),
             decommission: decommission_tx,
         };
         crate::heartbeat::spawn(m, work, stop_heartbeat.clone())

@@ -114,6 +114,25 @@ pub struct Metrics {
     disk_bytes: Family<DirectionLabels, Counter>,
     fsyncs: Counter,
     engine_last: Mutex<EngineTotals>,
+    /// Written blocks read and checked against their crc32c by the scrubber.
+    pub scrub_blocks_checked: Counter,
+    /// Blocks the scrubber found not matching their stored crc32c.
+    pub scrub_corrupt_found: Counter,
+    /// Corrupt blocks rewritten from a peer replica's good copy.
+    pub scrub_repaired: Counter,
+    /// Corrupt blocks left as they are for now (no good copy reachable).
+    pub scrub_unrepaired: Counter,
+    /// Scrub passes finished.
+    pub scrub_passes: Counter,
+    /// Blocks the drain mover copied onto this node.
+    pub mover_blocks_copied: Counter,
+    /// Drain copies finished, by result (`copied`, `failed`).
+    pub mover_copies: Family<ResultLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
 }
 
 /// Engine totals last copied into the counters (counters only go up by deltas).
@@ -180,6 +199,36 @@ impl Metrics {
         registry.register("disk_bytes", "Bytes moved by the engine's block I/O", disk_bytes.clone());
         let fsyncs = Counter::default();
         registry.register("fsyncs", "Durability syncs issued by the engine (group commit)", fsyncs.clone());
+        let scrub_blocks_checked = Counter::default();
+        registry.register(
+            "scrub_blocks_checked",
+            "Written blocks the scrubber read and checked against their crc32c",
+            scrub_blocks_checked.clone(),
+        );
+        let scrub_corrupt_found = Counter::default();
+        registry.register(
+            "scrub_corrupt_found",
+            "Blocks the scrubber found not matching their stored crc32c",
+            scrub_corrupt_found.clone(),
+        );
+        let scrub_repaired = Counter::default();
+        registry.register("scrub_repaired", "Corrupt blocks rewritten from a peer replica", scrub_repaired.clone());
+        let scrub_unrepaired = Counter::default();
+        registry.register(
+            "scrub_unrepaired",
+            "Corrupt blocks not repairable when found (retried by the next pass)",
+            scrub_unrepaired.clone(),
+        );
+        let scrub_passes = Counter::default();
+        registry.register("scrub_passes", "Scrub passes finished", scrub_passes.clone());
+        let mover_blocks_copied = Counter::default();
+        registry.register(
+            "mover_blocks_copied",
+            "Blocks drain copies wrote onto this node",
+            mover_blocks_copied.clone(),
+        );
+        let mover_copies = Family::<ResultLabels, Counter>::default();
+        registry.register("mover_copies", "Drain copies finished, by result", mover_copies.clone());
         Arc::new(Self {
             registry,
             requests,
@@ -198,6 +247,13 @@ impl Metrics {
             disk_bytes,
             fsyncs,
             engine_last: Mutex::new(EngineTotals::default()),
+            scrub_blocks_checked,
+            scrub_corrupt_found,
+            scrub_repaired,
+            scrub_unrepaired,
+            scrub_passes,
+            mover_blocks_copied,
+            mover_copies,
         })
     }
 
