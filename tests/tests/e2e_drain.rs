@@ -218,3 +218,58 @@ fn drain_under_load_then_decommission_with_certificate() {
     }
     cluster.stop();
 }
+
+/// A decommission survives kill -9 of the node doing it: the restarted node resumes the
+/// erase from its persisted resume point without opening the disk, and the result is the
+/// same: every byte zero, a certificate that verifies.
+#[test]
+fn decommission_resumes_after_kill9_of_its_node() {
+    let mut cluster = Cluster::start(
+        "slate-e2e-decom",
+        UpOptions { segment_blocks: Some(SEGMENT_BLOCKS), disk_size_bytes: 1536 << 20, ..UpOptions::default() },
+    );
+    let victim = cluster.nodes().into_iter().next().expect("a node");
+    let vname = format!("node-{}", victim.id);
+    let out = slate(&cluster, &["node", "drain", &vname, "--wait"]);
+    assert!(out.status.success(), "drain failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = slate(&cluster, &["disk", "decommission", &vname]);
+    assert!(out.status.success(), "decommission refused: {}", String::from_utf8_lossy(&out.stderr));
+    // Wait until the erase is part way (a resume point, no result), then kill the node.
+    let state_file = victim.data.parent().expect("node dir").join("decommission.json");
+    let t = Instant::now();
+    let st = loop {
+        if let Ok(st) = std::fs::read(&state_file).map(|b| serde_json::from_slice::<Value>(&b).unwrap_or_default()) {
+            if st["resume_from"].as_u64().unwrap_or(0) > 0 && st["result"].is_null() {
+                break st;
+            }
+            assert!(st["result"].is_null(), "the erase finished before it could be interrupted: {st}");
+        }
+        assert!(t.elapsed() < Duration::from_mins(3), "the decommission did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    kill9(victim.pid);
+    eprintln!("killed node {} at resume point {} of {}", victim.id, st["resume_from"], 2 * std::fs::metadata(&victim.data).expect("disk").len());
+    let shown = cluster.slate_json(&["disk", "show", &vname]);
+    assert_eq!(shown["state"], "decommissioning", "{shown:#}");
+    let mut node = cluster.restart_node(&victim);
+    let cert = cluster.scratch().join("resumed-certificate.json");
+    let t = Instant::now();
+    loop {
+        let d = cluster.slate_json(&["disk", "show", &vname]);
+        if d["state"] == "decommissioned" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_mins(3), "the resumed decommission did not finish: {d:#}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let out = slate(&cluster, &["disk", "certificate", &vname, "--out", cert.to_str().expect("path")]);
+    assert!(out.status.success(), "no certificate: {}", String::from_utf8_lossy(&out.stderr));
+    let ok = slate(&cluster, &["certificate", "verify", cert.to_str().expect("path")]);
+    assert!(ok.status.success(), "certificate does not verify: {}", String::from_utf8_lossy(&ok.stderr));
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&cert).expect("cert")).expect("json");
+    assert_eq!(doc["certificate"]["verification"]["mismatched_bytes"], 0);
+    assert_eq!(doc["certificate"]["verification"]["bytes_checked"], std::fs::metadata(&victim.data).expect("disk").len());
+    node.terminate();
+    assert!(all_zero(&victim.data), "the decommissioned disk file is not all zero");
+    cluster.stop();
+}
