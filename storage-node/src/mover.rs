@@ -320,7 +320,7 @@ async fn post(meta: &MetaClient, path: &str, report: &MoveReport) -> Result<()> 
 }
 
 /// Resolves `host:port` (or an IP address and port).
-async fn resolve(addr: &str) -> Result<SocketAddr> {
+pub(crate) async fn resolve(addr: &str) -> Result<SocketAddr> {
     if let Ok(a) = addr.parse() {
         return Ok(a);
     }

@@ -406,7 +406,11 @@ impl Inner {
             return false;
         }
         if matches!(source, Source::Unknown) {
-            *source = match self.link.repair_source(volume.0, segment.0).await.and_then(Peers::new) {
+            let found = match self.link.repair_source(volume.0, segment.0).await {
+                Ok(src) => Peers::new(src).await,
+                Err(e) => Err(e),
+            };
+            *source = match found {
                 Ok(p) => Source::Found(p),
                 Err(e) => {
                     warn!(%volume, %segment, error = %format!("{e:#}"), "no repair source for the segment");
@@ -480,7 +484,7 @@ struct Peers {
 }
 
 impl Peers {
-    fn new(src: RepairSource) -> Result<Self> {
+    async fn new(src: RepairSource) -> Result<Self> {
         if src.peers.is_empty() {
             return Err(anyhow!("the segment has no in-sync peer"));
         }
@@ -488,12 +492,9 @@ impl Peers {
             SignedCapability::from_token(&src.capability).map_err(|e| anyhow!("the repair capability: {e}"))?;
         let mut replicas = Vec::new();
         for p in &src.peers {
-            match p.addr.parse::<SocketAddr>() {
+            match crate::mover::resolve(&p.addr).await {
                 Ok(a) => replicas.push((a, None)),
-                Err(_) => match std::net::ToSocketAddrs::to_socket_addrs(p.addr.as_str()) {
-                    Ok(mut it) => replicas.extend(it.next().map(|a| (a, None))),
-                    Err(e) => debug!(addr = %p.addr, error = %e, "repair peer address does not resolve"),
-                },
+                Err(e) => debug!(addr = %p.addr, error = %format!("{e:#}"), "repair peer address does not resolve"),
             }
         }
         Ok(Self { generation: Generation(src.generation), capability, replicas })
