@@ -248,7 +248,12 @@ fn decommission_resumes_after_kill9_of_its_node() {
         std::thread::sleep(Duration::from_millis(20));
     };
     kill9(victim.pid);
-    eprintln!("killed node {} at resume point {} of {}", victim.id, st["resume_from"], 2 * std::fs::metadata(&victim.data).expect("disk").len());
+    eprintln!(
+        "killed node {} at resume point {} of {}",
+        victim.id,
+        st["resume_from"],
+        2 * std::fs::metadata(&victim.data).expect("disk").len()
+    );
     let shown = cluster.slate_json(&["disk", "show", &vname]);
     assert_eq!(shown["state"], "decommissioning", "{shown:#}");
     let mut node = cluster.restart_node(&victim);
@@ -268,7 +273,10 @@ fn decommission_resumes_after_kill9_of_its_node() {
     assert!(ok.status.success(), "certificate does not verify: {}", String::from_utf8_lossy(&ok.stderr));
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(&cert).expect("cert")).expect("json");
     assert_eq!(doc["certificate"]["verification"]["mismatched_bytes"], 0);
-    assert_eq!(doc["certificate"]["verification"]["bytes_checked"], std::fs::metadata(&victim.data).expect("disk").len());
+    assert_eq!(
+        doc["certificate"]["verification"]["bytes_checked"],
+        std::fs::metadata(&victim.data).expect("disk").len()
+    );
     node.terminate();
     assert!(all_zero(&victim.data), "the decommissioned disk file is not all zero");
     cluster.stop();

@@ -98,10 +98,16 @@ fn scrub_repairs_flipped_blocks_of_one_replica() {
     }
     eprintln!("flipped one bit in the blocks at {flipped:?} of node {victim}'s disk");
 
-    let (status, v) = cluster.api("POST", &format!("/v1/nodes/{victim}/scrub"), None, &cluster.info().token_file);
-    assert_eq!(status, 200, "POST scrub: {v}");
-    let id = v["scrub"].as_u64().expect("scrub id");
-    let r = wait_scrub(&cluster, victim, Some(id), Duration::from_mins(3));
+    // The operator's command, as a user runs it: blocks until the pass is done.
+    let out = cluster
+        .slate()
+        .args(["--json", "scrub", &format!("node-{victim}"), "--wait"])
+        .output()
+        .expect("run slate scrub");
+    assert!(out.status.success(), "slate scrub failed: {}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).expect("slate scrub --json output");
+    let id = r["scrub_id"].as_u64().expect("scrub id");
+    assert!(id > 0 && r["running"] == false, "{r:#}");
     eprintln!("scrub {id} on node {victim}: {r}");
     assert_eq!(r["corrupt_found"].as_u64(), Some(FLIPS as u64), "{r:#}");
     assert_eq!(r["repaired"].as_u64(), Some(FLIPS as u64), "{r:#}");

@@ -1564,6 +1564,7 @@ impl MetaState {
             drain: self.drain_view(id),
             scrub: self.scrubs.get(&id).and_then(|s| s.report.clone()),
             scrub_requested: self.scrubs.get(&id).map_or(0, |s| s.requested),
+            scrub_requested_report: self.scrubs.get(&id).and_then(|s| s.requested_report.clone()),
         })
     }
 

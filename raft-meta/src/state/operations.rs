@@ -702,6 +702,9 @@ impl MetaState {
         let s = self.scrubs.entry(node).or_default();
         s.report = Some(report.clone());
         s.reported_ms = ctx.now;
+        if report.scrub_id > 0 {
+            s.requested_report = Some(report.clone());
+        }
         json(&serde_json::json!({"node": node}))
     }
 }

@@ -382,4 +382,7 @@ pub struct ScrubStatus {
     pub report: Option<slate_protocol::ops::ScrubReport>,
     #[serde(default)]
     pub reported_ms: u64,
+    /// The last report of an operator-requested pass (a background pass does not replace it).
+    #[serde(default)]
+    pub requested_report: Option<slate_protocol::ops::ScrubReport>,
 }

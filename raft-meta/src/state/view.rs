@@ -97,6 +97,9 @@ pub struct NodeView {
     pub scrub: Option<slate_protocol::ops::ScrubReport>,
     /// The last scrub an operator asked for (0: none).
     pub scrub_requested: u64,
+    /// The last report of an operator-requested scrub.
+    #[schema(value_type = Object)]
+    pub scrub_requested_report: Option<slate_protocol::ops::ScrubReport>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]

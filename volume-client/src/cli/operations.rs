@@ -278,7 +278,7 @@ pub async fn scrub(api: &ApiClient, node: u64, wait: bool, json_out: bool) -> Re
     let b = bar(json_out, 1, "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} segments  {msg}");
     loop {
         let n: Value = api.get(&format!("/v1/nodes/{node}")).await?;
-        let sc = &n["scrub"];
+        let sc = &n["scrub_requested_report"];
         if sc["scrub_id"].as_u64() == Some(id) {
             b.set_length(sc["segments_total"].as_u64().unwrap_or(0).max(1));
             b.set_position(sc["segments_done"].as_u64().unwrap_or(0));
