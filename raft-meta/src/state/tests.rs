@@ -552,3 +552,96 @@ fn delete_queues_releases_and_completes_only_when_erased_and_purged() {
     let e = h.err(tok(1, "op-secret"), Command::ReportPurge { meta_node: 3, root_epoch: epoch, voters: vec![] });
     assert_eq!(e.code, ErrorCode::Forbidden);
 }
+
+#[test]
+fn drain_moves_replicas_without_dropping_below_r_then_decommission_certifies() {
+    use slate_protocol::ops::{DecommissionReport, EraseSummary, MoveReport};
+    let mut h = Harness::new();
+    let t = h.tenant("acme");
+    let nodes = [h.node("n1", "z/r/h1"), h.node("n2", "z/r/h2"), h.node("n3", "z/r/h3")];
+    let (vid, _) = h.volume(tok(1, "op-secret"), t, "v", 3 * GIB).unwrap();
+    let victim = nodes[0];
+    let held = h.state().volumes[&vid].segments.iter().filter(|s| s.replicas.iter().any(|r| r.node == victim)).count();
+    assert!(held > 0);
+    // Decommission of a disk that holds replicas: refused, nothing changes.
+    let disk = h.state().disks.values().find(|d| d.node == victim).unwrap().id;
+    let before = serde_json::to_vec(&h.state().disks).unwrap();
+    let e = h.err(tok(1, "op-secret"), Command::DecommissionDisk { disk });
+    assert_eq!(e.code, ErrorCode::Conflict);
+    assert_eq!(serde_json::to_vec(&h.state().disks).unwrap(), before);
+
+    h.op(Command::DrainNode { node: victim });
+    assert_eq!(h.err(tok(1, "op-secret"), Command::DrainNode { node: victim }).code, ErrorCode::Conflict);
+    // A second node cannot be drained: only one domain would be left for R=2.
+    assert_eq!(h.err(tok(1, "op-secret"), Command::DrainNode { node: nodes[1] }).code, ErrorCode::Unsatisfiable);
+    let mut rounds = 0;
+    while h.state().drain_due() {
+        rounds += 1;
+        assert!(rounds < 20, "the drain does not finish");
+        h.run(Credential::System, Command::DrainStep);
+        // Every segment keeps R in-sync members throughout.
+        for s in &h.state().volumes[&vid].segments {
+            assert!(s.replicas.iter().filter(|r| r.state == ReplicaState::InSync).count() >= 2, "{s:?}");
+        }
+        // The volume is detached: the targets' movers copy and report.
+        let moves: Vec<_> = h.state().moves.values().cloned().collect();
+        for m in moves {
+            let body = h.op(Command::Heartbeat { node: m.to });
+            let tasks = body["work"]["copies"].as_array().cloned().unwrap_or_default();
+            let task = tasks.iter().find(|c| c["id"] == m.id).expect("a copy task for the move's target");
+            let generation = task["generation"].as_u64().unwrap();
+            h.op(Command::ReportMove {
+                node: m.to,
+                id: m.id,
+                report: MoveReport::Copied { blocks_copied: 1, generation },
+            });
+        }
+    }
+    assert_eq!(h.state().replicas_on(victim), 0);
+    assert_eq!(h.state().nodes[&victim].drain.as_ref().unwrap().replicas_moved, held as u64);
+    let moved = h
+        .state()
+        .releases
+        .values()
+        .filter(|r| r.node == victim && r.reason == slate_protocol::ops::ReleaseReason::ReplicaMoved)
+        .count();
+    assert_eq!(moved, held, "every moved replica is queued for release");
+
+    // Decommission: the node reports a verified erase; the certificate's hash is audited.
+    h.op(Command::DecommissionDisk { disk });
+    let work = h.op(Command::Heartbeat { node: victim });
+    assert_eq!(work["work"]["decommission"]["disk"], disk);
+    let erase = EraseSummary {
+        device_path: "/dev/x".into(),
+        device_kind: "block_device".into(),
+        size_bytes: 1 << 40,
+        identity: std::collections::BTreeMap::new(),
+        method: "blkzeroout".into(),
+        technique: "zeros".into(),
+        bytes_written: 1 << 40,
+        bytes_verified: 1 << 40,
+        mismatched_bytes: 0,
+        first_mismatch_offset: None,
+        started_ms: 1,
+        finished_ms: 2,
+        tool: "slate-node".into(),
+        tool_version: "0".into(),
+    };
+    // A report that verified less than the whole device does not certify.
+    let short = EraseSummary { bytes_verified: 1 << 39, ..erase.clone() };
+    let e = h.err(
+        tok(1, "op-secret"),
+        Command::ReportDecommission { disk, report: DecommissionReport::Done { erase: short } },
+    );
+    assert_eq!(e.code, ErrorCode::Conflict);
+    // The failed attempt is recorded and shown; a later complete report certifies.
+    assert_eq!(h.state().disks[&disk].decommission.as_ref().unwrap().stage, "failed");
+    h.op(Command::ReportDecommission { disk, report: DecommissionReport::Done { erase } });
+    assert_eq!(h.state().disks[&disk].state, DiskState::Decommissioned);
+    assert_eq!(h.state().nodes[&victim].state, NodeState::Decommissioned);
+    let cert = h.op(Command::GetCertificate { disk });
+    let sha = cert["sha256"].as_str().unwrap().to_owned();
+    assert_eq!(sha, slate_protocol::certificate::body_sha256(&cert["certificate"]));
+    assert!(h.state().audit.records.iter().any(|r| r.object.contains(&sha)), "certificate hash audited");
+    assert!(audit::verify(&h.state().audit.records).ok);
+}
