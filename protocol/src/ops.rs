@@ -75,6 +75,16 @@ pub struct DecommissionTask {
     pub disk_name: String,
 }
 
+/// Freeze a detached volume's segments on this node at a snapshot's epoch
+/// (`Request::Snapshot` semantics), then report it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FreezeTask {
+    pub volume: u64,
+    pub snapshot: u64,
+    pub epoch: u64,
+}
+
 /// A scrub to run now on this node (requested by an operator).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -97,6 +107,9 @@ pub struct NodeWork {
     pub decommission: Option<DecommissionTask>,
     #[serde(default)]
     pub scrub: Option<ScrubRequest>,
+    /// Snapshots of detached volumes to freeze here.
+    #[serde(default)]
+    pub freezes: Vec<FreezeTask>,
 }
 
 /// A heartbeat's reply.

@@ -26,6 +26,11 @@ impl Releaser {
         Self { engine }
     }
 
+    /// The engine it works on.
+    pub fn engine(&self) -> &EngineHandle {
+        &self.engine
+    }
+
     /// Works through `work`; a task that fails is logged and retried with the next heartbeat.
     pub async fn run(&self, meta: &MetaClient, work: &NodeWork) {
         for task in &work.releases {

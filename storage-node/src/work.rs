@@ -7,7 +7,8 @@ use crate::heartbeat::MetaClient;
 use crate::mover::Mover;
 use crate::release::Releaser;
 use crate::scrub::Scrubber;
-use slate_protocol::ops::{DecommissionTask, NodeWork};
+use slate_protocol::ops::{DecommissionTask, FreezeTask, NodeWork};
+use slate_protocol::{Epoch, VolumeId};
 use tokio::sync::watch;
 
 /// The node's workers.
@@ -21,10 +22,28 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
+    /// Freezes a detached volume's segments here at a snapshot's epoch and says so.
+    async fn freeze(&self, meta: &MetaClient, f: &FreezeTask) {
+        let r = self.releaser.engine().snapshot(VolumeId(f.volume), Epoch(f.epoch)).await;
+        if let Err(e) = r {
+            tracing::warn!(volume = f.volume, snapshot = f.snapshot, error = %e, "snapshot freeze failed; will retry");
+            return;
+        }
+        let body = serde_json::json!({"node": meta.node().0});
+        let path = format!("/v1/volumes/{}/snapshots/{}/frozen", f.volume, f.snapshot);
+        match meta.post(&path, Some(&body)).await {
+            Ok(_) => tracing::info!(volume = f.volume, snapshot = f.snapshot, epoch = f.epoch, "snapshot frozen"),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "snapshot freeze report failed; will retry"),
+        }
+    }
+
     /// Acts on one heartbeat's work. Never blocks on long work: copies and scrubs run
     /// in their own tasks, and the decommission is the main task's.
     pub async fn dispatch(&self, meta: &MetaClient, work: &NodeWork) {
         self.releaser.run(meta, work).await;
+        for f in &work.freezes {
+            self.freeze(meta, f).await;
+        }
         self.mover.offer(meta, &work.copies);
         self.scrubber.offer(work.scrub.as_ref());
         if let Some(t) = &work.decommission {

@@ -3,7 +3,7 @@
 
 use super::handlers::sign;
 use super::{ApiError, ApiJson, ApiPath, ApiState, Caller, ErrorBody};
-use crate::state::command::{Command, ErrorCode, RebuildProgressRequest};
+use crate::state::command::{Command, ErrorCode, RebuildProgressRequest, SnapshotFrozenRequest};
 use crate::state::view::{CapabilityClaims, DecommissionView, DrainView};
 use axum::extract::State;
 use axum::routing::{get, post};
@@ -31,6 +31,7 @@ pub(super) fn routes() -> Router<Arc<ApiState>> {
         .route("/v1/nodes/:id/scrub", post(request_scrub))
         .route("/v1/nodes/:id/scrub-report", post(report_scrub))
         .route("/v1/nodes/:id/repair-source", post(repair_source))
+        .route("/v1/volumes/:id/snapshots/:sid/frozen", post(snapshot_frozen))
 }
 
 async fn call(s: &ApiState, caller: &Caller, cmd: Command) -> JsonResult {
@@ -184,6 +185,19 @@ async fn repair_source(
         body["capability"] = serde_json::Value::String(sign(&s, &claims)?.token);
     }
     Ok(Json(body))
+}
+
+#[utoipa::path(post, path = "/v1/volumes/{id}/snapshots/{sid}/frozen", tag = "snapshots", security(("bearer" = [])),
+    params(("id" = u64, Path), ("sid" = u64, Path)), request_body = SnapshotFrozenRequest,
+    description = "The read-write client froze every replica at the snapshot's epoch (no `node`), or a node froze its replicas of a detached volume (`node`). The snapshot becomes ready when every replica is frozen.",
+    responses((status = 200), (status = "4XX", body = ErrorBody)))]
+async fn snapshot_frozen(
+    State(s): S,
+    caller: Caller,
+    ApiPath((id, sid)): ApiPath<(u64, u64)>,
+    ApiJson(req): ApiJson<SnapshotFrozenRequest>,
+) -> JsonResult {
+    call(&s, &caller, Command::SnapshotFrozen { volume: id, snapshot: sid, req }).await
 }
 
 /// This module's part of the OpenAPI description.

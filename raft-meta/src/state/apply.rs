@@ -10,7 +10,7 @@ use super::command::{
 };
 use super::types::{
     Access, AttachMode, Attachment, Disk, DiskState, Grant, NodeState, Principal, Replica, ReplicaState, Role, Segment,
-    Snapshot, StorageNode, Tenant, Token, Volume,
+    Snapshot, SnapshotState, StorageNode, Tenant, Token, Volume,
 };
 use super::view::{
     AttachGrant, AttachmentView, AuditPage, CapabilityClaims, DekInfo, DiskView, GrantView, IssuedToken, NodeView,
@@ -821,6 +821,7 @@ impl MetaState {
                 work.copies = self.copy_tasks(*node);
                 work.decommission = self.decommission_task(*node);
                 work.scrub = self.scrub_request(*node);
+                work.freezes = self.freeze_tasks(*node);
                 json(&serde_json::json!({"node": node, "state": state, "work": work}))
             }
             Command::SetNodeState { node, req } => {
@@ -938,7 +939,15 @@ impl MetaState {
                 let sid = take(&mut self.next.snapshot);
                 let v = self.volumes.get_mut(volume).expect("checked");
                 v.snapshot_epoch += 1;
-                let snap = Snapshot { id: sid, name: req.name.clone(), epoch: v.snapshot_epoch, created_ms: ctx.now };
+                let snap = Snapshot {
+                    id: sid,
+                    name: req.name.clone(),
+                    epoch: v.snapshot_epoch,
+                    created_ms: ctx.now,
+                    state: SnapshotState::Pending,
+                    frozen_nodes: BTreeSet::new(),
+                    ready_ms: None,
+                };
                 v.snapshots.insert(sid, snap.clone());
                 ctx.object = format!("volume:vol-{volume} snapshot:{sid}");
                 json(&snapshot_view(*volume, &snap))
@@ -1039,6 +1048,7 @@ impl MetaState {
             Command::GetCertificate { disk } => self.certificate(ctx, *disk),
             Command::RequestScrub { node } => self.request_scrub(ctx, *node),
             Command::ReportScrub { node, report } => self.report_scrub(ctx, *node, report),
+            Command::SnapshotFrozen { volume, snapshot, req } => self.snapshot_frozen(ctx, *volume, *snapshot, req),
             Command::RepairSource { node, req } => self.repair_source(ctx, *node, req),
             Command::GetErasure { volume } => self.get_erasure(ctx, *volume),
             Command::ChangeMembership { req, add } => {
@@ -1154,6 +1164,15 @@ impl MetaState {
                 "vol-{volume} is attached read-write by attachment {} (host {}, generation {}); use force to take over",
                 a.id, a.host, a.generation
             )));
+        }
+        if req.mode == AttachMode::ReadWrite && rw_holders.is_empty() {
+            if let Some(s) = v.snapshots.values().find(|s| s.state == SnapshotState::Pending) {
+                // The nodes are freezing a detached volume: no writer may start in between.
+                return Err(Refusal::new(
+                    ErrorCode::Unavailable,
+                    format!("snapshot {:?} of vol-{volume} is being frozen on its nodes; retry in a moment", s.name),
+                ));
+            }
         }
         let t = self.tenants.get(&v.tenant).ok_or_else(|| internal("volume's tenant is missing"))?;
         let tk = root.unwrap_tenant_key(&t.wrapped_key).map_err(|e| internal(e.to_string()))?;
@@ -1719,5 +1738,13 @@ fn attachment_view(a: &Attachment) -> AttachmentView {
 }
 
 fn snapshot_view(volume: u64, s: &Snapshot) -> SnapshotView {
-    SnapshotView { id: s.id, volume, name: s.name.clone(), epoch: s.epoch, created_ms: s.created_ms }
+    SnapshotView {
+        id: s.id,
+        volume,
+        name: s.name.clone(),
+        epoch: s.epoch,
+        created_ms: s.created_ms,
+        state: s.state,
+        ready_ms: s.ready_ms,
+    }
 }

@@ -180,6 +180,15 @@ pub struct MarkInSyncRequest {
     pub node: u64,
 }
 
+/// A snapshot is frozen: by a node on its replicas (`node` set), or by the read-write
+/// client on every replica of the volume (`node` absent).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotFrozenRequest {
+    #[serde(default)]
+    pub node: Option<u64>,
+}
+
 /// A rebuild's progress, reported by the client that copies.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -433,6 +442,11 @@ pub enum Command {
         node: u64,
         report: ScrubReport,
     },
+    SnapshotFrozen {
+        volume: u64,
+        snapshot: u64,
+        req: SnapshotFrozenRequest,
+    },
     /// Where `node` can read good copies of a segment to repair its own (operators or hosts).
     RepairSource {
         node: u64,
@@ -513,6 +527,7 @@ impl Command {
             Self::RequestScrub { .. } => "node.scrub",
             Self::ReportScrub { .. } => "node.scrub_report",
             Self::RepairSource { .. } => "node.repair_source",
+            Self::SnapshotFrozen { .. } => "snapshot.frozen",
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod apply;
 pub mod command;
 mod erasure;
 mod operations;
+mod snapshots;
 pub mod types;
 pub mod view;
 

@@ -254,6 +254,26 @@ pub struct Snapshot {
     /// The data-plane layer epoch the snapshot froze.
     pub epoch: u64,
     pub created_ms: u64,
+    /// `pending` until every replica is frozen at `epoch` (by the read-write client, which
+    /// quiesces its writes for the moment, or by the nodes themselves for a detached volume).
+    #[serde(default)]
+    pub state: SnapshotState,
+    /// Nodes that froze the volume at `epoch` themselves (detached volume).
+    #[serde(default)]
+    pub frozen_nodes: std::collections::BTreeSet<u64>,
+    #[serde(default)]
+    pub ready_ms: Option<u64>,
+}
+
+/// Whether a snapshot can be read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotState {
+    /// Recorded; not every replica is frozen yet.
+    Pending,
+    /// Frozen on every replica at its epoch: crash-consistent and readable.
+    #[default]
+    Ready,
 }
 
 /// QoS limits of a volume (absent: unlimited).

@@ -142,6 +142,9 @@ pub struct SnapshotView {
     pub name: String,
     pub epoch: u64,
     pub created_ms: u64,
+    /// `pending` until every replica is frozen at `epoch`, then `ready`.
+    pub state: super::types::SnapshotState,
+    pub ready_ms: Option<u64>,
 }
 
 /// The volume key's age (never the key).

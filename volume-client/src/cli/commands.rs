@@ -364,6 +364,7 @@ pub async fn run(api: &ApiClient, cmd: Cmd, json_out: bool) -> Result<()> {
             Ok(())
         }
         Cmd::Erasure(c) => super::erasure::run(api, c, json_out).await,
+        Cmd::Snapshot(c) => super::snapshot::run(api, c, json_out).await,
         Cmd::Audit(AuditCmd::List) => {
             let v: Value = api.get("/v1/audit").await?;
             print(json_out, &v, |v| {

@@ -12,6 +12,7 @@ pub mod erasure;
 pub mod metactl;
 pub mod operations;
 pub mod procs;
+pub mod snapshot;
 pub mod up;
 
 use anyhow::Result;
@@ -80,6 +81,9 @@ pub enum Cmd {
     /// Erasure of deleted volumes: per-replica zeroing and per-voter key purge.
     #[command(subcommand)]
     Erasure(erasure::ErasureCmd),
+    /// Crash-consistent snapshots of a volume.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCmd),
     /// Scrub a storage node now: read every written block, check its crc32c, repair from a peer.
     Scrub {
         node: String,
