@@ -52,38 +52,35 @@ impl MetaState {
             .get(&snapshot)
             .ok_or_else(|| Refusal::not_found(format!("vol-{volume} has no snapshot {snapshot}")))?;
         ctx.object = format!("volume:vol-{volume} snapshot:{snapshot}({}) epoch:{}", s.name, s.epoch);
-        match req.node {
-            Some(node) => {
-                if !(ctx.actor.is_operator() || ctx.actor.role == Role::Host) {
-                    return Err(Refusal::forbidden("node freeze reports come from storage nodes"));
-                }
-                if v.attachments.values().any(|a| a.mode == AttachMode::ReadWrite) {
-                    return Err(Refusal::conflict("the volume is attached read-write: its client freezes it"));
-                }
-                ctx.skip_audit = true;
-                let all = self.nodes_of(volume);
-                let v = self.volumes.get_mut(&volume).expect("checked");
-                let s = v.snapshots.get_mut(&snapshot).expect("checked");
-                s.frozen_nodes.insert(node);
-                if s.state == SnapshotState::Pending && all.is_subset(&s.frozen_nodes) {
-                    s.state = SnapshotState::Ready;
-                    s.ready_ms = Some(ctx.now);
-                    ctx.skip_audit = false;
-                    use std::fmt::Write as _;
-                    let _ = write!(ctx.object, " ready: frozen by its {} node(s)", all.len());
-                }
+        if let Some(node) = req.node {
+            if !(ctx.actor.is_operator() || ctx.actor.role == Role::Host) {
+                return Err(Refusal::forbidden("node freeze reports come from storage nodes"));
             }
-            None => {
-                self.check_volume(&ctx.actor, v, Need::Reconfigure)?;
-                let v = self.volumes.get_mut(&volume).expect("checked");
-                let s = v.snapshots.get_mut(&snapshot).expect("checked");
-                if s.state == SnapshotState::Pending {
-                    s.state = SnapshotState::Ready;
-                    s.ready_ms = Some(ctx.now);
-                    ctx.object.push_str(" ready: frozen by the read-write client");
-                } else {
-                    ctx.skip_audit = true;
-                }
+            if v.attachments.values().any(|a| a.mode == AttachMode::ReadWrite) {
+                return Err(Refusal::conflict("the volume is attached read-write: its client freezes it"));
+            }
+            ctx.skip_audit = true;
+            let all = self.nodes_of(volume);
+            let v = self.volumes.get_mut(&volume).expect("checked");
+            let s = v.snapshots.get_mut(&snapshot).expect("checked");
+            s.frozen_nodes.insert(node);
+            if s.state == SnapshotState::Pending && all.is_subset(&s.frozen_nodes) {
+                s.state = SnapshotState::Ready;
+                s.ready_ms = Some(ctx.now);
+                ctx.skip_audit = false;
+                use std::fmt::Write as _;
+                let _ = write!(ctx.object, " ready: frozen by its {} node(s)", all.len());
+            }
+        } else {
+            self.check_volume(&ctx.actor, v, Need::Reconfigure)?;
+            let v = self.volumes.get_mut(&volume).expect("checked");
+            let s = v.snapshots.get_mut(&snapshot).expect("checked");
+            if s.state == SnapshotState::Pending {
+                s.state = SnapshotState::Ready;
+                s.ready_ms = Some(ctx.now);
+                ctx.object.push_str(" ready: frozen by the read-write client");
+            } else {
+                ctx.skip_audit = true;
             }
         }
         let s = &self.volumes[&volume].snapshots[&snapshot];
