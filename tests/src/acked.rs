@@ -109,6 +109,8 @@ pub struct Stats {
 /// What happened to one block (versions start at 1; 0 means never acknowledged).
 #[derive(Clone, Debug, Default)]
 struct BlockLedger {
+    /// Every version sent: when it was sent and, if so, when it was acknowledged.
+    history: Vec<(u64, Instant, Option<Instant>)>,
     acked: u64,
     /// Versions sent but not acknowledged (failed, or outstanding at the end).
     unacked: Vec<u64>,
@@ -261,8 +263,51 @@ impl Report {
 
     /// Reads every block the run wrote to through the export and checks it against the ledger.
     pub fn verify(&self, socket: &Path, name: &str) -> io::Result<Verification> {
-        let (mut stream, _) = connect(socket, name)?;
         let mut out = Verification::default();
+        self.read_touched(socket, name, |b, l, d| {
+            out.checked += 1;
+            self.check_block(b, l, d, &mut out);
+        })?;
+        Ok(out)
+    }
+
+    /// Checks a point-in-time copy (a snapshot served on `socket` as `name`) taken by a call
+    /// that started at `started` and returned at `returned`: every block must hold a version
+    /// at least the last one acknowledged before `started`, and none first sent after
+    /// `returned`. Anything in between was in flight during the call and may be either.
+    pub fn verify_point_in_time(
+        &self,
+        socket: &Path,
+        name: &str,
+        started: Instant,
+        returned: Instant,
+    ) -> io::Result<Verification> {
+        let mut out = Verification::default();
+        self.read_touched(socket, name, |b, l, d| {
+            out.checked += 1;
+            let lo = l.history.iter().filter(|h| h.2.is_some_and(|a| a < started)).map(|h| h.0).max().unwrap_or(0);
+            let hi = l.history.iter().filter(|h| h.1 < returned).map(|h| h.0).max().unwrap_or(0);
+            match decode_block(self.opts.seed, b, d) {
+                Ok(found) => {
+                    let v = found.unwrap_or(0);
+                    if v < lo || v > hi {
+                        let what = found.map_or_else(|| "zeros".to_owned(), |v| format!("version {v}"));
+                        out.lost.push((b, lo, format!("{what}, outside [{lo}, {hi}]")));
+                    } else if v == lo {
+                        out.at_acked += 1;
+                    } else {
+                        out.at_later_unacked += 1;
+                    }
+                }
+                Err(what) => out.lost.push((b, lo, what)),
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// Reads every block the run wrote to and hands it to `f` with its ledger.
+    fn read_touched(&self, socket: &Path, name: &str, mut f: impl FnMut(u64, &BlockLedger, &[u8])) -> io::Result<()> {
+        let (mut stream, _) = connect(socket, name)?;
         let chunk = 64u64;
         let (first, end) = (self.opts.first_block, self.opts.first_block + self.opts.blocks);
         let mut at = first;
@@ -283,8 +328,7 @@ impl Report {
                 for (i, d) in data.chunks(BLOCK).enumerate() {
                     let b = at + i as u64;
                     if let Some(l) = self.blocks.get(&b) {
-                        out.checked += 1;
-                        self.check_block(b, l, d, &mut out);
+                        f(b, l, d);
                     }
                 }
                 handle += 1;
@@ -292,7 +336,7 @@ impl Report {
             at += n;
         }
         let _ = send_request(&mut stream, CMD_DISC, handle, 0, 0, None);
-        Ok(out)
+        Ok(())
     }
 
     fn check_block(&self, block: u64, l: &BlockLedger, data: &[u8], out: &mut Verification) {
@@ -390,6 +434,7 @@ fn drive(mut stream: UnixStream, opts: AckedOptions, stop: &AtomicBool, shared: 
                 }
                 // Counted as sent before the bytes go out: a write cut in half by a crash may land.
                 l.unacked.push(version);
+                l.history.push((version, Instant::now(), None));
                 in_flight.insert(handle, (block, version, Instant::now()));
                 busy.insert(block);
                 if let Err(e) =
@@ -420,6 +465,9 @@ fn drive(mut stream: UnixStream, opts: AckedOptions, stop: &AtomicBool, shared: 
                 shared.max_latency_ms.fetch_max(latency.as_millis() as u64, Ordering::Relaxed);
                 let l = report.blocks.entry(block).or_default();
                 if err == 0 {
+                    if let Some(h) = l.history.iter_mut().find(|h| h.0 == version) {
+                        h.2 = Some(Instant::now());
+                    }
                     l.acked = version;
                     l.unacked.retain(|v| *v > version);
                     report.acked += 1;
@@ -564,7 +612,7 @@ mod tests {
     #[test]
     fn ledger_accepts_acked_or_later_unacked_only() {
         let mut blocks = HashMap::new();
-        blocks.insert(1, BlockLedger { acked: 2, unacked: vec![3], last_sent: 3 });
+        blocks.insert(1, BlockLedger { history: Vec::new(), acked: 2, unacked: vec![3], last_sent: 3 });
         let r = Report {
             opts: AckedOptions::new(0, 8, 5),
             acked: 0,
