@@ -645,3 +645,49 @@ fn drain_moves_replicas_without_dropping_below_r_then_decommission_certifies() {
     assert!(h.state().audit.records.iter().any(|r| r.object.contains(&sha)), "certificate hash audited");
     assert!(audit::verify(&h.state().audit.records).ok);
 }
+
+#[test]
+fn detached_snapshot_is_frozen_by_every_node_and_blocks_a_writer_meanwhile() {
+    let mut h = Harness::new();
+    let t = h.tenant("acme");
+    let nodes = [h.node("n1", "z/r/h1"), h.node("n2", "z/r/h2"), h.node("n3", "z/r/h3")];
+    let (vid, _) = h.volume(tok(1, "op-secret"), t, "v", 3 * GIB).unwrap();
+    let s = h.op(Command::CreateSnapshot { volume: vid, req: CreateSnapshotRequest { name: "s1".into() } });
+    assert_eq!(s["state"], "pending");
+    let sid = s["id"].as_u64().unwrap();
+    let attach = |h: &mut Harness| {
+        h.run(
+            tok(1, "op-secret"),
+            Command::Attach {
+                volume: vid,
+                req: AttachRequest { mode: AttachMode::ReadWrite, host: "h".into(), force: false },
+            },
+        )
+    };
+    match attach(&mut h) {
+        Response::Err(r) => assert_eq!(r.code, ErrorCode::Unavailable, "{r:?}"),
+        Response::Ok { .. } => panic!("a writer attached while the nodes freeze"),
+    }
+    let holders: Vec<u64> = nodes
+        .iter()
+        .copied()
+        .filter(|n| h.state().volumes[&vid].segments.iter().any(|s| s.replicas.iter().any(|r| r.node == *n)))
+        .collect();
+    for (i, n) in holders.iter().enumerate() {
+        let w = h.op(Command::Heartbeat { node: *n });
+        assert_eq!(w["work"]["freezes"][0]["snapshot"], sid);
+        let req = SnapshotFrozenRequest { node: Some(*n) };
+        h.op(Command::SnapshotFrozen { volume: vid, snapshot: sid, req });
+        let state = h.state().volumes[&vid].snapshots[&sid].state;
+        let last = i + 1 == holders.len();
+        assert_eq!(state == SnapshotState::Ready, last, "ready only when every holder froze");
+    }
+    assert!(matches!(attach(&mut h), Response::Ok { .. }), "the writer attaches once the snapshot is ready");
+    // With a writer attached, nodes no longer freeze: its client does.
+    let s2 = h.op(Command::CreateSnapshot { volume: vid, req: CreateSnapshotRequest { name: "s2".into() } });
+    let w = h.op(Command::Heartbeat { node: holders[0] });
+    assert!(w["work"]["freezes"].as_array().is_none_or(Vec::is_empty), "{w}");
+    let s2id = s2["id"].as_u64().unwrap();
+    h.op(Command::SnapshotFrozen { volume: vid, snapshot: s2id, req: SnapshotFrozenRequest { node: None } });
+    assert_eq!(h.state().volumes[&vid].snapshots[&s2id].state, SnapshotState::Ready);
+}
