@@ -342,10 +342,10 @@ pub async fn run(api: ApiClient, args: AttachArgs) -> Result<()> {
     let snapshot = match snapshot {
         None => None,
         Some(name) => {
-            let list: Vec<SnapshotEntry> = api
-                .get(&format!("/v1/volumes/{id}/snapshots"))
-                .await
-                .with_context(|| format!("listing the snapshots of volume {volume_spec}"))?;
+            let list: Vec<SnapshotEntry> =
+                api.get(&format!("/v1/volumes/{id}/snapshots")).await.with_context(|| {
+                    format!("listing the snapshots of volume {volume_spec} (a snapshot or backup grant is needed)")
+                })?;
             let snap = pick_snapshot(&list, volume_spec, name)?;
             Some((snap.name.clone(), Epoch(snap.epoch)))
         }
