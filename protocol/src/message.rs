@@ -48,6 +48,10 @@ pub enum Request {
     Write { target: Target, start: BlockIndex, fua: bool, crcs: Vec<u32>, data: Bytes },
     /// Reads `count` blocks.
     Read { target: Target, start: BlockIndex, count: u32 },
+    /// Reads `count` blocks as they were when the volume was frozen at `epoch`:
+    /// through the layers frozen at or before it, never the newer ones. Same
+    /// reply as [`Request::Read`]. `Epoch(u64::MAX)` names the head, so it reads like `Read`.
+    ReadAt { target: Target, epoch: Epoch, start: BlockIndex, count: u32 },
     /// Makes every acknowledged write of the volume durable (writes are durable
     /// when acknowledged already; flush is a barrier for clients that want one).
     Flush { target: Target },
@@ -205,6 +209,7 @@ mod kind {
     pub const ASSIGN: u8 = 0x0c;
     pub const RELEASE: u8 = 0x0d;
     pub const ALLOCATED: u8 = 0x0e;
+    pub const READ_AT: u8 = 0x0f;
 
     pub const R_HELLO_OK: u8 = 0x81;
     pub const R_DONE: u8 = 0x82;
@@ -233,6 +238,16 @@ fn get_range(r: &mut Reader<'_>, max_count: u64) -> Result<BlockRange, DecodeErr
     }
     start.checked_add(count).ok_or(DecodeError::Invalid("range overflows"))?;
     Ok(BlockRange { start, count })
+}
+/// A read's `start: u64 | count: u32`, bounded like every read.
+fn get_read_range(r: &mut Reader<'_>) -> Result<(BlockIndex, u32), DecodeError> {
+    let start = BlockIndex(r.u64()?);
+    let count = r.u32()?;
+    if count == 0 || count > MAX_IO_BLOCKS {
+        return Err(DecodeError::Invalid("read block count"));
+    }
+    start.checked_add(u64::from(count)).ok_or(DecodeError::Invalid("range overflows"))?;
+    Ok((start, count))
 }
 fn put_ranges(w: &mut Writer, ranges: &[BlockRange]) {
     w.u32(ranges.len() as u32);
@@ -266,6 +281,7 @@ impl Request {
             Self::AssignSegment { .. } => kind::ASSIGN,
             Self::ReleaseSegment { .. } => kind::RELEASE,
             Self::Allocated { .. } => kind::ALLOCATED,
+            Self::ReadAt { .. } => kind::READ_AT,
         }
     }
 
@@ -275,6 +291,7 @@ impl Request {
             Self::Hello { .. } => None,
             Self::Write { target, .. }
             | Self::Read { target, .. }
+            | Self::ReadAt { target, .. }
             | Self::Flush { target }
             | Self::Trim { target, .. }
             | Self::WriteZeroes { target, .. }
@@ -310,6 +327,12 @@ impl Request {
             }
             Self::Read { target, start, count } => {
                 put_target(w, *target);
+                w.u64(start.0);
+                w.u32(*count);
+            }
+            Self::ReadAt { target, epoch, start, count } => {
+                put_target(w, *target);
+                w.u64(epoch.0);
                 w.u64(start.0);
                 w.u32(*count);
             }
@@ -379,13 +402,14 @@ impl Request {
             }
             kind::READ => {
                 let target = get_target(&mut r)?;
-                let start = BlockIndex(r.u64()?);
-                let count = r.u32()?;
-                if count == 0 || count > MAX_IO_BLOCKS {
-                    return Err(DecodeError::Invalid("read block count"));
-                }
-                start.checked_add(u64::from(count)).ok_or(DecodeError::Invalid("range overflows"))?;
+                let (start, count) = get_read_range(&mut r)?;
                 Self::Read { target, start, count }
+            }
+            kind::READ_AT => {
+                let target = get_target(&mut r)?;
+                let epoch = Epoch(r.u64()?);
+                let (start, count) = get_read_range(&mut r)?;
+                Self::ReadAt { target, epoch, start, count }
             }
             kind::FLUSH => Self::Flush { target: get_target(&mut r)? },
             kind::INTENTS => Self::WriteIntents { target: get_target(&mut r)? },
@@ -544,6 +568,13 @@ impl fmt::Debug for Request {
             Self::Read { target, start, count } => {
                 f.debug_struct("Read").field("target", target).field("start", start).field("count", count).finish()
             }
+            Self::ReadAt { target, epoch, start, count } => f
+                .debug_struct("ReadAt")
+                .field("target", target)
+                .field("epoch", epoch)
+                .field("start", start)
+                .field("count", count)
+                .finish(),
             other => write!(f, "Request(kind={:#04x}, target={:?})", other.kind(), other.target()),
         }
     }

@@ -3,6 +3,7 @@
 use bytes::{Bytes, BytesMut};
 use ed25519_dalek::SigningKey;
 use proptest::prelude::*;
+use slate_protocol::message::MAX_IO_BLOCKS;
 use slate_protocol::*;
 
 fn fixed_hello() -> Request {
@@ -41,6 +42,8 @@ fn every_message_round_trips() {
         fixed_hello(),
         Request::Write { target: t, start: BlockIndex(5), fua: true, crcs: vec![1, 2], data: data.clone() },
         Request::Read { target: t, start: BlockIndex(5), count: 2 },
+        Request::ReadAt { target: t, epoch: Epoch(7), start: BlockIndex(5), count: 2 },
+        Request::ReadAt { target: t, epoch: Epoch(u64::MAX), start: BlockIndex(0), count: MAX_IO_BLOCKS },
         Request::Flush { target: t },
         Request::Trim { target: t, range: BlockRange { start: BlockIndex(1), count: 3 } },
         Request::WriteZeroes { target: t, range: BlockRange { start: BlockIndex(1), count: 3 } },
@@ -75,6 +78,55 @@ fn every_message_round_trips() {
 }
 
 #[test]
+fn read_bytes_are_unchanged_and_read_at_has_its_own_kind() {
+    let t = Target { volume: VolumeId(9), generation: Generation(4) };
+    let read = encode_request(1, &Request::Read { target: t, start: BlockIndex(5), count: 2 });
+    // kind | id | volume | generation | start | count: the layout `Read` always had.
+    let mut want = vec![0x03];
+    want.extend(1u64.to_le_bytes());
+    want.extend(9u64.to_le_bytes());
+    want.extend(4u64.to_le_bytes());
+    want.extend(5u64.to_le_bytes());
+    want.extend(2u32.to_le_bytes());
+    assert_eq!(&read[8..], &want[..]);
+    let at = Request::ReadAt { target: t, epoch: Epoch(7), start: BlockIndex(5), count: 2 };
+    assert_eq!(at.kind(), 0x0f);
+    assert_eq!(at.target(), Some(t));
+    let frame = encode_request(1, &at);
+    let mut want = vec![0x0f];
+    want.extend(1u64.to_le_bytes());
+    want.extend(9u64.to_le_bytes());
+    want.extend(4u64.to_le_bytes());
+    want.extend(7u64.to_le_bytes());
+    want.extend(5u64.to_le_bytes());
+    want.extend(2u32.to_le_bytes());
+    assert_eq!(&frame[8..], &want[..]);
+}
+
+#[test]
+fn read_at_bounds_are_checked() {
+    let t = Target { volume: VolumeId(9), generation: Generation(4) };
+    let decode = |req: &Request| Request::decode(&encode_request(1, req).slice(8..));
+    for count in [0, MAX_IO_BLOCKS + 1, u32::MAX] {
+        let r = Request::ReadAt { target: t, epoch: Epoch(1), start: BlockIndex(0), count };
+        assert!(decode(&r).is_err(), "count {count} must be refused");
+    }
+    let r = Request::ReadAt { target: t, epoch: Epoch(1), start: BlockIndex(u64::MAX - 1), count: 2 };
+    assert!(decode(&r).is_err(), "a range past the end of the address space must be refused");
+    let r = Request::ReadAt { target: t, epoch: Epoch(1), start: BlockIndex(u64::MAX - 2), count: 2 };
+    assert!(decode(&r).is_ok());
+    // Truncated anywhere, or with a trailing byte, it is refused.
+    let payload =
+        encode_request(1, &Request::ReadAt { target: t, epoch: Epoch(1), start: BlockIndex(3), count: 1 }).slice(8..);
+    for cut in 0..payload.len() {
+        assert!(Request::decode(&payload.slice(..cut)).is_err(), "cut at {cut}");
+    }
+    let mut long = payload.to_vec();
+    long.push(0);
+    assert!(Request::decode(&Bytes::from(long)).is_err());
+}
+
+#[test]
 fn oversized_and_corrupt_frames_are_refused() {
     let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0][..]);
     assert!(matches!(decode_frame(&mut buf), Err(FrameError::TooLarge(_))));
@@ -106,6 +158,7 @@ proptest! {
             fixed_hello(),
             Request::Write { target: t, start: BlockIndex(5), fua: false, crcs: vec![1], data: Bytes::from(vec![1u8; 4096]) },
             Request::ClearIntents { target: t, ranges: vec![BlockRange { start: BlockIndex(1), count: 3 }] },
+            Request::ReadAt { target: t, epoch: Epoch(2), start: BlockIndex(5), count: 4 },
         ];
         for r in &reqs {
             let frame = encode_request(1, r);

@@ -17,7 +17,7 @@
 use bytes::{Bytes, BytesMut};
 use slate_protocol::message::BlockRange;
 use slate_protocol::{
-    decode_frame, encode_request, BlockIndex, NodeId, Reply, Request, SignedCapability, Target, WireError,
+    decode_frame, encode_request, BlockIndex, Epoch, NodeId, Reply, Request, SignedCapability, Target, WireError,
     BLOCK_SIZE_BYTES, PROTOCOL_VERSION,
 };
 use std::collections::HashMap;
@@ -209,7 +209,16 @@ impl NodeClient {
 
     /// Reads `count` blocks at `start`; checks every written block's crc; unwritten blocks are zeros.
     pub async fn read_blocks(&self, start: BlockIndex, count: u32) -> Result<Bytes, ClientError> {
-        let req = Request::Read { target: self.target(), start, count };
+        self.read_request(Request::Read { target: self.target(), start, count }, start, count).await
+    }
+
+    /// Reads `count` blocks at `start` as they were in the snapshot frozen at `epoch`
+    /// (through the layers frozen at or before it); checked like [`NodeClient::read_blocks`].
+    pub async fn read_blocks_at(&self, epoch: Epoch, start: BlockIndex, count: u32) -> Result<Bytes, ClientError> {
+        self.read_request(Request::ReadAt { target: self.target(), epoch, start, count }, start, count).await
+    }
+
+    async fn read_request(&self, req: Request, start: BlockIndex, count: u32) -> Result<Bytes, ClientError> {
         match self.request(req).await? {
             Reply::Data { written, crcs, data } => {
                 check_data(start, count, &written, &crcs, &data)?;

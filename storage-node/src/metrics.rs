@@ -46,7 +46,7 @@ impl Op {
         match req {
             Request::Hello { .. } => Self::Hello,
             Request::Write { .. } => Self::Write,
-            Request::Read { .. } => Self::Read,
+            Request::Read { .. } | Request::ReadAt { .. } => Self::Read,
             Request::Flush { .. } => Self::Flush,
             Request::Trim { .. } => Self::Trim,
             Request::WriteZeroes { .. } => Self::WriteZeroes,

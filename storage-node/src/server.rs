@@ -22,7 +22,7 @@
 //! the connection. Shutdown stops reading, lets in-flight requests finish and
 //! flushes their replies.
 
-use crate::engine::{EngineError, EngineHandle};
+use crate::engine::{EngineError, EngineHandle, ReadResult};
 use crate::metrics::{Metrics, Op};
 use crate::session::{self, GenerationTable, OrderTracker, Session};
 use bytes::{Bytes, BytesMut};
@@ -160,7 +160,7 @@ fn salvage_id(payload: &[u8]) -> Option<u64> {
 /// Bytes charged to a request: its frame, its reply, and a fixed overhead.
 fn cost_of(req: Option<&Request>, payload_len: usize) -> usize {
     let reply = match req {
-        Some(Request::Read { count, .. }) => *count as usize * (BLOCK_SIZE_BYTES + 5),
+        Some(Request::Read { count, .. } | Request::ReadAt { count, .. }) => *count as usize * (BLOCK_SIZE_BYTES + 5),
         _ => 0,
     };
     payload_len + reply + REQUEST_OVERHEAD_BYTES
@@ -339,6 +339,17 @@ fn done(r: Result<(), EngineError>) -> Reply {
     }
 }
 
+/// A read's reply and the block bytes it moved.
+fn data(r: Result<ReadResult, EngineError>) -> (Reply, u64) {
+    match r {
+        Ok(r) => {
+            let n = r.data.len() as u64;
+            (Reply::Data { written: r.written, crcs: r.crcs, data: r.data }, n)
+        }
+        Err(e) => (Reply::Error(e.to_wire()), 0),
+    }
+}
+
 /// Runs one authorized request against the engine. Returns the reply and the block bytes moved.
 async fn execute(engine: &EngineHandle, req: Request) -> (Reply, u64) {
     let Some(target) = req.target() else {
@@ -353,13 +364,8 @@ async fn execute(engine: &EngineHandle, req: Request) -> (Reply, u64) {
             let moved = if matches!(r, Reply::Done) { n } else { 0 };
             (r, moved)
         }
-        Request::Read { start, count, .. } => match engine.read(volume, start, count).await {
-            Ok(r) => {
-                let n = r.data.len() as u64;
-                (Reply::Data { written: r.written, crcs: r.crcs, data: r.data }, n)
-            }
-            Err(e) => (Reply::Error(e.to_wire()), 0),
-        },
+        Request::Read { start, count, .. } => data(engine.read(volume, start, count).await),
+        Request::ReadAt { epoch, start, count, .. } => data(engine.read_at(volume, epoch, start, count).await),
         Request::Flush { .. } => (done(engine.flush(volume).await), 0),
         Request::Trim { range, .. } => (done(engine.trim(volume, range).await), 0),
         Request::WriteZeroes { range, .. } => (done(engine.write_zeroes(volume, range).await), 0),

@@ -115,6 +115,7 @@ pub fn open(
 pub fn required_right(req: &Request) -> Rights {
     match req {
         Request::Read { .. }
+        | Request::ReadAt { .. }
         | Request::Allocated { .. }
         | Request::ChangedBlocks { .. }
         | Request::WriteIntents { .. }
@@ -197,6 +198,7 @@ pub fn ordering_of(req: &Request) -> Ordering {
         Request::Flush { .. } => Ordering::AfterAll,
         Request::Hello { .. }
         | Request::Read { .. }
+        | Request::ReadAt { .. }
         | Request::Allocated { .. }
         | Request::ChangedBlocks { .. }
         | Request::WriteIntents { .. } => Ordering::Free,
@@ -310,6 +312,15 @@ mod tests {
         assert_eq!(s.authorize(&read(1, 5), 1_000, &gens).unwrap_err().kind, ErrorKind::Expired);
         let flush = Request::Flush { target: Target { volume: VolumeId(1), generation: Generation(5) } };
         assert_eq!(s.authorize(&flush, 10, &gens).unwrap_err().kind, ErrorKind::NoRight);
+        let read_at = Request::ReadAt {
+            target: Target { volume: VolumeId(1), generation: Generation(5) },
+            epoch: slate_protocol::Epoch(3),
+            start: BlockIndex(0),
+            count: 1,
+        };
+        assert!(s.authorize(&read_at, 10, &gens).is_ok(), "a snapshot read needs only READ");
+        assert_eq!(ordering_of(&read_at), Ordering::Free);
+        assert_eq!(session(Rights::WRITE, 5).authorize(&read_at, 10, &gens).unwrap_err().kind, ErrorKind::NoRight);
         gens.raise(VolumeId(1), Generation(6));
         assert_eq!(s.authorize(&read(1, 5), 10, &gens).unwrap_err().kind, ErrorKind::StaleGeneration);
     }

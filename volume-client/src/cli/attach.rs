@@ -7,6 +7,11 @@
 //! the metadata service decides placement, the client carries it to the
 //! nodes, so slate-meta stays off the data path. [`MetaControl`] does the same
 //! for replacement replicas after a failure report.
+//!
+//! `slate attach VOL@SNAP --read-only` serves snapshot SNAP of VOL instead of
+//! its head: the snapshot is found by name in the volume's snapshot list, must
+//! be `ready`, and the volume engine reads every block at its epoch
+//! (`VolumeConfig::read_epoch`, `ReadAt` on the wire).
 
 use super::api::ApiClient;
 use crate::blockdev::BlockDevice;
@@ -29,7 +34,8 @@ use zeroize::Zeroizing;
 /// Options of `slate attach`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AttachArgs {
-    /// The volume, by name or id.
+    /// The volume, by name or id; `VOL@SNAP` serves snapshot SNAP (by name) of
+    /// VOL, and needs --read-only.
     pub volume: String,
     /// Take the volume over from a live read-write attachment (fences it).
     #[arg(long)]
@@ -84,6 +90,44 @@ struct VolumeView {
     generation: u64,
     segment_blocks: u64,
     segments: Vec<SegmentView>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SnapshotEntry {
+    id: u64,
+    name: String,
+    epoch: u64,
+    /// Absent from metadata services that only list finished snapshots.
+    #[serde(default)]
+    state: Option<String>,
+}
+
+/// Splits `VOL@SNAP` (neither volume nor snapshot names may contain `@`).
+fn split_snapshot_spec(spec: &str) -> Result<(&str, Option<&str>)> {
+    match spec.split_once('@') {
+        None => Ok((spec, None)),
+        Some((vol, snap)) if !vol.is_empty() && !snap.is_empty() && !snap.contains('@') => Ok((vol, Some(snap))),
+        Some(_) => bail!("{spec:?} is not VOLUME@SNAPSHOT: give one volume and one snapshot name"),
+    }
+}
+
+/// Picks snapshot `name` of volume `volume` from its list; it must be ready to be served.
+fn pick_snapshot<'a>(list: &'a [SnapshotEntry], volume: &str, name: &str) -> Result<&'a SnapshotEntry> {
+    let by_name: Vec<&SnapshotEntry> = list.iter().filter(|s| s.name == name).collect();
+    let snap = match by_name.as_slice() {
+        [one] => *one,
+        [] => match name.parse::<u64>().ok().and_then(|id| list.iter().find(|s| s.id == id)) {
+            Some(s) => s,
+            None => bail!("volume {volume} has no snapshot named {name:?}"),
+        },
+        _ => bail!("volume {volume} has several snapshots named {name:?}"),
+    };
+    match snap.state.as_deref() {
+        None | Some("ready") => Ok(snap),
+        Some(state) => {
+            bail!("snapshot {name:?} of volume {volume} is {state}, not ready: only a ready snapshot can be served")
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -290,7 +334,22 @@ pub async fn run(api: ApiClient, args: AttachArgs) -> Result<()> {
     if args.nbd_unix.is_none() && args.nbd_tcp.is_none() {
         bail!("give --nbd-unix PATH and/or --nbd-tcp ADDR to serve the volume");
     }
-    let id = resolve_volume(&api, &args.volume).await?;
+    let (volume_spec, snapshot) = split_snapshot_spec(&args.volume)?;
+    if snapshot.is_some() && !args.read_only {
+        bail!("{} names a snapshot, which can only be served read-only: add --read-only", args.volume);
+    }
+    let id = resolve_volume(&api, volume_spec).await?;
+    let snapshot = match snapshot {
+        None => None,
+        Some(name) => {
+            let list: Vec<SnapshotEntry> =
+                api.get(&format!("/v1/volumes/{id}/snapshots")).await.with_context(|| {
+                    format!("listing the snapshots of volume {volume_spec} (a snapshot or backup grant is needed)")
+                })?;
+            let snap = pick_snapshot(&list, volume_spec, name)?;
+            Some((snap.name.clone(), Epoch(snap.epoch)))
+        }
+    };
     let mode = if args.read_only { "read_only" } else { "read_write" };
     let reply: AttachReply = api
         .post(&format!("/v1/volumes/{id}/attach"), &json!({"mode": mode, "host": args.host, "force": args.force}))
@@ -326,18 +385,25 @@ pub async fn run(api: ApiClient, args: AttachArgs) -> Result<()> {
         generation,
         capability: tokio::sync::Mutex::new(capability.clone()),
     });
-    let volume = Volume::attach(AttachInfo { layout, capability, dek }, control, VolumeConfig::default())
+    let vcfg = VolumeConfig { read_epoch: snapshot.as_ref().map(|(_, epoch)| *epoch), ..VolumeConfig::default() };
+    let volume = Volume::attach(AttachInfo { layout, capability, dek }, control, vcfg)
         .await
         .context("opening the volume on its storage nodes")?;
     let volume = Arc::new(volume);
-    info!(volume = id, generation, "attached");
+    info!(volume = id, generation, snapshot = ?snapshot, "attached");
 
     let registry = ExportRegistry::new();
-    let export_name = args.export_name.clone().unwrap_or(name);
+    let export_name = args.export_name.clone().unwrap_or(match &snapshot {
+        Some((snap, _)) => format!("{name}@{snap}"),
+        None => name,
+    });
     let mut ecfg = ExportConfig::new(export_name.clone());
     ecfg.read_only = args.read_only;
     ecfg.multi_conn = true;
-    ecfg.description = format!("slate volume {id}");
+    ecfg.description = match &snapshot {
+        Some((snap, epoch)) => format!("slate volume {id} snapshot {snap} ({epoch})"),
+        None => format!("slate volume {id}"),
+    };
     registry.add(ecfg, Arc::clone(&volume) as Arc<dyn BlockDevice>)?;
     registry.set_default(Some(&export_name));
     let mut scfg = ServerConfig::default();
@@ -391,5 +457,48 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(id: u64, name: &str, state: Option<&str>) -> SnapshotEntry {
+        SnapshotEntry { id, name: name.into(), epoch: id * 10, state: state.map(str::to_owned) }
+    }
+
+    #[test]
+    fn vol_at_snap_is_split_once() {
+        assert_eq!(split_snapshot_spec("db").unwrap(), ("db", None));
+        assert_eq!(split_snapshot_spec("db@nightly").unwrap(), ("db", Some("nightly")));
+        assert_eq!(split_snapshot_spec("7@3").unwrap(), ("7", Some("3")));
+        for bad in ["db@", "@nightly", "@", "db@a@b"] {
+            assert!(split_snapshot_spec(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_a_ready_snapshot_is_picked() {
+        let list = vec![snap(1, "a", None), snap(2, "b", Some("ready")), snap(3, "c", Some("creating"))];
+        assert_eq!(pick_snapshot(&list, "db", "a").unwrap().epoch, 10);
+        assert_eq!(pick_snapshot(&list, "db", "b").unwrap().epoch, 20);
+        assert_eq!(pick_snapshot(&list, "db", "2").unwrap().name, "b", "an id works where no name matches");
+        let e = pick_snapshot(&list, "db", "c").unwrap_err().to_string();
+        assert!(e.contains("creating") && e.contains("not ready"), "{e}");
+        assert!(pick_snapshot(&list, "db", "zz").unwrap_err().to_string().contains("no snapshot"));
+        let twice = vec![snap(1, "a", None), snap(2, "a", None)];
+        assert!(pick_snapshot(&twice, "db", "a").unwrap_err().to_string().contains("several"));
+    }
+
+    #[test]
+    fn snapshot_list_parses_with_and_without_state() {
+        let old: Vec<SnapshotEntry> =
+            serde_json::from_str(r#"[{"id":1,"volume":4,"name":"a","epoch":3,"created_ms":5}]"#).unwrap();
+        assert_eq!(old[0].state, None);
+        let new: Vec<SnapshotEntry> =
+            serde_json::from_str(r#"[{"id":1,"volume":4,"name":"a","epoch":3,"created_ms":5,"state":"deleting"}]"#)
+                .unwrap();
+        assert_eq!(new[0].state.as_deref(), Some("deleting"));
     }
 }

@@ -297,14 +297,12 @@ pub(super) fn classify(result: Result<Reply, LinkError>) -> Outcome {
         | ErrorKind::Version
         | ErrorKind::Malformed => Outcome::Fatal(VolumeError::Denied(e.to_string())),
         ErrorKind::Corrupt => Outcome::Corrupt(e.block),
-        ErrorKind::BadCrc | ErrorKind::TooLarge => Outcome::Retry(e.to_string()),
+        // NoSuchLayer: this replica lacks the snapshot a `ReadAt` asked for; another may have it.
+        ErrorKind::BadCrc | ErrorKind::TooLarge | ErrorKind::NoSuchLayer => Outcome::Retry(e.to_string()),
         ErrorKind::OutOfRange => Outcome::Failed(e.to_string()),
-        ErrorKind::WrongNode
-        | ErrorKind::NotAssigned
-        | ErrorKind::NoSpace
-        | ErrorKind::Io
-        | ErrorKind::NoSuchLayer
-        | ErrorKind::Internal => Outcome::NodeDown(e.to_string()),
+        ErrorKind::WrongNode | ErrorKind::NotAssigned | ErrorKind::NoSpace | ErrorKind::Io | ErrorKind::Internal => {
+            Outcome::NodeDown(e.to_string())
+        }
     }
 }
 
@@ -720,7 +718,11 @@ impl Actor {
             let req = if allocated_only {
                 Request::Allocated { target, range: BlockRange { start: BlockIndex(piece.start), count: piece.count } }
             } else {
-                Request::Read { target, start: BlockIndex(piece.start), count: piece.count as u32 }
+                let (start, count) = (BlockIndex(piece.start), piece.count as u32);
+                match self.cfg.read_epoch {
+                    Some(epoch) => Request::ReadAt { target, epoch, start, count },
+                    None => Request::Read { target, start, count },
+                }
             };
             self.send(node, &req, id, Tag::Piece(i));
         } else {

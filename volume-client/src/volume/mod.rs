@@ -63,7 +63,7 @@ use crate::blockdev::{BlockDevice, DevError, DevFuture, Extent};
 use crate::crypto::{VolumeCipher, XtsKey};
 use actor::{Budget, Cmd, ReadChunk};
 use bytes::{Bytes, BytesMut};
-use slate_protocol::{block_crc, ErrorKind, NodeId, VolumeId, BLOCK_SIZE_BYTES, BLOCK_SIZE_BYTES_U64};
+use slate_protocol::{block_crc, Epoch, ErrorKind, NodeId, VolumeId, BLOCK_SIZE_BYTES, BLOCK_SIZE_BYTES_U64};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,6 +94,11 @@ pub struct VolumeConfig {
     /// volume's layout, to follow replica sets changed elsewhere (a drain);
     /// zero turns it off.
     pub layout_poll_interval: Duration,
+    /// Serve the volume as it was at a snapshot: every read goes out as
+    /// `ReadAt` at this epoch (through the layers frozen at or before it, never
+    /// the newer ones) and block status is derived from those reads. `None`
+    /// reads the head. Only a read-only attachment may read at an epoch.
+    pub read_epoch: Option<Epoch>,
 }
 
 impl Default for VolumeConfig {
@@ -108,6 +113,7 @@ impl Default for VolumeConfig {
             rebuild_chunk_blocks: 256,
             intent_clear_interval: Duration::from_secs(15),
             layout_poll_interval: Duration::from_secs(3),
+            read_epoch: None,
         }
     }
 }
@@ -135,6 +141,8 @@ pub struct Volume {
     id: VolumeId,
     size_bytes: u64,
     cmds: mpsc::Sender<Cmd>,
+    /// The snapshot this attachment reads (`VolumeConfig::read_epoch`).
+    read_epoch: Option<Epoch>,
     cipher: Arc<VolumeCipher>,
     budget: Arc<Semaphore>,
     budget_blocks: u64,
@@ -177,6 +185,14 @@ impl Volume {
         let claims = &capability.claims;
         if claims.volume != layout.volume || claims.generation != layout.generation {
             return Err(VolumeError::Layout("the capability is for another volume or generation".into()));
+        }
+        if let Some(epoch) = cfg.read_epoch {
+            // Writes, repairs and rebuilds act on the head: a snapshot is only ever read.
+            if claims.rights.contains(slate_protocol::Rights::WRITE) {
+                return Err(VolumeError::Layout(format!(
+                    "a snapshot (at {epoch}) is served read-only; the capability grants writes"
+                )));
+            }
         }
 
         // Connect to every node of the layout at once.
@@ -242,6 +258,7 @@ impl Volume {
         let budget_blocks = (cfg.max_in_flight_bytes / BLOCK_SIZE_BYTES_U64).max(1);
         let volume = layout.volume;
         let size_bytes = layout.size_bytes;
+        let read_epoch = cfg.read_epoch;
         let init =
             actor::Init { layout, capability, links, down, control, connector, cfg, reconciled_blocks: report.blocks };
         tokio::spawn(actor::run(init, rx));
@@ -249,6 +266,7 @@ impl Volume {
             id: volume,
             size_bytes,
             cmds: tx,
+            read_epoch,
             cipher,
             budget: Arc::new(Semaphore::new(budget_blocks as usize)),
             budget_blocks,
@@ -342,10 +360,18 @@ impl Volume {
         self.ask(|reply| Cmd::Trim { start, count, zeroes, permit: Some(permit), reply }).await
     }
 
-    /// Which blocks are written: one bit per block (LSB first) from block `start`.
+    /// Which blocks are written: one bit per block from block `start`. At a
+    /// snapshot epoch the nodes can only tell by reading (their allocation
+    /// query answers for the head), so keep `count` small there (see
+    /// [`BlockDevice::block_status`] below, which asks for one read's worth).
     pub async fn allocated_blocks(&self, start: u64, count: u64) -> Result<Vec<bool>, VolumeError> {
-        let permit = self.permit(0).await?;
-        let chunks = self.ask(|reply| Cmd::BlockStatus { start, count, permit: Some(permit), reply }).await?;
+        let chunks = if self.read_epoch.is_some() {
+            let permit = self.permit(count).await?;
+            self.ask(|reply| Cmd::Read { start, count, permit: Some(permit), reply }).await?
+        } else {
+            let permit = self.permit(0).await?;
+            self.ask(|reply| Cmd::BlockStatus { start, count, permit: Some(permit), reply }).await?
+        };
         let mut out = vec![false; count as usize];
         for c in chunks {
             for i in 0..c.count as usize {
@@ -424,7 +450,11 @@ impl BlockDevice for Volume {
 
     fn block_status(&self, offset: u64, len: u32) -> DevFuture<'_, Vec<Extent>> {
         Box::pin(async move {
-            let (start, count) = dev(self.blocks_of(offset, u64::from(len)))?;
+            let (start, mut count) = dev(self.blocks_of(offset, u64::from(len)))?;
+            if self.read_epoch.is_some() {
+                // Answered by reading: at most one read's worth (NBD lets an answer be shorter).
+                count = count.min(u64::from(slate_protocol::message::MAX_IO_BLOCKS));
+            }
             let bits = dev(self.allocated_blocks(start, count).await)?;
             let mut out: Vec<Extent> = Vec::new();
             for b in bits {
