@@ -337,3 +337,111 @@ impl Actor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::volume::fake::{layout, FakeConnector, FakeControl, FakeNode};
+    use crate::volume::{
+        AttachInfo, ControlError, ControlPlane, Dek, PendingSnapshot, ReplicaUpdate, Volume, VolumeConfig,
+        VolumeLayout, VolumeState,
+    };
+    use slate_protocol::{Capability, Epoch, NodeId, Rights, SegmentIndex, VolumeId, BLOCK_SIZE_BYTES};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// The fake control plane with one snapshot pending for good.
+    #[derive(Debug)]
+    struct Pending {
+        inner: Arc<FakeControl>,
+        reports: AtomicU32,
+    }
+
+    #[async_trait::async_trait]
+    impl ControlPlane for Pending {
+        async fn report_failed_replica(
+            &self,
+            volume: VolumeId,
+            segment: SegmentIndex,
+            node: NodeId,
+        ) -> Result<ReplicaUpdate, ControlError> {
+            self.inner.report_failed_replica(volume, segment, node).await
+        }
+
+        async fn refresh_layout(&self, volume: VolumeId) -> Result<VolumeLayout, ControlError> {
+            self.inner.refresh_layout(volume).await
+        }
+
+        async fn refresh_state(&self, volume: VolumeId) -> Result<VolumeState, ControlError> {
+            let layout = self.inner.refresh_layout(volume).await?;
+            Ok(VolumeState { layout, pending_snapshots: vec![PendingSnapshot { id: 7, epoch: Epoch(2) }] })
+        }
+
+        async fn report_snapshot_frozen(&self, _volume: VolumeId, _snapshot: u64) -> Result<(), ControlError> {
+            self.reports.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// Slow writes outlast the hold limit, and the in-memory nodes refuse the
+    /// freeze when it is sent: each attempt gives up, the held writes go on in
+    /// order, none fails, and the volume keeps serving.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_freeze_that_cannot_finish_never_fails_or_loses_a_held_write() {
+        let nodes = [FakeNode::new(1), FakeNode::new(2)];
+        for n in &nodes {
+            n.lock().max_delay_us = 200_000;
+        }
+        let l = layout(64, &[&[1, 2]], 1);
+        let capability = Capability {
+            volume: l.volume,
+            generation: l.generation,
+            rights: Rights::READ_WRITE.union(Rights::ADMIN),
+            expires_unix_secs: u64::MAX,
+            nodes: vec![NodeId(1), NodeId(2)],
+        }
+        .sign(&slate_protocol::capability::generate_signing_key());
+        let info = AttachInfo { layout: l.clone(), capability, dek: Dek::new(std::array::from_fn(|i| i as u8)) };
+        let control = Arc::new(Pending { inner: FakeControl::new(l, &[], Duration::ZERO), reports: AtomicU32::new(0) });
+        let cfg = VolumeConfig {
+            request_timeout: Duration::from_secs(2),
+            freeze_hold_limit: Duration::from_millis(50),
+            layout_poll_interval: Duration::from_millis(20),
+            ..VolumeConfig::default()
+        };
+        let vol = Arc::new(
+            Volume::open(info, Arc::clone(&control) as Arc<dyn ControlPlane>, FakeConnector::new(&nodes), cfg)
+                .await
+                .unwrap(),
+        );
+        let until = Instant::now() + Duration::from_millis(1500);
+        let mut tasks = Vec::new();
+        for w in 0..4u64 {
+            let vol = Arc::clone(&vol);
+            tasks.push(tokio::spawn(async move {
+                let mut k = 0u8;
+                while Instant::now() < until {
+                    k = k.wrapping_add(1);
+                    vol.write_blocks(w, &vec![k; BLOCK_SIZE_BYTES], false).await.unwrap();
+                }
+                k
+            }));
+        }
+        let mut last = Vec::new();
+        for t in tasks {
+            last.push(t.await.unwrap());
+        }
+        let status = vol.status().await.unwrap();
+        assert!(status.error.is_none(), "{status:?}");
+        assert!(status.counters.freeze_failures >= 2, "{:?}", status.counters);
+        assert_eq!(status.counters.snapshots_frozen, 0);
+        assert_eq!(control.reports.load(Ordering::SeqCst), 0);
+        // The last write of each writer is what every replica holds (held writes kept their order).
+        for (w, k) in last.iter().enumerate() {
+            for _ in 0..2 {
+                assert_eq!(&vol.read_blocks(w as u64, 1).await.unwrap()[..], &vec![*k; BLOCK_SIZE_BYTES][..]);
+            }
+        }
+        vol.close().await;
+    }
+}
