@@ -21,13 +21,14 @@
 //! | file | what |
 //! |---|---|
 //! | `layout.rs` | attach reply types (`AttachInfo`, `VolumeLayout`, replica sets, the key) |
-//! | `control.rs` | `ControlPlane`: replacement of failed replicas, rebuild done, layout polling |
+//! | `control.rs` | `ControlPlane`: replacement of failed replicas, rebuild done, layout and snapshot polling |
 //! | `link.rs` | `NodeLink`/`Connector`: the engine's view of node sessions |
 //! | `node_link.rs` | those traits over `slate_node::client::NodeClient` |
 //! | `deps.rs` | the FIFO range lock that orders overlapping operations |
 //! | `replicas.rs` | per-segment replica sets, read rotation, rebuild progress |
 //! | `runs.rs` | splitting ranges, checking replies, building copy requests |
 //! | `actor.rs` | the task that owns the volume: fan-out, repair, failover, fencing |
+//! | `actor/freeze.rs` | freezing pending snapshots: hold new writes, drain, freeze every node, report |
 //! | `rebuild.rs` | filling a new replica under range locks |
 //! | `reconcile.rs` | write-intent reconciliation at open |
 //! | `intents.rs` | which intent regions may be cleared while serving |
