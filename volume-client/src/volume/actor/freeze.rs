@@ -22,7 +22,9 @@
 //! limit goes on without holding writes (the nodes froze already). A failed
 //! attempt (a node refused or failed, or a member joined meanwhile) resumes
 //! the writes and is tried again after the next poll, where the snapshot is
-//! still pending. A freeze repeated at the same epoch is harmless: the nodes
+//! still pending (after repeated failures, with a growing pause of up to 30 s
+//! between attempts, so that a snapshot refused for good does not stall
+//! writes at every poll). A freeze repeated at the same epoch is harmless: the nodes
 //! treat the latest epoch again as a no-op, and a snapshot frozen everywhere
 //! whose report failed is only reported again, without a second freeze.
 //! Freezing needs the capability's admin right (as assigning segments does);
@@ -36,7 +38,7 @@ use crate::volume::VolumeError;
 use slate_protocol::{Epoch, NodeId, Reply, Request, Rights};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 /// The actor's snapshot-freeze state.
@@ -54,6 +56,9 @@ pub(super) struct FreezeState {
     done: HashSet<u64>,
     /// Tried since the last poll: a failed snapshot waits for the next poll.
     tried: HashSet<u64>,
+    /// Consecutive failed attempts per snapshot and when the next one may start: a
+    /// snapshot refused for good does not stall writes at every poll.
+    backoff: HashMap<u64, (u32, Instant)>,
     next_attempt: u64,
 }
 
@@ -99,6 +104,7 @@ impl Actor {
         // A report that went through but is not yet reflected stays in `done`; a
         // snapshot frozen but no longer pending (deleted) needs no report.
         self.freeze.unreported.retain(|id, _| pending.iter().any(|p| p.id == *id));
+        self.freeze.backoff.retain(|id, _| pending.iter().any(|p| p.id == *id));
         self.freeze.pending = pending;
         self.freeze.tried.clear();
         self.start_next_freeze();
@@ -114,15 +120,31 @@ impl Actor {
             return;
         }
         let f = &self.freeze;
-        let Some(snap) = f.pending.iter().find(|p| !f.done.contains(&p.id) && !f.tried.contains(&p.id)).copied() else {
+        let now = Instant::now();
+        let Some(snap) = f
+            .pending
+            .iter()
+            .find(|p| {
+                !f.done.contains(&p.id)
+                    && !f.tried.contains(&p.id)
+                    && f.backoff.get(&p.id).is_none_or(|(_, at)| *at <= now)
+            })
+            .copied()
+        else {
             return;
         };
         self.freeze.tried.insert(snap.id);
         if !self.capability.claims.rights.contains(Rights::ADMIN) {
-            warn!(
-                volume = %self.target.volume, snapshot = snap.id,
-                "a snapshot is pending but this attachment's capability has no admin right to freeze it"
-            );
+            // Nothing is held; asked again every 30 s (a renewed capability may carry the right).
+            let entry = self.freeze.backoff.entry(snap.id).or_insert((0, now));
+            entry.0 += 1;
+            entry.1 = now + Duration::from_secs(30);
+            if entry.0 == 1 {
+                warn!(
+                    volume = %self.target.volume, snapshot = snap.id,
+                    "a snapshot is pending but this attachment's capability has no admin right to freeze it"
+                );
+            }
             self.counters.freeze_failures += 1;
             return;
         }
@@ -246,7 +268,7 @@ impl Actor {
                 volume = %self.target.volume, snapshot, epoch = %epoch.0, ?failures,
                 "snapshot freeze failed; writes resume and it is tried again after the next poll"
             );
-            self.counters.freeze_failures += 1;
+            self.freeze_failed();
             self.end_freeze();
         }
     }
@@ -266,6 +288,7 @@ impl Actor {
     pub(super) fn on_freeze_reported(&mut self, snapshot: u64, result: Result<(), String>) {
         match result {
             Ok(()) => {
+                self.freeze.backoff.remove(&snapshot);
                 if self.freeze.unreported.remove(&snapshot).is_some() && self.freeze.done.insert(snapshot) {
                     self.counters.snapshots_frozen += 1;
                 }
@@ -279,6 +302,18 @@ impl Actor {
         if ours {
             self.end_freeze();
         }
+    }
+
+    /// Counts a failed attempt of the freeze under way: the first is tried again
+    /// at the next poll, later ones after twice as long each time (at most 30 s).
+    fn freeze_failed(&mut self) {
+        self.counters.freeze_failures += 1;
+        let Some(run) = &self.freeze.run else { return };
+        let poll = self.cfg.layout_poll_interval;
+        let entry = self.freeze.backoff.entry(run.snapshot).or_insert((0, Instant::now()));
+        entry.0 += 1;
+        let wait = (poll * 2u32.pow((entry.0 - 1).min(10))).min(Duration::from_secs(30));
+        entry.1 = Instant::now() + wait.saturating_sub(poll);
     }
 
     /// Ends the freeze under way: resumes the held writes, then starts the next pending snapshot.
@@ -324,7 +359,7 @@ impl Actor {
                     volume = %self.target.volume, snapshot, ?limit,
                     "writes in flight did not complete within the hold limit; writes resume and the freeze is tried again after the next poll"
                 );
-                self.counters.freeze_failures += 1;
+                self.freeze_failed();
                 self.end_freeze();
             }
             // Bounded by the request timeout: a node that does not answer is failed.
