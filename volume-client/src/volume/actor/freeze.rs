@@ -59,6 +59,8 @@ pub(super) struct FreezeState {
     /// Consecutive failed attempts per snapshot and when the next one may start: a
     /// snapshot refused for good does not stall writes at every poll.
     backoff: HashMap<u64, (u32, Instant)>,
+    /// The highest epoch this attachment froze on every node.
+    highest_frozen: Option<Epoch>,
     next_attempt: u64,
 }
 
@@ -119,20 +121,23 @@ impl Actor {
         {
             return;
         }
+        // Oldest epoch first, and never past one that waits: a node refuses an epoch below
+        // one it froze already, so a later snapshot frozen first would doom the earlier one.
+        // A snapshot below an epoch frozen here already can never succeed and blocks nothing.
         let f = &self.freeze;
         let now = Instant::now();
-        let Some(snap) = f
-            .pending
-            .iter()
-            .find(|p| {
-                !f.done.contains(&p.id)
-                    && !f.tried.contains(&p.id)
-                    && f.backoff.get(&p.id).is_none_or(|(_, at)| *at <= now)
-            })
-            .copied()
-        else {
-            return;
-        };
+        let mut next = None;
+        for p in f.pending.iter().filter(|p| !f.done.contains(&p.id)) {
+            let waits = f.tried.contains(&p.id) || f.backoff.get(&p.id).is_some_and(|(_, at)| *at > now);
+            if !waits {
+                next = Some(*p);
+                break;
+            }
+            if f.highest_frozen.is_none_or(|h| p.epoch > h) {
+                break;
+            }
+        }
+        let Some(snap) = next else { return };
         self.freeze.tried.insert(snap.id);
         if !self.capability.claims.rights.contains(Rights::ADMIN) {
             // Nothing is held; asked again every 30 s (a renewed capability may carry the right).
@@ -259,6 +264,7 @@ impl Actor {
         if failures.is_empty() {
             info!(volume = %self.target.volume, snapshot, epoch = %epoch.0, nodes = ?sent, "snapshot frozen on every replica");
             self.freeze.unreported.insert(snapshot, epoch);
+            self.freeze.highest_frozen = self.freeze.highest_frozen.max(Some(epoch));
             if let Some(run) = self.freeze.run.as_mut() {
                 run.phase = Phase::Reporting;
             }
