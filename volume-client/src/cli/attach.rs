@@ -17,8 +17,8 @@ use super::api::ApiClient;
 use crate::blockdev::BlockDevice;
 use crate::nbd::{ExportConfig, ExportRegistry, NbdServer, ServerConfig};
 use crate::volume::{
-    AttachInfo, ControlError, ControlPlane, Dek, ReplicaInfo, ReplicaRole, ReplicaUpdate, SegmentReplicas, Volume,
-    VolumeConfig, VolumeLayout,
+    AttachInfo, ControlError, ControlPlane, Dek, PendingSnapshot, ReplicaInfo, ReplicaRole, ReplicaUpdate,
+    SegmentReplicas, Volume, VolumeConfig, VolumeLayout, VolumeState,
 };
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -90,6 +90,19 @@ struct VolumeView {
     generation: u64,
     segment_blocks: u64,
     segments: Vec<SegmentView>,
+    /// `{id, name, epoch, state, created_ms}` per snapshot; read leniently, so
+    /// that an entry of another shape never stops the layout from being read.
+    #[serde(default)]
+    snapshots: Vec<Value>,
+}
+
+/// The snapshots of a volume view that wait for the read-write attachment to freeze them.
+fn pending_snapshots(v: &VolumeView) -> Vec<PendingSnapshot> {
+    v.snapshots
+        .iter()
+        .filter(|s| s["state"] == "pending")
+        .filter_map(|s| Some(PendingSnapshot { id: s["id"].as_u64()?, epoch: Epoch(s["epoch"].as_u64()?) }))
+        .collect()
 }
 
 #[derive(Debug, Deserialize)]
@@ -319,10 +332,23 @@ impl ControlPlane for MetaControl {
     }
 
     async fn refresh_layout(&self, volume: VolumeId) -> Result<VolumeLayout, ControlError> {
+        Ok(self.refresh_state(volume).await?.layout)
+    }
+
+    async fn refresh_state(&self, volume: VolumeId) -> Result<VolumeState, ControlError> {
         let v: VolumeView =
             self.api.get(&format!("/v1/volumes/{}", volume.0)).await.map_err(|e| ControlError(format!("{e:#}")))?;
         let _ = self.volume;
-        Ok(layout_from_view(&v, self.generation))
+        Ok(VolumeState { layout: layout_from_view(&v, self.generation), pending_snapshots: pending_snapshots(&v) })
+    }
+
+    async fn report_snapshot_frozen(&self, volume: VolumeId, snapshot: u64) -> Result<(), ControlError> {
+        let _: Value = self
+            .api
+            .post(&format!("/v1/volumes/{}/snapshots/{snapshot}/frozen", volume.0), &json!({}))
+            .await
+            .map_err(|e| ControlError(format!("{e:#}")))?;
+        Ok(())
     }
 }
 
@@ -500,5 +526,30 @@ mod tests {
             serde_json::from_str(r#"[{"id":1,"volume":4,"name":"a","epoch":3,"created_ms":5,"state":"deleting"}]"#)
                 .unwrap();
         assert_eq!(new[0].state.as_deref(), Some("deleting"));
+    }
+
+    #[test]
+    fn the_volume_view_yields_its_pending_snapshots() {
+        let v: VolumeView = serde_json::from_value(json!({
+            "id": 7, "name": "v", "size_bytes": 8192, "generation": 3, "segment_blocks": 2,
+            "segments": [{"index": 0, "epoch": 1, "replicas": [
+                {"node": 1, "addr": "127.0.0.1:1", "state": "in_sync"},
+                {"node": 2, "addr": "127.0.0.1:2", "state": "rebuilding"}]}],
+            "snapshots": [
+                {"id": 4, "name": "a", "epoch": 2, "state": "ready", "created_ms": 1},
+                {"id": 5, "name": "b", "epoch": 3, "state": "pending", "created_ms": 2},
+                {"id": 6, "name": "c", "state": "pending"}
+            ]
+        }))
+        .unwrap();
+        assert_eq!(pending_snapshots(&v), vec![PendingSnapshot { id: 5, epoch: Epoch(3) }]);
+        let l = layout_from_view(&v, 3);
+        assert_eq!(l.segments[0].replicas[1].role, ReplicaRole::Rebuilding);
+        // A view without snapshots (an older slate-meta) has none pending.
+        let v: VolumeView = serde_json::from_value(json!({
+            "id": 7, "name": "v", "size_bytes": 8192, "generation": 3, "segment_blocks": 2, "segments": []
+        }))
+        .unwrap();
+        assert!(pending_snapshots(&v).is_empty());
     }
 }

@@ -35,6 +35,9 @@
 //!   (its late reply, good or bad, is ignored and never marks the node
 //!   failed). An older or equal epoch never changes a set, so a poll reply
 //!   that raced with the client's own failure report cannot undo it.
+//! - **Snapshots** the metadata service records as pending come with the
+//!   layout poll; each is frozen with new writes held and the writes in
+//!   flight completed on every replica around the freeze (`freeze.rs`).
 //! - **Fencing.** A `StaleGeneration` reply is fatal: every in-flight and
 //!   later operation fails with [`VolumeError::Fenced`]; nothing is retried.
 
@@ -42,7 +45,7 @@ use super::control::ControlPlane;
 use super::deps::{DepTracker, LockMode};
 use super::error::VolumeError;
 use super::intents::IntentTracker;
-use super::layout::{ReplicaInfo, ReplicaRole, SegmentReplicas, VolumeLayout};
+use super::layout::{PendingSnapshot, ReplicaInfo, ReplicaRole, SegmentReplicas, VolumeLayout};
 use super::link::{Connector, LinkError, NodeLink};
 use super::rebuild::{self, RebuildCtx, RebuildGrant};
 use super::replicas::SegmentSet;
@@ -58,6 +61,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
+
+mod freeze;
 
 /// A write is never acknowledged with fewer live copies than this.
 pub const MIN_COPIES: usize = 2;
@@ -157,6 +162,16 @@ pub enum Event {
     },
     /// A round of layout polling ended.
     LayoutSeen(Result<LayoutPoll, String>),
+    /// The nodes' replies to the freeze of snapshot attempt `attempt`.
+    Frozen {
+        attempt: u64,
+        replies: Vec<(NodeId, Result<Reply, LinkError>)>,
+    },
+    /// The control plane's answer to the report that `snapshot` is frozen.
+    FreezeReported {
+        snapshot: u64,
+        result: Result<(), String>,
+    },
 }
 
 /// What a layout poll found, prepared for the actor.
@@ -169,6 +184,8 @@ pub struct LayoutPoll {
     pub capability: Option<SignedCapability>,
     /// Sessions with nodes new to this client.
     pub links: Vec<(NodeId, Arc<dyn NodeLink>)>,
+    /// The volume's pending snapshots.
+    pub snapshots: Vec<PendingSnapshot>,
 }
 
 /// Which part of an operation a reply is for.
@@ -349,6 +366,8 @@ pub struct Actor {
     /// Write requests (op, piece, node) still in flight to a member that has
     /// left the piece's segment: their replies are dropped, whatever they say.
     detached: HashSet<(u64, usize, NodeId)>,
+    /// Snapshot freezes: the one running, the writes it holds, what is done.
+    freeze: freeze::FreezeState,
 }
 
 impl std::fmt::Debug for Actor {
@@ -403,6 +422,7 @@ pub async fn run(init: Init, cmds: mpsc::Receiver<Cmd>) {
         full_size,
         layout_poll_at,
         detached: HashSet::new(),
+        freeze: freeze::FreezeState::default(),
     };
     for (node, why) in init.down {
         actor.node_failed(node, &why);
@@ -455,6 +475,8 @@ impl Actor {
     }
 
     fn begin_close(&mut self, reply: Option<oneshot::Sender<()>>) {
+        // A freeze under way is abandoned: the writes it holds go on and complete.
+        self.abandon_freeze("the volume is closing");
         // Rebuilds stop (they resume from the start at the next attach); user I/O in flight completes.
         for (_, h) in self.rebuilds.drain() {
             h.abort();
@@ -478,6 +500,8 @@ impl Actor {
             }
             return;
         }
+        // A snapshot freeze holds new writes (in order) until the nodes froze.
+        let Some(cmd) = self.hold_if_freezing(cmd) else { return };
         match cmd {
             Cmd::Read { start, count, permit, reply } => self.new_read(start, count, false, permit, reply),
             Cmd::BlockStatus { start, count, permit, reply } => self.new_read(start, count, true, permit, reply),
@@ -1055,6 +1079,9 @@ impl Actor {
                 self.start_op(next);
             }
         }
+        if matches!(op.kind, OpKind::Write(_)) {
+            self.freeze_if_quiesced();
+        }
     }
 
     // ----- failures ---------------------------------------------------------------------------
@@ -1369,6 +1396,8 @@ impl Actor {
             }
         }
         self.deps = DepTracker::new();
+        // Writes held by a freeze fail like the others.
+        self.abandon_freeze("the volume stopped serving");
     }
 
     // ----- rebuild ----------------------------------------------------------------------------
@@ -1539,6 +1568,8 @@ impl Actor {
             Event::RenewFailed(why) => self.on_renew_failed(&why),
             Event::IntentsSeen { per_node } => self.on_intents_seen(per_node),
             Event::LayoutSeen(result) => self.on_layout_seen(result),
+            Event::Frozen { attempt, replies } => self.on_frozen(attempt, replies),
+            Event::FreezeReported { snapshot, result } => self.on_freeze_reported(snapshot, result),
         }
     }
 
@@ -1679,10 +1710,13 @@ impl Actor {
             self.counters.layout_changes += 1;
             self.adopt_set(set.segment, &set, &[]);
         }
+        // After the sets: a freeze covers the members just adopted.
+        self.on_snapshots_seen(poll.snapshots);
     }
 
     /// Fails writes that have waited too long for a second copy (a replacement that never comes).
     fn on_tick(&mut self) {
+        self.check_freeze_hold();
         self.renew_if_due();
         self.poll_layout_if_due();
         self.clear_intents_if_due();
@@ -1858,7 +1892,8 @@ struct PollCtx {
 /// members cannot be prepared is left for the next poll.
 async fn poll_layout(ctx: PollCtx, tx: &mpsc::UnboundedSender<Event>) -> Result<LayoutPoll, String> {
     let volume = ctx.target.volume;
-    let layout = ctx.control.refresh_layout(volume).await.map_err(|e| e.to_string())?;
+    let state = ctx.control.refresh_state(volume).await.map_err(|e| e.to_string())?;
+    let (layout, snapshots) = (state.layout, state.pending_snapshots);
     if layout.volume != volume || layout.segment_blocks != ctx.segment_blocks {
         return Err("the control plane returned the layout of another volume or geometry".into());
     }
@@ -1874,7 +1909,7 @@ async fn poll_layout(ctx: PollCtx, tx: &mpsc::UnboundedSender<Event>) -> Result<
         sets.push((s, fresh));
     }
     if sets.is_empty() {
-        return Ok(LayoutPoll { sets: Vec::new(), capability: None, links: Vec::new() });
+        return Ok(LayoutPoll { sets: Vec::new(), capability: None, links: Vec::new(), snapshots });
     }
     // A capability whose node scope covers every new member (slate-meta signs from the current layout).
     let uncovered = sets.iter().flat_map(|(_, f)| f).any(|r| !ctx.capability.claims.nodes.contains(&r.node));
@@ -1920,5 +1955,5 @@ async fn poll_layout(ctx: PollCtx, tx: &mpsc::UnboundedSender<Event>) -> Result<
         }
         ready.push(set);
     }
-    Ok(LayoutPoll { sets: ready, capability: renewed, links })
+    Ok(LayoutPoll { sets: ready, capability: renewed, links, snapshots })
 }

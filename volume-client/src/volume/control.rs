@@ -8,7 +8,7 @@
 //! calls sit behind this small trait so that the engine can be driven by an
 //! in-test fake and the lead can implement it over slate-meta's HTTP API.
 
-use super::layout::{SegmentReplicas, VolumeLayout};
+use super::layout::{SegmentReplicas, VolumeLayout, VolumeState};
 use slate_protocol::{Generation, NodeId, SegmentIndex, SignedCapability, VolumeId};
 
 /// A control-plane call failed; the engine retries with backoff.
@@ -77,6 +77,22 @@ pub trait ControlPlane: Send + Sync + std::fmt::Debug + 'static {
     /// such as a drain adding or removing a replica). Polled by a read-write
     /// attachment every `VolumeConfig::layout_poll_interval`.
     async fn refresh_layout(&self, volume: VolumeId) -> Result<VolumeLayout, ControlError>;
+
+    /// The layout as [`ControlPlane::refresh_layout`] returns it, with the
+    /// volume's pending snapshots (which the attachment freezes). This is what
+    /// the poll calls; the default reports no snapshots.
+    async fn refresh_state(&self, volume: VolumeId) -> Result<VolumeState, ControlError> {
+        Ok(VolumeState { layout: self.refresh_layout(volume).await?, pending_snapshots: Vec::new() })
+    }
+
+    /// Every replica of the volume froze pending snapshot `snapshot` (its
+    /// writes are quiesced around the freeze): the metadata service may mark it
+    /// ready. An error leaves it pending; the engine reports again after a
+    /// later poll. The default does nothing.
+    async fn report_snapshot_frozen(&self, volume: VolumeId, snapshot: u64) -> Result<(), ControlError> {
+        let _ = (volume, snapshot);
+        Ok(())
+    }
 
     /// `set` lists replicas that joined `set.segment` elsewhere (seen through
     /// [`ControlPlane::refresh_layout`]): tell their nodes that they hold the

@@ -128,6 +128,25 @@ impl VolumeLayout {
     }
 }
 
+/// A snapshot the metadata service recorded as `pending`: the read-write
+/// attachment must freeze every replica of the volume at `epoch` and report it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingSnapshot {
+    /// The snapshot's id in the metadata service.
+    pub id: u64,
+    /// The layer epoch every node freezes the volume's segments at.
+    pub epoch: Epoch,
+}
+
+/// What a layout poll returns: the layout and the snapshots waiting for this
+/// attachment to freeze them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeState {
+    pub layout: VolumeLayout,
+    /// Snapshots in state `pending`, in any order.
+    pub pending_snapshots: Vec<PendingSnapshot>,
+}
+
 /// The volume's data key (AES-256-XTS, 64 bytes). Zeroized on drop; its
 /// `Debug` never shows it; it deserializes from a hex string.
 #[derive(Clone)]

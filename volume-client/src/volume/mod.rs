@@ -21,13 +21,14 @@
 //! | file | what |
 //! |---|---|
 //! | `layout.rs` | attach reply types (`AttachInfo`, `VolumeLayout`, replica sets, the key) |
-//! | `control.rs` | `ControlPlane`: replacement of failed replicas, rebuild done, layout polling |
+//! | `control.rs` | `ControlPlane`: replacement of failed replicas, rebuild done, layout and snapshot polling |
 //! | `link.rs` | `NodeLink`/`Connector`: the engine's view of node sessions |
 //! | `node_link.rs` | those traits over `slate_node::client::NodeClient` |
 //! | `deps.rs` | the FIFO range lock that orders overlapping operations |
 //! | `replicas.rs` | per-segment replica sets, read rotation, rebuild progress |
 //! | `runs.rs` | splitting ranges, checking replies, building copy requests |
 //! | `actor.rs` | the task that owns the volume: fan-out, repair, failover, fencing |
+//! | `actor/freeze.rs` | freezing pending snapshots: hold new writes, drain, freeze every node, report |
 //! | `rebuild.rs` | filling a new replica under range locks |
 //! | `reconcile.rs` | write-intent reconciliation at open |
 //! | `intents.rs` | which intent regions may be cleared while serving |
@@ -54,7 +55,9 @@ mod tests;
 
 pub use control::{ControlError, ControlPlane, ReplicaUpdate};
 pub use error::VolumeError;
-pub use layout::{AttachInfo, Dek, ReplicaInfo, ReplicaRole, SegmentReplicas, VolumeLayout};
+pub use layout::{
+    AttachInfo, Dek, PendingSnapshot, ReplicaInfo, ReplicaRole, SegmentReplicas, VolumeLayout, VolumeState,
+};
 pub use link::{Connector, LinkError, NodeLink};
 pub use node_link::NodeClientConnector;
 pub use status::VolumeStatus;
@@ -77,6 +80,10 @@ pub struct VolumeConfig {
     pub request_timeout: Duration,
     /// Base delay before retrying a refused request or a control-plane call.
     pub retry_delay: Duration,
+    /// Longest a snapshot freeze holds new writes while it waits for the
+    /// writes in flight to complete; past it the writes resume and the freeze
+    /// is tried again after a later layout poll.
+    pub freeze_hold_limit: Duration,
     /// A write that cannot reach two replicas for this long fails (EIO).
     pub stall_timeout: Duration,
     /// Most plaintext bytes of reads and writes in flight at once.
@@ -106,6 +113,7 @@ impl Default for VolumeConfig {
         Self {
             request_timeout: Duration::from_secs(10),
             retry_delay: Duration::from_millis(100),
+            freeze_hold_limit: Duration::from_secs(10),
             stall_timeout: Duration::from_mins(2),
             max_in_flight_bytes: 64 << 20,
             max_in_flight_ops: 1024,

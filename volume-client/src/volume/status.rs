@@ -28,6 +28,11 @@ pub struct Counters {
     pub intent_clear_rounds: u64,
     /// Intent ranges sent to nodes to clear (a range may cover several regions).
     pub intent_ranges_cleared: u64,
+    /// Pending snapshots frozen on every replica and reported to the control plane.
+    pub snapshots_frozen: u64,
+    /// Freeze attempts that gave up (a node refused or failed, or the hold
+    /// limit passed) and are retried after a later poll.
+    pub freeze_failures: u64,
 }
 
 /// One segment's replica set.
