@@ -50,7 +50,6 @@ fn uri(export: &str, sock: &std::path::Path) -> String {
 }
 
 #[test]
-#[ignore = "the read-write client's freeze lands next"]
 fn snapshot_of_a_running_volume_is_crash_consistent() {
     let mut cluster = Cluster::start("slate-e2e-snap", UpOptions::default());
     let w = AckedWriter::start(&cluster.nbd_socket(), "demo", AckedOptions::new(0, 16_384, 21))
