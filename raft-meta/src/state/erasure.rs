@@ -185,8 +185,10 @@ impl MetaState {
             .filter(|e| e.completed_ms.is_none())
             .filter(|e| {
                 let releases_done = self.releases.values().filter(|r| r.volume == e.volume).all(|r| !r.outstanding());
-                let voters_done =
-                    self.voters_for(e).iter().all(|v| self.meta_purged.get(v).is_some_and(|p| *p >= e.root_epoch));
+                // No voter known yet (no purge report since start): not provably purged.
+                let voters = self.voters_for(e);
+                let voters_done = !voters.is_empty()
+                    && voters.iter().all(|v| self.meta_purged.get(v).is_some_and(|p| *p >= e.root_epoch));
                 releases_done && voters_done
             })
             .map(|e| e.volume)
