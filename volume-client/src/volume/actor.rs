@@ -35,6 +35,12 @@
 //!   (its late reply, good or bad, is ignored and never marks the node
 //!   failed). An older or equal epoch never changes a set, so a poll reply
 //!   that raced with the client's own failure report cannot undo it.
+//! - **Growth.** A polled layout with a larger size brings whole new
+//!   segments (and may lengthen the last one in place): their replicas are
+//!   assigned and connected (with a renewed capability if needed) before the
+//!   actor adds their sets and only then publishes the new size, so no
+//!   request past the old end is accepted before it can be served. A smaller
+//!   size is never adopted.
 //! - **Snapshots** the metadata service records as pending come with the
 //!   layout poll; each is frozen with new writes held and the writes in
 //!   flight completed on every replica around the freeze (`freeze.rs`).
@@ -56,6 +62,7 @@ use bytes::Bytes;
 use slate_protocol::message::{BlockRange, MAX_IO_BLOCKS, MAX_RANGES, MAX_RANGE_BLOCKS};
 use slate_protocol::{BlockIndex, Epoch, ErrorKind, NodeId, Reply, Request, SegmentIndex, SignedCapability, Target};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
@@ -186,6 +193,17 @@ pub struct LayoutPoll {
     pub links: Vec<(NodeId, Arc<dyn NodeLink>)>,
     /// The volume's pending snapshots.
     pub snapshots: Vec<PendingSnapshot>,
+    /// A larger size and the segments it added, ready to adopt (assigned on their nodes, connected).
+    pub grown: Option<Growth>,
+}
+
+/// The volume grew elsewhere (`slate volume resize`).
+#[derive(Debug)]
+pub struct Growth {
+    /// The new size in bytes.
+    pub size_bytes: u64,
+    /// The replica sets of the segments past the old last one, in segment order.
+    pub segments: Vec<SegmentReplicas>,
 }
 
 /// Which part of an operation a reply is for.
@@ -279,6 +297,8 @@ pub struct Init {
     pub cfg: VolumeConfig,
     /// Blocks made equal by write-intent reconciliation before serving.
     pub reconciled_blocks: u64,
+    /// The size the `Volume` handle checks requests against; the actor raises it on growth.
+    pub size: Arc<AtomicU64>,
 }
 
 /// When to renew the capability: two thirds into its lifetime, counted from when it was received.
@@ -368,6 +388,8 @@ pub struct Actor {
     detached: HashSet<(u64, usize, NodeId)>,
     /// Snapshot freezes: the one running, the writes it holds, what is done.
     freeze: freeze::FreezeState,
+    /// The size published to the `Volume` handle (set after the layout grew).
+    size: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Actor {
@@ -423,6 +445,7 @@ pub async fn run(init: Init, cmds: mpsc::Receiver<Cmd>) {
         layout_poll_at,
         detached: HashSet::new(),
         freeze: freeze::FreezeState::default(),
+        size: init.size,
     };
     for (node, why) in init.down {
         actor.node_failed(node, &why);
@@ -1662,6 +1685,7 @@ impl Actor {
             connector: Arc::clone(&self.connector),
             target: self.target,
             segment_blocks: self.layout.segment_blocks,
+            size_bytes: self.layout.size_bytes,
             known: self.sets.iter().map(|s| (s.epoch, s.write_set().collect())).collect(),
             linked: self.links.keys().copied().collect(),
             dead: self.dead.clone(),
@@ -1699,6 +1723,9 @@ impl Actor {
                 self.links.entry(n).or_insert(l);
             }
         }
+        if let Some(g) = poll.grown {
+            self.grow(g);
+        }
         for set in poll.sets {
             let Some(current) = self.set(set.segment).map(|s| s.epoch) else { continue };
             if set.epoch <= current {
@@ -1712,6 +1739,58 @@ impl Actor {
         }
         // After the sets: a freeze covers the members just adopted.
         self.on_snapshots_seen(poll.snapshots);
+    }
+
+    /// Adopts a larger size: adds the new segments' sets (their replicas are
+    /// assigned and connected already), lengthens the last old segment, then
+    /// publishes the size so that requests up to the new end are accepted.
+    fn grow(&mut self, g: Growth) {
+        if g.size_bytes <= self.layout.size_bytes {
+            return; // never shrink; an equal size is nothing new
+        }
+        let old_count = self.sets.len();
+        let mut grown = self.layout.clone();
+        grown.size_bytes = g.size_bytes;
+        grown.segments.extend(g.segments.iter().cloned());
+        let new_count = grown.segment_count() as usize;
+        let in_order = g.segments.iter().enumerate().all(|(i, s)| s.segment.0 as usize == old_count + i);
+        if new_count != old_count + g.segments.len() || !in_order {
+            warn!(
+                volume = %self.target.volume, size = g.size_bytes, segments = g.segments.len(),
+                "the grown layout does not add exactly the missing segments; ignored"
+            );
+            return;
+        }
+        info!(
+            volume = %self.target.volume, from = self.layout.size_bytes, to = g.size_bytes,
+            new_segments = g.segments.len(), "volume grew"
+        );
+        self.layout = grown;
+        // The last old segment may have grown in place (it was short).
+        if let Some(last) = self.sets.last_mut() {
+            last.len_blocks = self.layout.segment_len(last.segment);
+        }
+        for s in &g.segments {
+            let set = SegmentSet::from_layout(s, self.layout.segment_len(s.segment));
+            self.full_size.push(set.members().len().max(MIN_COPIES));
+            self.sets.push(set);
+        }
+        for s in &g.segments {
+            for r in &s.replicas {
+                if self.dead.contains(&r.node) {
+                    if let Some(set) = self.set_mut(s.segment) {
+                        set.remove(r.node);
+                    }
+                    self.request_replacement(s.segment, r.node);
+                } else if !self.links.contains_key(&r.node) {
+                    self.node_failed(r.node, "unreachable when the volume grew");
+                } else if r.role == ReplicaRole::Rebuilding {
+                    self.spawn_rebuild(s.segment, r.node);
+                }
+            }
+        }
+        self.counters.growths += 1;
+        self.size.store(self.layout.size_bytes, Ordering::Release);
     }
 
     /// Fails writes that have waited too long for a second copy (a replacement that never comes).
@@ -1878,6 +1957,8 @@ struct PollCtx {
     connector: Arc<dyn Connector>,
     target: Target,
     segment_blocks: u64,
+    /// The volume's size in use: a polled layout that is larger grows the volume.
+    size_bytes: u64,
     /// Per segment (by index): the epoch and members in use.
     known: Vec<(Epoch, Vec<NodeId>)>,
     linked: HashSet<NodeId>,
@@ -1898,9 +1979,18 @@ async fn poll_layout(ctx: PollCtx, tx: &mpsc::UnboundedSender<Event>) -> Result<
         return Err("the control plane returned the layout of another volume or geometry".into());
     }
     layout.validate()?;
+    // A larger size brings the segments past the ones in use (never shrink).
+    let grows = layout.size_bytes > ctx.size_bytes;
+    let new_size = layout.size_bytes;
+    let mut added: Vec<SegmentReplicas> = Vec::new();
     let mut sets: Vec<(SegmentReplicas, Vec<ReplicaInfo>)> = Vec::new();
     for s in layout.segments {
-        let Some((epoch, members)) = ctx.known.get(s.segment.0 as usize) else { continue };
+        let Some((epoch, members)) = ctx.known.get(s.segment.0 as usize) else {
+            if grows {
+                added.push(s);
+            }
+            continue;
+        };
         if s.epoch <= *epoch {
             continue;
         }
@@ -1908,11 +1998,16 @@ async fn poll_layout(ctx: PollCtx, tx: &mpsc::UnboundedSender<Event>) -> Result<
             s.replicas.iter().filter(|r| !members.contains(&r.node) && !ctx.dead.contains(&r.node)).cloned().collect();
         sets.push((s, fresh));
     }
-    if sets.is_empty() {
-        return Ok(LayoutPoll { sets: Vec::new(), capability: None, links: Vec::new(), snapshots });
+    added.sort_by_key(|s| s.segment);
+    if sets.is_empty() && !grows {
+        return Ok(LayoutPoll { sets: Vec::new(), capability: None, links: Vec::new(), snapshots, grown: None });
     }
     // A capability whose node scope covers every new member (slate-meta signs from the current layout).
-    let uncovered = sets.iter().flat_map(|(_, f)| f).any(|r| !ctx.capability.claims.nodes.contains(&r.node));
+    let uncovered = sets
+        .iter()
+        .flat_map(|(_, f)| f)
+        .chain(added.iter().flat_map(|s| &s.replicas))
+        .any(|r| !ctx.capability.claims.nodes.contains(&r.node));
     let renewed = if uncovered {
         let c = ctx.control.renew_capability(volume, ctx.target.generation).await.map_err(|e| e.to_string())?;
         if c.claims.volume != volume || c.claims.generation != ctx.target.generation {
@@ -1922,7 +2017,7 @@ async fn poll_layout(ctx: PollCtx, tx: &mpsc::UnboundedSender<Event>) -> Result<
     } else {
         None
     };
-    let cap = renewed.clone().unwrap_or(ctx.capability);
+    let cap = renewed.clone().unwrap_or_else(|| ctx.capability.clone());
     let mut links: Vec<(NodeId, Arc<dyn NodeLink>)> = Vec::new();
     let mut ready = Vec::new();
     'sets: for (set, fresh) in sets {
@@ -1955,5 +2050,64 @@ async fn poll_layout(ctx: PollCtx, tx: &mpsc::UnboundedSender<Event>) -> Result<
         }
         ready.push(set);
     }
-    Ok(LayoutPoll { sets: ready, capability: renewed, links, snapshots })
+    let grown = if grows {
+        match prepare_growth(&ctx, &cap, &added, &mut links, tx).await {
+            Ok(()) => Some(Growth { size_bytes: new_size, segments: added }),
+            Err(PrepareError::Fenced) => return Err("fenced".into()),
+            Err(PrepareError::Later(why)) => {
+                warn!(%volume, size = new_size, %why, "cannot prepare the grown volume's new segments; trying again later");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    Ok(LayoutPoll { sets: ready, capability: renewed, links, snapshots, grown })
+}
+
+/// Why the new segments of a grown volume are not ready.
+enum PrepareError {
+    /// A node refused this attachment's generation: the volume is fenced.
+    Fenced,
+    /// Anything else: the growth is tried again at the next poll.
+    Later(String),
+}
+
+/// Tells the replicas of a grown volume's new segments that they hold them
+/// (the assignment a joining replica gets) and opens sessions with the nodes
+/// this client has none with yet. Nodes already known failed are left out:
+/// the actor asks for their replacement once the sets are in.
+async fn prepare_growth(
+    ctx: &PollCtx,
+    cap: &SignedCapability,
+    added: &[SegmentReplicas],
+    links: &mut Vec<(NodeId, Arc<dyn NodeLink>)>,
+    tx: &mpsc::UnboundedSender<Event>,
+) -> Result<(), PrepareError> {
+    let volume = ctx.target.volume;
+    let mut opened: Vec<(NodeId, Arc<dyn NodeLink>)> = Vec::new();
+    for set in added {
+        let live: Vec<ReplicaInfo> = set.replicas.iter().filter(|r| !ctx.dead.contains(&r.node)).cloned().collect();
+        let assign = SegmentReplicas { segment: set.segment, epoch: set.epoch, replicas: live.clone() };
+        ctx.control.assign_replicas(volume, &assign, cap).await.map_err(|e| PrepareError::Later(e.to_string()))?;
+        for r in &live {
+            let known = ctx.linked.contains(&r.node)
+                || links.iter().any(|(n, _)| *n == r.node)
+                || opened.iter().any(|(n, _)| *n == r.node);
+            if known {
+                continue;
+            }
+            match tokio::time::timeout(ctx.timeout, ctx.connector.connect(r.node, &r.addr, cap)).await {
+                Ok(Ok(link)) => opened.push((r.node, link)),
+                Ok(Err(LinkError::Remote(e))) if e.kind == ErrorKind::StaleGeneration => {
+                    let _ = tx.send(Event::Fatal(VolumeError::Fenced));
+                    return Err(PrepareError::Fenced);
+                }
+                Ok(Err(e)) => return Err(PrepareError::Later(format!("{} ({}): {e}", r.node, r.addr))),
+                Err(_) => return Err(PrepareError::Later(format!("{} ({}): timed out", r.node, r.addr))),
+            }
+        }
+    }
+    links.extend(opened);
+    Ok(())
 }

@@ -68,6 +68,7 @@ use actor::{Budget, Cmd, ReadChunk};
 use bytes::{Bytes, BytesMut};
 use slate_protocol::{block_crc, Epoch, ErrorKind, NodeId, VolumeId, BLOCK_SIZE_BYTES, BLOCK_SIZE_BYTES_U64};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -147,7 +148,9 @@ impl VolumeConfig {
 /// every method may be called from many tasks at once.
 pub struct Volume {
     id: VolumeId,
-    size_bytes: u64,
+    /// The volume's size, shared with the actor: it grows when a layout poll
+    /// brings a larger one (online growth), never shrinks.
+    size_bytes: Arc<AtomicU64>,
     cmds: mpsc::Sender<Cmd>,
     /// The snapshot this attachment reads (`VolumeConfig::read_epoch`).
     read_epoch: Option<Epoch>,
@@ -159,7 +162,7 @@ pub struct Volume {
 
 impl std::fmt::Debug for Volume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Volume").field("id", &self.id).field("size_bytes", &self.size_bytes).finish_non_exhaustive()
+        f.debug_struct("Volume").field("id", &self.id).field("size_bytes", &self.size_now()).finish_non_exhaustive()
     }
 }
 
@@ -265,10 +268,19 @@ impl Volume {
         let max_ops = cfg.max_in_flight_ops;
         let budget_blocks = (cfg.max_in_flight_bytes / BLOCK_SIZE_BYTES_U64).max(1);
         let volume = layout.volume;
-        let size_bytes = layout.size_bytes;
+        let size_bytes = Arc::new(AtomicU64::new(layout.size_bytes));
         let read_epoch = cfg.read_epoch;
-        let init =
-            actor::Init { layout, capability, links, down, control, connector, cfg, reconciled_blocks: report.blocks };
+        let init = actor::Init {
+            layout,
+            capability,
+            links,
+            down,
+            control,
+            connector,
+            cfg,
+            reconciled_blocks: report.blocks,
+            size: Arc::clone(&size_bytes),
+        };
         tokio::spawn(actor::run(init, rx));
         Ok(Self {
             id: volume,
@@ -285,6 +297,12 @@ impl Volume {
     /// The volume's id.
     pub fn id(&self) -> VolumeId {
         self.id
+    }
+
+    /// The volume's current size in bytes: the size at attach, or a larger one
+    /// adopted since from the control plane.
+    pub fn size_now(&self) -> u64 {
+        self.size_bytes.load(Ordering::Acquire)
     }
 
     async fn ask<T>(
@@ -313,7 +331,7 @@ impl Volume {
         if len == 0
             || !offset.is_multiple_of(BLOCK_SIZE_BYTES_U64)
             || !len.is_multiple_of(BLOCK_SIZE_BYTES_U64)
-            || end > self.size_bytes
+            || end > self.size_now()
         {
             return Err(VolumeError::OutOfRange);
         }
@@ -417,7 +435,7 @@ fn dev<T>(r: Result<T, VolumeError>) -> Result<T, DevError> {
 
 impl BlockDevice for Volume {
     fn size_bytes(&self) -> u64 {
-        self.size_bytes
+        self.size_now()
     }
 
     fn can_fast_zero(&self) -> bool {

@@ -24,6 +24,8 @@ pub struct Counters {
     pub capability_renewals: u64,
     /// Replica sets changed elsewhere (a drain) and adopted from a layout poll.
     pub layout_changes: u64,
+    /// Size increases (online growth) adopted from a layout poll.
+    pub growths: u64,
     /// Rounds of periodic write-intent clearing that sent at least one clear.
     pub intent_clear_rounds: u64,
     /// Intent ranges sent to nodes to clear (a range may cover several regions).

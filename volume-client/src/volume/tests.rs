@@ -694,3 +694,46 @@ async fn a_write_in_flight_to_a_removed_replica_completes_without_it() {
     assert_eq!(rig.node(2).block(5), rig.node(3).block(5));
     assert_eq!(&v.read_blocks(5, 1).await.unwrap()[..], &pattern(5, 9)[..]);
 }
+
+#[tokio::test]
+async fn a_grown_layout_is_adopted_and_a_smaller_one_never() {
+    let rig = Rig::new(&[&[1, 2]], &[3, 4], Duration::ZERO);
+    let l = rig.control.layout.lock().unwrap().clone();
+    let v = Volume::open(info(&l, &rig.all), rig.control.clone(), rig.connector.clone(), poll_cfg()).await.unwrap();
+    v.write_blocks(SEG - 1, &pattern(SEG - 1, 1), false).await.unwrap();
+    assert_eq!(v.write_blocks(SEG, &pattern(SEG, 1), false).await, Err(VolumeError::OutOfRange));
+    // Grown elsewhere: a second segment on nodes 3 and 4.
+    {
+        let mut l = rig.control.layout.lock().unwrap();
+        l.size_bytes *= 2;
+        let replicas = [3, 4]
+            .iter()
+            .map(|n| super::layout::ReplicaInfo {
+                node: NodeId(*n),
+                addr: format!("fake:{n}"),
+                role: ReplicaRole::InSync,
+            })
+            .collect();
+        l.segments.push(SegmentReplicas { segment: SegmentIndex(1), epoch: Epoch(1), replicas });
+    }
+    wait_for("the growth", || v.size_now() == 2 * SEG * 4096).await;
+    assert_eq!(crate::blockdev::BlockDevice::size_bytes(&v), 2 * SEG * 4096);
+    v.write_blocks(SEG, &pattern(SEG, 2), false).await.unwrap();
+    v.write_blocks(2 * SEG - 1, &pattern(2 * SEG - 1, 2), false).await.unwrap();
+    assert!(rig.node(3).block(SEG).is_some() && rig.node(3).block(SEG) == rig.node(4).block(SEG));
+    assert!(rig.node(1).block(SEG).is_none());
+    assert_eq!(&v.read_blocks(SEG, 1).await.unwrap()[..], &pattern(SEG, 2)[..]);
+    assert_eq!(&v.read_blocks(SEG - 1, 1).await.unwrap()[..], &pattern(SEG - 1, 1)[..]);
+    let s = v.status().await.unwrap();
+    assert_eq!((s.size_bytes, s.segments.len(), s.counters.growths), (2 * SEG * 4096, 2, 1));
+    // A layout with the old size (a stale reply) never shrinks the volume.
+    {
+        let mut l = rig.control.layout.lock().unwrap();
+        l.size_bytes /= 2;
+        l.segments.pop();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(v.size_now(), 2 * SEG * 4096);
+    assert_eq!(&v.read_blocks(2 * SEG - 1, 1).await.unwrap()[..], &pattern(2 * SEG - 1, 2)[..]);
+    v.close().await;
+}
