@@ -275,6 +275,21 @@ impl TestControl {
         f(&mut s.replicas);
         s.epoch = s.epoch.next();
     }
+
+    /// Grows the volume as `slate volume resize` does: the new size, and a
+    /// replica set (on `nodes`, in sync, epoch 1) for every segment it adds.
+    pub fn grow(&self, size_bytes: u64, nodes: &[(NodeId, String)]) {
+        let mut l = self.layout.lock().unwrap_or_else(PoisonError::into_inner);
+        assert!(size_bytes >= l.size_bytes, "growth only");
+        l.size_bytes = size_bytes;
+        for i in l.segments.len() as u32..l.segment_count() {
+            let replicas = nodes
+                .iter()
+                .map(|(n, addr)| ReplicaInfo { node: *n, addr: addr.clone(), role: ReplicaRole::InSync })
+                .collect();
+            l.segments.push(SegmentReplicas { segment: SegmentIndex(i), epoch: Epoch(1), replicas });
+        }
+    }
 }
 
 #[async_trait]
