@@ -80,14 +80,7 @@ fn delete_and_wait(cluster: &Cluster, id: u64, timeout: Duration) -> Value {
     let t = Instant::now();
     let del = cluster.slate_json(&["volume", "delete", &id.to_string()]);
     eprintln!("deleted vol-{id}: {del}");
-    let out = cluster
-        .slate()
-        .args(["--json", "erasure", "show", &id.to_string(), "--wait", "--timeout"])
-        .arg(timeout.as_secs().to_string())
-        .output()
-        .expect("run slate erasure show --wait");
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    assert!(out.status.success(), "erasure of vol-{id} not complete: {}\n{v:#}", String::from_utf8_lossy(&out.stderr));
+    let v = delete_and_wait_existing(cluster, id, timeout);
     eprintln!("vol-{id} erased in {:.1} s", t.elapsed().as_secs_f64());
     v
 }

@@ -79,18 +79,7 @@ async fn a_segment_moves_to_a_new_node_under_writes_and_every_write_survives() {
             Ok::<_, VolumeError>(model)
         }));
     }
-    let wait_writes = |n: u64| {
-        let done = Arc::clone(&done);
-        async move {
-            let target = done.load(Ordering::Relaxed) + n;
-            let deadline = Instant::now() + Duration::from_mins(2);
-            while done.load(Ordering::Relaxed) < target {
-                assert!(Instant::now() < deadline, "writers made no progress");
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    };
-    wait_writes(100).await;
+    wait_for_more(&done, 100).await;
 
     // Step 1 of a drain of node 1: node 3 joins segment 0 as rebuilding.
     let addr3 = cluster.addr_of(NodeId(3));
@@ -105,12 +94,12 @@ async fn a_segment_moves_to_a_new_node_under_writes_and_every_write_survives() {
     let progress = control.progress.lock().unwrap().clone();
     assert!(!progress.is_empty(), "rebuild progress was reported");
     assert!(progress.iter().all(|p| p.0 == SegmentIndex(0) && p.1 == NodeId(3) && p.2 < p.3 && p.3 == SEGMENT_BLOCKS));
-    wait_writes(100).await;
+    wait_for_more(&done, 100).await;
 
     // Step 2: node 1 leaves segment 0 (it keeps segment 1).
     control.change_set(0, |r| r.retain(|x| x.node != NodeId(1)));
     wait_members(&vol, 0, &[(2, ReplicaRole::InSync), (3, ReplicaRole::InSync)]).await;
-    wait_writes(200).await;
+    wait_for_more(&done, 200).await;
     stop.store(true, Ordering::Relaxed);
     let mut model = HashMap::new();
     for t in tasks {

@@ -175,18 +175,7 @@ async fn a_snapshot_frozen_under_writes_holds_exactly_the_writes_around_the_free
             Ok::<_, VolumeError>(log)
         }));
     }
-    let wait_writes = |n: u64| {
-        let done = Arc::clone(&done);
-        async move {
-            let target = done.load(Ordering::Relaxed) + n;
-            let deadline = Instant::now() + Duration::from_mins(2);
-            while done.load(Ordering::Relaxed) < target {
-                assert!(Instant::now() < deadline, "writers made no progress");
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    };
-    wait_writes(500).await;
+    wait_for_more(&done, 500).await;
 
     // The metadata service records snapshot 1 at epoch 5; its first report is refused.
     let epoch = Epoch(5);
@@ -200,7 +189,7 @@ async fn a_snapshot_frozen_under_writes_holds_exactly_the_writes_around_the_free
     let reports = SnapControl::lock(&control.reports).clone();
     assert!(reports.len() >= 2 && !reports[0].2, "the refused report was made again: {reports:?}");
     let reported = reports[0].1;
-    wait_writes(500).await;
+    wait_for_more(&done, 500).await;
 
     // A snapshot at an older epoch than one already frozen: the nodes refuse it; writes go on.
     SnapControl::lock(&control.pending).push(PendingSnapshot { id: 2, epoch: Epoch(3) });
@@ -209,7 +198,7 @@ async fn a_snapshot_frozen_under_writes_holds_exactly_the_writes_around_the_free
         assert!(Instant::now() < deadline, "the refused freeze was never seen");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    wait_writes(300).await;
+    wait_for_more(&done, 300).await;
     stop.store(true, Ordering::Relaxed);
     let mut logs: Vec<WriteRecord> = Vec::new();
     for t in tasks {

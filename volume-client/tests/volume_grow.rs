@@ -89,18 +89,7 @@ async fn a_volume_grows_under_writes_and_serves_its_new_end() {
             Ok::<_, VolumeError>(model)
         }));
     }
-    let wait_writes = |n: u64| {
-        let done = Arc::clone(&done);
-        async move {
-            let target = done.load(Ordering::Relaxed) + n;
-            let deadline = Instant::now() + Duration::from_mins(2);
-            while done.load(Ordering::Relaxed) < target {
-                assert!(Instant::now() < deadline, "writers made no progress");
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    };
-    wait_writes(100).await;
+    wait_for_more(&done, 100).await;
 
     // Grow to three and a half segments: segments 2 and 3 go to nodes 3 and 4.
     let new_blocks = 3 * SEGMENT_BLOCKS + SEGMENT_BLOCKS / 2;
@@ -128,7 +117,7 @@ async fn a_volume_grows_under_writes_and_serves_its_new_end() {
             (SegmentIndex(3), NodeId(4)),
         ]
     );
-    wait_writes(100).await;
+    wait_for_more(&done, 100).await;
 
     // Writes past the old end while the writers go on: across the old end (in
     // the segment that grew in place), across the new segments' boundary, and
@@ -143,7 +132,7 @@ async fn a_volume_grows_under_writes_and_serves_its_new_end() {
         Err(VolumeError::OutOfRange),
         "the new end is enforced"
     );
-    wait_writes(100).await;
+    wait_for_more(&done, 100).await;
     stop.store(true, Ordering::Relaxed);
     let mut model = HashMap::new();
     for t in tasks {

@@ -504,3 +504,14 @@ pub fn init_logging() {
             .try_init();
     });
 }
+
+/// Waits until a writers' completion counter has grown by `n` (2 minutes at most).
+pub async fn wait_for_more(done: &std::sync::atomic::AtomicU64, n: u64) {
+    use std::sync::atomic::Ordering;
+    let target = done.load(Ordering::Relaxed) + n;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_mins(2);
+    while done.load(Ordering::Relaxed) < target {
+        assert!(std::time::Instant::now() < deadline, "writers made no progress");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
