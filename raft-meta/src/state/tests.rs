@@ -683,6 +683,10 @@ fn detached_snapshot_is_frozen_by_every_node_and_blocks_a_writer_meanwhile() {
         assert_eq!(state == SnapshotState::Ready, last, "ready only when every holder froze");
     }
     assert!(matches!(attach(&mut h), Response::Ok { .. }), "the writer attaches once the snapshot is ready");
+    // The attachment's layout polls are not audited (they come every few seconds).
+    let records = h.state().audit.records.len();
+    h.op(Command::GetVolume { volume: vid });
+    assert_eq!(h.state().audit.records.len(), records, "a layout poll grew the audit chain");
     // With a writer attached, nodes no longer freeze: its client does.
     let s2 = h.op(Command::CreateSnapshot { volume: vid, req: CreateSnapshotRequest { name: "s2".into() } });
     let w = h.op(Command::Heartbeat { node: holders[0] });
