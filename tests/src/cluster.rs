@@ -279,6 +279,55 @@ impl Cluster {
         })
     }
 
+    /// Runs `slate ARGS` against this cluster and returns its output, success or not.
+    pub fn run_slate(&self, args: &[&str]) -> Output {
+        self.slate().args(args).output().expect("run slate")
+    }
+
+    /// Runs `slate ARGS`, panics unless it succeeds, and returns its stdout.
+    pub fn slate_ok(&self, args: &[&str]) -> String {
+        let out = self.run_slate(args);
+        assert!(out.status.success(), "slate {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `slate ARGS`, panics unless it fails with `why` in its error; returns the error text.
+    pub fn slate_refused(&self, args: &[&str], why: &str) -> String {
+        let out = self.run_slate(args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "slate {args:?} should have been refused");
+        assert!(err.contains(why), "slate {args:?}: expected {why:?} in: {err}");
+        eprintln!("refused as expected: slate {}: {}", args.join(" "), err.trim());
+        err
+    }
+
+    /// Starts `slate attach SPEC EXTRA... --export-name EXPORT --nbd-unix SOCK` (log in the scratch
+    /// directory) and waits until it serves. Returns its guard and the socket; the NBD URI is
+    /// [`nbd_unix_uri`]`(EXPORT, SOCK)`.
+    pub fn attach_unix(&self, spec: &str, extra: &[&str], export: &str) -> (ProcessGuard, PathBuf) {
+        let sock = self.scratch().join(format!("{export}.sock"));
+        let _ = std::fs::remove_file(&sock);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.scratch().join(format!("attach-{export}.log")))
+            .expect("attach log");
+        let mut cmd = self.slate();
+        cmd.arg("attach")
+            .arg(spec)
+            .args(extra)
+            .args(["--export-name", export, "--nbd-unix"])
+            .arg(&sock)
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log);
+        let mut p = ProcessGuard::spawn("slate attach", &mut cmd).expect("spawn slate attach");
+        assert!(
+            wait_for_unix_socket(&sock, Duration::from_mins(2)) && p.is_alive(),
+            "slate attach {spec} did not come up"
+        );
+        (p, sock)
+    }
+
     /// `slate volume show NAME --json`.
     pub fn volume_show(&self, name: &str) -> Value {
         self.slate_json(&["volume", "show", name])
@@ -490,6 +539,11 @@ pub fn run_ok(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The NBD URI of export `export` on unix socket `sock`.
+pub fn nbd_unix_uri(export: &str, sock: &Path) -> String {
+    format!("nbd+unix:///{export}?socket={}", sock.display())
 }
 
 /// Waits until `path` is a unix socket that accepts connections.

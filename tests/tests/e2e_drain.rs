@@ -14,26 +14,13 @@
 
 use serde_json::Value;
 use slate_tests::acked::{AckedOptions, AckedWriter};
-use slate_tests::cluster::{kill9, qemu_io_ok, wait_for_unix_socket, Cluster, ProcessEntry, UpOptions};
+use slate_tests::cluster::{kill9, nbd_unix_uri, qemu_io_ok, Cluster, ProcessEntry, UpOptions};
 use slate_tests::disk::all_zero;
 use slate_tests::ProcessGuard;
 use std::collections::BTreeSet;
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 const SEGMENT_BLOCKS: u64 = 16384; // 64 MiB segments: the 256 MiB demo volume has four
-
-fn slate(cluster: &Cluster, args: &[&str]) -> Output {
-    cluster.slate().args(args).output().expect("run slate")
-}
-
-fn refused(cluster: &Cluster, args: &[&str], why: &str) {
-    let out = slate(cluster, args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "slate {args:?} should have been refused");
-    assert!(err.contains(why), "slate {args:?}: expected {why:?} in: {err}");
-    eprintln!("refused as expected: slate {}: {}", args.join(" "), err.trim());
-}
 
 /// Every segment of a volume: R in-sync replicas on distinct nodes and domains, none on `gone`.
 fn check_placement(cluster: &Cluster, name: &str, gone: u64) {
@@ -51,13 +38,8 @@ fn check_placement(cluster: &Cluster, name: &str, gone: u64) {
 }
 
 fn attach(cluster: &Cluster, name: &str) -> (ProcessGuard, String) {
-    let sock = cluster.scratch().join(format!("{name}.sock"));
-    let log = std::fs::File::create(cluster.scratch().join(format!("attach-{name}.log"))).expect("log");
-    let mut cmd = cluster.slate();
-    cmd.args(["attach", name, "--nbd-unix"]).arg(&sock).stdout(log.try_clone().expect("dup")).stderr(log);
-    let mut p = ProcessGuard::spawn("slate attach", &mut cmd).expect("spawn slate attach");
-    assert!(wait_for_unix_socket(&sock, Duration::from_mins(2)) && p.is_alive(), "slate attach {name} did not come up");
-    (p, format!("nbd+unix:///{name}?socket={}", sock.display()))
+    let (p, sock) = cluster.attach_unix(name, &[], name);
+    (p, nbd_unix_uri(name, &sock))
 }
 
 #[test]
@@ -88,8 +70,8 @@ fn drain_under_load_then_decommission_with_certificate() {
     att.terminate();
 
     // Bad input first: each refused, nothing changed.
-    refused(&cluster, &["node", "drain", "node-9"], "no storage node");
-    refused(&cluster, &["disk", "decommission", &vname], "still holds");
+    cluster.slate_refused(&["node", "drain", "node-9"], "no storage node");
+    cluster.slate_refused(&["disk", "decommission", &vname], "still holds");
     let before = cluster.slate_json(&["node", "list"]);
 
     let w = AckedWriter::start(&cluster.nbd_socket(), "demo", AckedOptions::new(0, 65_536, 8))
@@ -103,10 +85,10 @@ fn drain_under_load_then_decommission_with_certificate() {
     let mut drainer = ProcessGuard::spawn("slate node drain", &mut drain).expect("spawn drain");
     // A second drain of the same node is refused while the first runs.
     std::thread::sleep(Duration::from_secs(2));
-    refused(&cluster, &["node", "drain", &vname], "already being drained");
+    cluster.slate_refused(&["node", "drain", &vname], "already being drained");
     // Draining a second node would leave R=2 segments one domain: refused.
     let other = nodes.iter().find(|n| n.id != victim.id).expect("other node");
-    refused(&cluster, &["node", "drain", &format!("node-{}", other.id)], "would leave no node");
+    cluster.slate_refused(&["node", "drain", &format!("node-{}", other.id)], "would leave no node");
 
     // Halfway: kill the metadata leader.
     loop {
@@ -175,11 +157,17 @@ fn drain_under_load_then_decommission_with_certificate() {
 
     // Decommission the drained disk.
     let cert = cluster.scratch().join("erase-certificate.json");
-    let out =
-        slate(&cluster, &["disk", "decommission", &vname, "--wait", "--certificate-out", cert.to_str().expect("path")]);
+    let out = cluster.run_slate(&[
+        "disk",
+        "decommission",
+        &vname,
+        "--wait",
+        "--certificate-out",
+        cert.to_str().expect("path"),
+    ]);
     assert!(out.status.success(), "decommission failed: {}", String::from_utf8_lossy(&out.stderr));
     assert!(all_zero(&victim.data), "the decommissioned disk file is not all zero");
-    let ok = slate(&cluster, &["certificate", "verify", cert.to_str().expect("path")]);
+    let ok = cluster.run_slate(&["certificate", "verify", cert.to_str().expect("path")]);
     assert!(ok.status.success(), "certificate does not verify: {}", String::from_utf8_lossy(&ok.stderr));
     eprintln!("{}", String::from_utf8_lossy(&ok.stdout));
     let text = std::fs::read_to_string(&cert).expect("certificate");
@@ -195,7 +183,7 @@ fn drain_under_load_then_decommission_with_certificate() {
     let mut b = text.clone().into_bytes();
     b[pos] = if b[pos] == b'9' { b'8' } else { b[pos] + 1 };
     std::fs::write(&bad, &b).expect("write tampered copy");
-    let no = slate(&cluster, &["certificate", "verify", bad.to_str().expect("path")]);
+    let no = cluster.run_slate(&["certificate", "verify", bad.to_str().expect("path")]);
     assert!(!no.status.success(), "a tampered certificate verified");
     // Its hash is in the audit chain.
     let sha = doc["sha256"].as_str().expect("sha256");
@@ -206,12 +194,15 @@ fn drain_under_load_then_decommission_with_certificate() {
         "the certificate's hash is not in the audit chain"
     );
     let html = cluster.scratch().join("certificate.html");
-    let r = slate(
-        &cluster,
-        &["certificate", "render", cert.to_str().expect("path"), "--html", html.to_str().expect("path")],
-    );
+    let r = cluster.run_slate(&[
+        "certificate",
+        "render",
+        cert.to_str().expect("path"),
+        "--html",
+        html.to_str().expect("path"),
+    ]);
     assert!(r.status.success() && std::fs::metadata(&html).is_ok_and(|m| m.len() > 1000), "render failed");
-    refused(&cluster, &["disk", "decommission", &vname], "already decommissioned");
+    cluster.slate_refused(&["disk", "decommission", &vname], "already decommissioned");
     if let Ok(keep) = std::env::var("SLATE_KEEP_CERTIFICATE") {
         let _ = std::fs::copy(&cert, format!("{keep}.json"));
         let _ = std::fs::copy(&html, format!("{keep}.html"));
@@ -230,9 +221,9 @@ fn decommission_resumes_after_kill9_of_its_node() {
     );
     let victim = cluster.nodes().into_iter().next().expect("a node");
     let vname = format!("node-{}", victim.id);
-    let out = slate(&cluster, &["node", "drain", &vname, "--wait"]);
+    let out = cluster.run_slate(&["node", "drain", &vname, "--wait"]);
     assert!(out.status.success(), "drain failed: {}", String::from_utf8_lossy(&out.stderr));
-    let out = slate(&cluster, &["disk", "decommission", &vname]);
+    let out = cluster.run_slate(&["disk", "decommission", &vname]);
     assert!(out.status.success(), "decommission refused: {}", String::from_utf8_lossy(&out.stderr));
     // Wait until the erase is part way (a resume point, no result), then kill the node.
     let state_file = victim.data.parent().expect("node dir").join("decommission.json");
@@ -267,9 +258,9 @@ fn decommission_resumes_after_kill9_of_its_node() {
         assert!(t.elapsed() < Duration::from_mins(3), "the resumed decommission did not finish: {d:#}");
         std::thread::sleep(Duration::from_millis(500));
     }
-    let out = slate(&cluster, &["disk", "certificate", &vname, "--out", cert.to_str().expect("path")]);
+    let out = cluster.run_slate(&["disk", "certificate", &vname, "--out", cert.to_str().expect("path")]);
     assert!(out.status.success(), "no certificate: {}", String::from_utf8_lossy(&out.stderr));
-    let ok = slate(&cluster, &["certificate", "verify", cert.to_str().expect("path")]);
+    let ok = cluster.run_slate(&["certificate", "verify", cert.to_str().expect("path")]);
     assert!(ok.status.success(), "certificate does not verify: {}", String::from_utf8_lossy(&ok.stderr));
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(&cert).expect("cert")).expect("json");
     assert_eq!(doc["certificate"]["verification"]["mismatched_bytes"], 0);

@@ -10,7 +10,7 @@
 //! a replica replaced after a node failure once that node restarts.
 
 use serde_json::Value;
-use slate_tests::cluster::{kill9, qemu_io_ok, wait_for_unix_socket, Cluster, ProcessEntry, UpOptions};
+use slate_tests::cluster::{kill9, nbd_unix_uri, qemu_io_ok, Cluster, ProcessEntry, UpOptions};
 use slate_tests::disk::{count_present, nonzero_prints};
 use slate_tests::ProcessGuard;
 use std::collections::HashSet;
@@ -52,21 +52,8 @@ fn create_volume(cluster: &Cluster, name: &str, size: u64) -> u64 {
 
 /// `slate attach NAME` on a unix socket in the scratch directory; returns the guard and the NBD URI.
 fn attach(cluster: &Cluster, name: &str) -> (ProcessGuard, String) {
-    let sock = cluster.scratch().join(format!("{name}.sock"));
-    let _ = std::fs::remove_file(&sock);
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(cluster.scratch().join(format!("attach-{name}.log")))
-        .expect("attach log");
-    let mut cmd = cluster.slate();
-    cmd.args(["attach", name, "--host", "e2e-erasure", "--nbd-unix"])
-        .arg(&sock)
-        .stdout(log.try_clone().expect("dup"))
-        .stderr(log);
-    let mut p = ProcessGuard::spawn("slate attach", &mut cmd).expect("spawn slate attach");
-    assert!(wait_for_unix_socket(&sock, Duration::from_mins(2)) && p.is_alive(), "slate attach {name} did not come up");
-    (p, format!("nbd+unix:///{name}?socket={}", sock.display()))
+    let (p, sock) = cluster.attach_unix(name, &["--host", "e2e-erasure"], name);
+    (p, nbd_unix_uri(name, &sock))
 }
 
 /// Writes `mib` MiB of a pattern from offset 0 (ciphertext differs per block anyway).

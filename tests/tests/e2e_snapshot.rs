@@ -4,50 +4,8 @@
 
 use serde_json::Value;
 use slate_tests::acked::{AckedOptions, AckedWriter};
-use slate_tests::cluster::{qemu_io_ok, qemu_io_ok_with, wait_for_unix_socket, Cluster, UpOptions};
-use slate_tests::ProcessGuard;
-use std::path::PathBuf;
-use std::process::Output;
+use slate_tests::cluster::{nbd_unix_uri, qemu_io_ok, qemu_io_ok_with, Cluster, UpOptions};
 use std::time::{Duration, Instant};
-
-fn slate(cluster: &Cluster, args: &[&str]) -> Output {
-    cluster.slate().args(args).output().expect("run slate")
-}
-
-fn ok(cluster: &Cluster, args: &[&str]) -> String {
-    let out = slate(cluster, args);
-    assert!(out.status.success(), "slate {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn refused(cluster: &Cluster, args: &[&str], why: &str) {
-    let out = slate(cluster, args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "slate {args:?} should have been refused");
-    assert!(err.contains(why), "slate {args:?}: expected {why:?} in: {err}");
-}
-
-/// `slate attach SPEC EXTRA... --export-name EXPORT --nbd-unix SOCK`; returns the guard and the socket.
-fn attach(cluster: &Cluster, spec: &str, extra: &[&str], export: &str) -> (ProcessGuard, PathBuf) {
-    let sock = cluster.scratch().join(format!("{export}.sock"));
-    let _ = std::fs::remove_file(&sock);
-    let log = std::fs::File::create(cluster.scratch().join(format!("attach-{export}.log"))).expect("log");
-    let mut cmd = cluster.slate();
-    cmd.arg("attach")
-        .arg(spec)
-        .args(extra)
-        .args(["--export-name", export, "--nbd-unix"])
-        .arg(&sock)
-        .stdout(log.try_clone().expect("dup"))
-        .stderr(log);
-    let mut p = ProcessGuard::spawn("slate attach", &mut cmd).expect("spawn slate attach");
-    assert!(wait_for_unix_socket(&sock, Duration::from_mins(2)) && p.is_alive(), "slate attach {spec} did not come up");
-    (p, sock)
-}
-
-fn uri(export: &str, sock: &std::path::Path) -> String {
-    format!("nbd+unix:///{export}?socket={}", sock.display())
-}
 
 #[test]
 fn snapshot_of_a_running_volume_is_crash_consistent() {
@@ -56,7 +14,7 @@ fn snapshot_of_a_running_volume_is_crash_consistent() {
         .expect("start the acked writer");
     assert!(w.wait_for_progress(3_000, Duration::from_mins(2)), "no write progress");
     let started = Instant::now();
-    let out = ok(&cluster, &["--json", "snapshot", "create", "demo", "s1"]);
+    let out = cluster.slate_ok(&["--json", "snapshot", "create", "demo", "s1"]);
     let returned = Instant::now();
     let snap: Value = serde_json::from_str(&out).expect("json");
     assert_eq!(snap["state"], "ready", "{snap}");
@@ -65,8 +23,8 @@ fn snapshot_of_a_running_volume_is_crash_consistent() {
     let report = w.stop();
     assert_eq!(report.failed, 0, "writes failed: {:?}", report.failures);
 
-    refused(&cluster, &["snapshot", "create", "demo", "s1"], "s1");
-    let (mut snap_att, sock) = attach(&cluster, "demo@s1", &["--read-only"], "s1");
+    cluster.slate_refused(&["snapshot", "create", "demo", "s1"], "s1");
+    let (mut snap_att, sock) = cluster.attach_unix("demo@s1", &["--read-only"], "s1");
     let check = report.verify_point_in_time(&sock, "s1", started, returned).expect("read the snapshot");
     eprintln!(
         "snapshot: {} blocks checked, {} at the version acknowledged before the call, {} at one in flight during it, {} wrong",
@@ -87,29 +45,29 @@ fn snapshot_of_a_running_volume_is_crash_consistent() {
 fn detached_snapshot_reads_back_and_its_deletion_is_erased() {
     let mut cluster = Cluster::start("slate-e2e-snap-cold", UpOptions::default());
     let tenant = cluster.volume_show("demo")["tenant"].as_u64().expect("tenant").to_string();
-    ok(&cluster, &["volume", "create", "cold", "--size", &(64u64 << 20).to_string(), "--tenant", &tenant]);
-    let (mut a, sock) = attach(&cluster, "cold", &[], "cold");
-    qemu_io_ok(&uri("cold", &sock), &["write -P 0x11 0 16M".into()]);
+    cluster.slate_ok(&["volume", "create", "cold", "--size", &(64u64 << 20).to_string(), "--tenant", &tenant]);
+    let (mut a, sock) = cluster.attach_unix("cold", &[], "cold");
+    qemu_io_ok(&nbd_unix_uri("cold", &sock), &["write -P 0x11 0 16M".into()]);
     a.terminate();
     let t = Instant::now();
-    ok(&cluster, &["snapshot", "create", "cold", "s1"]);
+    cluster.slate_ok(&["snapshot", "create", "cold", "s1"]);
     eprintln!("detached snapshot frozen by its nodes in {:.2} s", t.elapsed().as_secs_f64());
-    let (mut a, sock) = attach(&cluster, "cold", &[], "cold");
-    qemu_io_ok(&uri("cold", &sock), &["write -P 0x22 0 8M".into()]);
-    qemu_io_ok(&uri("cold", &sock), &["read -P 0x22 0 8M".into(), "read -P 0x11 8M 8M".into()]);
+    let (mut a, sock) = cluster.attach_unix("cold", &[], "cold");
+    qemu_io_ok(&nbd_unix_uri("cold", &sock), &["write -P 0x22 0 8M".into()]);
+    qemu_io_ok(&nbd_unix_uri("cold", &sock), &["read -P 0x22 0 8M".into(), "read -P 0x11 8M 8M".into()]);
 
     // The snapshot reads as it was, while the head is attached read-write.
-    let (mut s, ssock) = attach(&cluster, "cold@s1", &["--read-only"], "s1");
-    qemu_io_ok_with(&["-r"], &uri("s1", &ssock), &["read -P 0x11 0 16M".into(), "read -P 0 16M 48M".into()]);
+    let (mut s, ssock) = cluster.attach_unix("cold@s1", &["--read-only"], "s1");
+    qemu_io_ok_with(&["-r"], &nbd_unix_uri("s1", &ssock), &["read -P 0x11 0 16M".into(), "read -P 0 16M 48M".into()]);
     s.terminate();
-    refused(&cluster, &["attach", "cold@s1", "--nbd-unix", "/nonexistent/x.sock"], "read-only");
-    refused(&cluster, &["attach", "cold@nosuch", "--read-only", "--nbd-unix", "/nonexistent/x.sock"], "nosuch");
+    cluster.slate_refused(&["attach", "cold@s1", "--nbd-unix", "/nonexistent/x.sock"], "read-only");
+    cluster.slate_refused(&["attach", "cold@nosuch", "--read-only", "--nbd-unix", "/nonexistent/x.sock"], "nosuch");
 
     // Deleting the snapshot folds its layer; what it alone held is released and zeroed.
-    ok(&cluster, &["snapshot", "delete", "cold", "s1"]);
+    cluster.slate_ok(&["snapshot", "delete", "cold", "s1"]);
     let t = Instant::now();
     loop {
-        let rel: Value = serde_json::from_str(&ok(&cluster, &["--json", "erasure", "releases"])).expect("json");
+        let rel: Value = serde_json::from_str(&cluster.slate_ok(&["--json", "erasure", "releases"])).expect("json");
         let mine: Vec<&Value> =
             rel.as_array().into_iter().flatten().filter(|r| r["reason"] == "snapshot_deleted").collect();
         if !mine.is_empty() && mine.iter().all(|r| r["state"] == "erased") {
@@ -121,7 +79,7 @@ fn detached_snapshot_reads_back_and_its_deletion_is_erased() {
         assert!(t.elapsed() < Duration::from_mins(2), "snapshot layer releases not erased: {rel:#}");
         std::thread::sleep(Duration::from_secs(1));
     }
-    qemu_io_ok(&uri("cold", &sock), &["read -P 0x22 0 8M".into(), "read -P 0x11 8M 8M".into()]);
+    qemu_io_ok(&nbd_unix_uri("cold", &sock), &["read -P 0x22 0 8M".into(), "read -P 0x11 8M 8M".into()]);
     a.terminate();
     cluster.stop();
 }

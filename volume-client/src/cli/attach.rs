@@ -14,17 +14,20 @@
 //! (`VolumeConfig::read_epoch`, `ReadAt` on the wire).
 
 use super::api::ApiClient;
+use super::open::{
+    self, layout_from_view, parse_capability, pending_snapshots, segment_from_view, CapabilityView, SegmentView,
+    VolumeView,
+};
 use crate::blockdev::BlockDevice;
 use crate::nbd::{ExportConfig, ExportRegistry, NbdServer, ServerConfig};
 use crate::volume::{
-    AttachInfo, ControlError, ControlPlane, Dek, PendingSnapshot, ReplicaInfo, ReplicaRole, ReplicaUpdate,
-    SegmentReplicas, Volume, VolumeConfig, VolumeLayout, VolumeState,
+    AttachInfo, ControlError, ControlPlane, ReplicaRole, ReplicaUpdate, SegmentReplicas, Volume, VolumeConfig,
+    VolumeLayout, VolumeState,
 };
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
 use serde_json::{json, Value};
 use slate_node::client::NodeClient;
-use slate_protocol::{Epoch, Generation, NodeId, Reply, Request, SegmentIndex, SignedCapability, Target, VolumeId};
+use slate_protocol::{Generation, NodeId, Reply, Request, SegmentIndex, SignedCapability, Target, VolumeId};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,143 +64,6 @@ pub struct AttachArgs {
     /// ...and this private key (PEM).
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-}
-
-#[derive(Deserialize)]
-struct CapabilityView {
-    token: String,
-}
-
-#[derive(Deserialize)]
-struct ReplicaView {
-    node: u64,
-    addr: String,
-    state: String,
-}
-
-#[derive(Deserialize)]
-struct SegmentView {
-    index: u32,
-    epoch: u64,
-    replicas: Vec<ReplicaView>,
-}
-
-#[derive(Deserialize)]
-struct VolumeView {
-    id: u64,
-    name: String,
-    size_bytes: u64,
-    generation: u64,
-    segment_blocks: u64,
-    segments: Vec<SegmentView>,
-    /// `{id, name, epoch, state, created_ms}` per snapshot; read leniently, so
-    /// that an entry of another shape never stops the layout from being read.
-    #[serde(default)]
-    snapshots: Vec<Value>,
-}
-
-/// The snapshots of a volume view that wait for the read-write attachment to freeze them.
-fn pending_snapshots(v: &VolumeView) -> Vec<PendingSnapshot> {
-    v.snapshots
-        .iter()
-        .filter(|s| s["state"] == "pending")
-        .filter_map(|s| Some(PendingSnapshot { id: s["id"].as_u64()?, epoch: Epoch(s["epoch"].as_u64()?) }))
-        .collect()
-}
-
-#[derive(Debug, Deserialize)]
-struct SnapshotEntry {
-    id: u64,
-    name: String,
-    epoch: u64,
-    /// Absent from metadata services that only list finished snapshots.
-    #[serde(default)]
-    state: Option<String>,
-}
-
-/// Splits `VOL@SNAP` (neither volume nor snapshot names may contain `@`).
-fn split_snapshot_spec(spec: &str) -> Result<(&str, Option<&str>)> {
-    match spec.split_once('@') {
-        None => Ok((spec, None)),
-        Some((vol, snap)) if !vol.is_empty() && !snap.is_empty() && !snap.contains('@') => Ok((vol, Some(snap))),
-        Some(_) => bail!("{spec:?} is not VOLUME@SNAPSHOT: give one volume and one snapshot name"),
-    }
-}
-
-/// Picks snapshot `name` of volume `volume` from its list; it must be ready to be served.
-fn pick_snapshot<'a>(list: &'a [SnapshotEntry], volume: &str, name: &str) -> Result<&'a SnapshotEntry> {
-    let by_name: Vec<&SnapshotEntry> = list.iter().filter(|s| s.name == name).collect();
-    let snap = match by_name.as_slice() {
-        [one] => *one,
-        [] => match name.parse::<u64>().ok().and_then(|id| list.iter().find(|s| s.id == id)) {
-            Some(s) => s,
-            None => bail!("volume {volume} has no snapshot named {name:?}"),
-        },
-        _ => bail!("volume {volume} has several snapshots named {name:?}"),
-    };
-    match snap.state.as_deref() {
-        None | Some("ready") => Ok(snap),
-        Some(state) => {
-            bail!("snapshot {name:?} of volume {volume} is {state}, not ready: only a ready snapshot can be served")
-        }
-    }
-}
-
-#[derive(Deserialize)]
-struct AttachmentView {
-    id: u64,
-}
-
-#[derive(Deserialize)]
-struct AttachReply {
-    attachment: AttachmentView,
-    volume: VolumeView,
-    capability: CapabilityView,
-    dek_hex: String,
-}
-
-fn segment_from_view(s: &SegmentView) -> SegmentReplicas {
-    SegmentReplicas {
-        segment: SegmentIndex(s.index),
-        epoch: Epoch(s.epoch),
-        replicas: s
-            .replicas
-            .iter()
-            .map(|r| ReplicaInfo {
-                node: NodeId(r.node),
-                addr: r.addr.clone(),
-                role: if r.state == "in_sync" { ReplicaRole::InSync } else { ReplicaRole::Rebuilding },
-            })
-            .collect(),
-    }
-}
-
-fn layout_from_view(v: &VolumeView, generation: u64) -> VolumeLayout {
-    VolumeLayout {
-        volume: VolumeId(v.id),
-        size_bytes: v.size_bytes,
-        segment_blocks: v.segment_blocks,
-        generation: Generation(generation),
-        segments: v.segments.iter().map(segment_from_view).collect(),
-    }
-}
-
-fn parse_capability(token: &str) -> Result<SignedCapability, ControlError> {
-    SignedCapability::from_token(token).map_err(|e| ControlError(format!("capability from slate-meta: {e}")))
-}
-
-/// Finds a volume's id by name or id.
-pub async fn resolve_volume(api: &ApiClient, name_or_id: &str) -> Result<u64> {
-    if let Ok(id) = name_or_id.parse::<u64>() {
-        return Ok(id);
-    }
-    let vols: Vec<Value> = api.get("/v1/volumes").await?;
-    let hits: Vec<u64> = vols.iter().filter(|v| v["name"] == name_or_id).filter_map(|v| v["id"].as_u64()).collect();
-    match hits.as_slice() {
-        [id] => Ok(*id),
-        [] => bail!("no volume named {name_or_id:?} is visible to you"),
-        _ => bail!("several volumes are named {name_or_id:?}; use the id"),
-    }
 }
 
 /// Tells the nodes of `set` that they hold the segment (idempotent).
@@ -360,43 +226,15 @@ pub async fn run(api: ApiClient, args: AttachArgs) -> Result<()> {
     if args.nbd_unix.is_none() && args.nbd_tcp.is_none() {
         bail!("give --nbd-unix PATH and/or --nbd-tcp ADDR to serve the volume");
     }
-    let (volume_spec, snapshot) = split_snapshot_spec(&args.volume)?;
+    let (volume_spec, snapshot) = open::split_snapshot_spec(&args.volume)?;
     if snapshot.is_some() && !args.read_only {
         bail!("{} names a snapshot, which can only be served read-only: add --read-only", args.volume);
     }
-    let id = resolve_volume(&api, volume_spec).await?;
-    let snapshot = match snapshot {
-        None => None,
-        Some(name) => {
-            let list: Vec<SnapshotEntry> =
-                api.get(&format!("/v1/volumes/{id}/snapshots")).await.with_context(|| {
-                    format!("listing the snapshots of volume {volume_spec} (a snapshot or backup grant is needed)")
-                })?;
-            let snap = pick_snapshot(&list, volume_spec, name)?;
-            Some((snap.name.clone(), Epoch(snap.epoch)))
-        }
-    };
-    let mode = if args.read_only { "read_only" } else { "read_write" };
-    let reply: AttachReply = api
-        .post(&format!("/v1/volumes/{id}/attach"), &json!({"mode": mode, "host": args.host, "force": args.force}))
+    let opened = open::attach(&api, volume_spec, snapshot, args.read_only, &args.host, args.force)
         .await
         .with_context(|| format!("attaching volume {}", args.volume))?;
-    let generation = reply.volume.generation;
-    let capability = parse_capability(&reply.capability.token)?;
-    let generation = capability.claims.generation.0.max(generation);
-    let layout = layout_from_view(&reply.volume, generation);
-    let dek = {
-        let bytes = Zeroizing::new(hex::decode(reply.dek_hex.as_str()).context("the volume key is not hex")?);
-        let arr: [u8; 64] = bytes.as_slice().try_into().context("the volume key is not 64 bytes")?;
-        let dek = Dek::new(arr);
-        drop(bytes);
-        dek
-    };
-    let name = reply.volume.name.clone();
-    let attachment = reply.attachment.id;
-    let mut reply = reply;
-    zeroize::Zeroize::zeroize(&mut reply.dek_hex);
-    drop(reply);
+    let open::Attached { id, name, snapshot, attachment, generation, layout, capability, dek } = opened;
+    let snapshot = snapshot.map(|s| (s.name, s.epoch));
     if !args.read_only {
         for s in &layout.segments {
             assign(s, &capability, layout.segment_blocks).await.map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -483,73 +321,5 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn snap(id: u64, name: &str, state: Option<&str>) -> SnapshotEntry {
-        SnapshotEntry { id, name: name.into(), epoch: id * 10, state: state.map(str::to_owned) }
-    }
-
-    #[test]
-    fn vol_at_snap_is_split_once() {
-        assert_eq!(split_snapshot_spec("db").unwrap(), ("db", None));
-        assert_eq!(split_snapshot_spec("db@nightly").unwrap(), ("db", Some("nightly")));
-        assert_eq!(split_snapshot_spec("7@3").unwrap(), ("7", Some("3")));
-        for bad in ["db@", "@nightly", "@", "db@a@b"] {
-            assert!(split_snapshot_spec(bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn only_a_ready_snapshot_is_picked() {
-        let list = vec![snap(1, "a", None), snap(2, "b", Some("ready")), snap(3, "c", Some("creating"))];
-        assert_eq!(pick_snapshot(&list, "db", "a").unwrap().epoch, 10);
-        assert_eq!(pick_snapshot(&list, "db", "b").unwrap().epoch, 20);
-        assert_eq!(pick_snapshot(&list, "db", "2").unwrap().name, "b", "an id works where no name matches");
-        let e = pick_snapshot(&list, "db", "c").unwrap_err().to_string();
-        assert!(e.contains("creating") && e.contains("not ready"), "{e}");
-        assert!(pick_snapshot(&list, "db", "zz").unwrap_err().to_string().contains("no snapshot"));
-        let twice = vec![snap(1, "a", None), snap(2, "a", None)];
-        assert!(pick_snapshot(&twice, "db", "a").unwrap_err().to_string().contains("several"));
-    }
-
-    #[test]
-    fn snapshot_list_parses_with_and_without_state() {
-        let old: Vec<SnapshotEntry> =
-            serde_json::from_str(r#"[{"id":1,"volume":4,"name":"a","epoch":3,"created_ms":5}]"#).unwrap();
-        assert_eq!(old[0].state, None);
-        let new: Vec<SnapshotEntry> =
-            serde_json::from_str(r#"[{"id":1,"volume":4,"name":"a","epoch":3,"created_ms":5,"state":"deleting"}]"#)
-                .unwrap();
-        assert_eq!(new[0].state.as_deref(), Some("deleting"));
-    }
-
-    #[test]
-    fn the_volume_view_yields_its_pending_snapshots() {
-        let v: VolumeView = serde_json::from_value(json!({
-            "id": 7, "name": "v", "size_bytes": 8192, "generation": 3, "segment_blocks": 2,
-            "segments": [{"index": 0, "epoch": 1, "replicas": [
-                {"node": 1, "addr": "127.0.0.1:1", "state": "in_sync"},
-                {"node": 2, "addr": "127.0.0.1:2", "state": "rebuilding"}]}],
-            "snapshots": [
-                {"id": 4, "name": "a", "epoch": 2, "state": "ready", "created_ms": 1},
-                {"id": 5, "name": "b", "epoch": 3, "state": "pending", "created_ms": 2},
-                {"id": 6, "name": "c", "state": "pending"}
-            ]
-        }))
-        .unwrap();
-        assert_eq!(pending_snapshots(&v), vec![PendingSnapshot { id: 5, epoch: Epoch(3) }]);
-        let l = layout_from_view(&v, 3);
-        assert_eq!(l.segments[0].replicas[1].role, ReplicaRole::Rebuilding);
-        // A view without snapshots (an older slate-meta) has none pending.
-        let v: VolumeView = serde_json::from_value(json!({
-            "id": 7, "name": "v", "size_bytes": 8192, "generation": 3, "segment_blocks": 2, "segments": []
-        }))
-        .unwrap();
-        assert!(pending_snapshots(&v).is_empty());
     }
 }

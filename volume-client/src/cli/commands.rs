@@ -2,7 +2,7 @@
 //! a human table or, with `--json`, the API's JSON.
 
 use super::api::ApiClient;
-use super::attach::resolve_volume;
+use super::open::resolve_volume;
 use super::up::parse_size;
 use super::Cmd;
 use anyhow::{bail, Result};

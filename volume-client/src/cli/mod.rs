@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod commands;
 pub mod erasure;
 pub mod metactl;
+pub mod open;
 pub mod operations;
 pub mod procs;
 pub mod snapshot;

@@ -4,8 +4,8 @@
 //! the nodes of a detached volume).
 
 use super::api::ApiClient;
-use super::attach::resolve_volume;
 use super::commands::{print, table};
+use super::open::resolve_volume;
 use anyhow::{bail, Result};
 use clap::Subcommand;
 use serde_json::{json, Value};
