@@ -1,5 +1,6 @@
 //! slate (work in progress).
 
+pub mod backup;
 pub mod blockdev;
 pub mod cli;
 pub mod crypto;

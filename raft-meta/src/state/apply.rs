@@ -80,7 +80,7 @@ pub(super) fn json<T: Serialize>(v: &T) -> Res {
     serde_json::to_value(v).map_err(|e| Refusal::new(ErrorCode::Internal, format!("encoding reply: {e}")))
 }
 
-fn internal(msg: impl Into<String>) -> Refusal {
+pub(super) fn internal(msg: impl Into<String>) -> Refusal {
     Refusal::new(ErrorCode::Internal, msg)
 }
 
@@ -227,7 +227,10 @@ fn object_hint(cmd: &Command) -> String {
         | Command::CreateSnapshot { volume, .. }
         | Command::ListSnapshots { volume }
         | Command::DeleteSnapshot { volume, .. }
-        | Command::GetErasure { volume } => format!("volume:vol-{volume}"),
+        | Command::GetErasure { volume }
+        | Command::BeginBackup { volume, .. }
+        | Command::RestoreProgress { volume, .. } => format!("volume:vol-{volume}"),
+        Command::CompleteBackup { backup, .. } | Command::GetBackup { backup } => format!("backup:{backup}"),
         Command::ListAudit { tenant: Some(t), .. } => format!("audit:tenant-{t}"),
         Command::ReportRelease { node, release, .. } => format!("node:node-{node} release:{release}"),
         Command::ChangeMembership { req, .. } => format!("member:{}", req.id),
@@ -1056,6 +1059,12 @@ impl MetaState {
             Command::SnapshotFrozen { volume, snapshot, req } => self.snapshot_frozen(ctx, *volume, *snapshot, req),
             Command::RepairSource { node, req } => self.repair_source(ctx, *node, req),
             Command::GetErasure { volume } => self.get_erasure(ctx, *volume),
+            Command::BeginBackup { volume, req } => self.begin_backup(ctx, root, *volume, req),
+            Command::CompleteBackup { backup, req } => self.complete_backup(ctx, *backup, req),
+            Command::ListBackups { volume } => self.list_backups(ctx, *volume),
+            Command::GetBackup { backup } => self.get_backup(ctx, *backup),
+            Command::RestoreVolume { req } => self.restore_volume(ctx, root, req),
+            Command::RestoreProgress { volume, req } => self.restore_progress(ctx, *volume, req),
             Command::ChangeMembership { req, add } => {
                 require_operator(&ctx.actor)?;
                 if *add && req.addr.as_deref().and_then(|a| a.parse::<std::net::SocketAddr>().ok()).is_none() {
@@ -1068,7 +1077,7 @@ impl MetaState {
 
     // ----- volumes -----
 
-    fn create_volume(
+    pub(super) fn create_volume(
         &mut self,
         ctx: &mut Ctx,
         root: &RootKey,
@@ -1376,6 +1385,7 @@ impl MetaState {
         // Commit.
         let mut erasures = Vec::new();
         for id in victims {
+            self.restores.remove(id);
             if let Some(v) = self.volumes.remove(id) {
                 for s in &v.segments {
                     for r in &s.replicas {
@@ -1449,6 +1459,7 @@ impl MetaState {
             Need::AttachRw => grants.contains(&Access::ReadWrite),
             Need::AttachRo => grants.iter().any(|a| matches!(a, Access::ReadWrite | Access::ReadOnly | Access::Backup)),
             Need::Snapshot => grants.iter().any(|a| matches!(a, Access::Snapshot | Access::Backup)),
+            Need::Backup => grants.contains(&Access::Backup),
             Need::Reconfigure => {
                 grants.contains(&Access::ReadWrite)
                     || v.attachments.values().any(|a| Some(a.principal) == actor.principal)
@@ -1619,7 +1630,7 @@ impl MetaState {
         }
     }
 
-    fn volume_view(&self, v: &Volume, now: u64) -> VolumeView {
+    pub(super) fn volume_view(&self, v: &Volume, now: u64) -> VolumeView {
         let degraded = v.segments.iter().any(|s| {
             s.replicas
                 .iter()
@@ -1670,6 +1681,8 @@ pub(super) enum Need {
     AttachRw,
     AttachRo,
     Snapshot,
+    /// Take and read backups (the backup grant).
+    Backup,
     Reconfigure,
 }
 
@@ -1681,6 +1694,7 @@ impl Need {
             Self::AttachRw => "attach read-write",
             Self::AttachRo => "attach read-only",
             Self::Snapshot => "snapshot",
+            Self::Backup => "back up",
             Self::Reconfigure => "reconfigure",
         }
     }

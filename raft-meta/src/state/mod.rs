@@ -15,6 +15,7 @@
 //! (and a failed-authentication counter).
 
 pub mod apply;
+pub mod backups;
 pub mod command;
 mod erasure;
 mod operations;
@@ -45,6 +46,8 @@ pub struct Counters {
     pub release: u64,
     #[serde(default = "first_id")]
     pub moves: u64,
+    #[serde(default = "first_id")]
+    pub backup: u64,
 }
 
 fn first_id() -> u64 {
@@ -65,6 +68,7 @@ impl Default for Counters {
             snapshot: 1,
             release: 1,
             moves: 1,
+            backup: 1,
         }
     }
 }
@@ -117,6 +121,12 @@ pub struct MetaState {
     /// Scrub requests per storage node (the last id asked for) and what the node reported.
     #[serde(default)]
     pub scrubs: BTreeMap<u64, types::ScrubStatus>,
+    /// Backup records, by id (kept after their volume is deleted).
+    #[serde(default)]
+    pub backups: BTreeMap<u64, backups::Backup>,
+    /// Restores in progress, by the id of the volume restored into.
+    #[serde(default)]
+    pub restores: BTreeMap<u64, backups::Restore>,
 }
 
 /// The result of applying one command.

@@ -218,6 +218,32 @@ impl ControlPlane for MetaControl {
     }
 }
 
+/// Opens the volume engine on an attachment made by [`open::attach`]: tells the
+/// nodes they hold their segments (read-write), then connects and reconciles.
+/// `quick_api` is used for advisory calls, `api` (patient) for the rest.
+pub async fn open_volume(quick_api: &ApiClient, api: &ApiClient, opened: open::Attached) -> Result<Arc<Volume>> {
+    let open::Attached { id, snapshot, attachment, generation, layout, capability, dek, .. } = opened;
+    if capability.claims.rights.contains(slate_protocol::Rights::WRITE) {
+        for s in &layout.segments {
+            assign(s, &capability, layout.segment_blocks).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+    }
+    let control = Arc::new(MetaControl {
+        api: api.clone(),
+        quick_api: quick_api.clone(),
+        volume: id,
+        attachment,
+        segment_blocks: layout.segment_blocks,
+        generation,
+        capability: tokio::sync::Mutex::new(capability.clone()),
+    });
+    let vcfg = VolumeConfig { read_epoch: snapshot.map(|s| s.epoch), ..VolumeConfig::default() };
+    let volume = Volume::attach(AttachInfo { layout, capability, dek }, control, vcfg)
+        .await
+        .context("opening the volume on its storage nodes")?;
+    Ok(Arc::new(volume))
+}
+
 /// Attaches and serves until a signal; detaches on the way out.
 pub async fn run(api: ApiClient, args: AttachArgs) -> Result<()> {
     // From here on every call rides through the loss of a metadata node or an election.
@@ -233,27 +259,9 @@ pub async fn run(api: ApiClient, args: AttachArgs) -> Result<()> {
     let opened = open::attach(&api, volume_spec, snapshot, args.read_only, &args.host, args.force)
         .await
         .with_context(|| format!("attaching volume {}", args.volume))?;
-    let open::Attached { id, name, snapshot, attachment, generation, layout, capability, dek } = opened;
-    let snapshot = snapshot.map(|s| (s.name, s.epoch));
-    if !args.read_only {
-        for s in &layout.segments {
-            assign(s, &capability, layout.segment_blocks).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
-    }
-    let control = Arc::new(MetaControl {
-        api: api.clone(),
-        quick_api,
-        volume: id,
-        attachment,
-        segment_blocks: layout.segment_blocks,
-        generation,
-        capability: tokio::sync::Mutex::new(capability.clone()),
-    });
-    let vcfg = VolumeConfig { read_epoch: snapshot.as_ref().map(|(_, epoch)| *epoch), ..VolumeConfig::default() };
-    let volume = Volume::attach(AttachInfo { layout, capability, dek }, control, vcfg)
-        .await
-        .context("opening the volume on its storage nodes")?;
-    let volume = Arc::new(volume);
+    let (id, name, attachment, generation) = (opened.id, opened.name.clone(), opened.attachment, opened.generation);
+    let snapshot = opened.snapshot.clone().map(|s| (s.name, s.epoch));
+    let volume = open_volume(&quick_api, &api, opened).await?;
     info!(volume = id, generation, snapshot = ?snapshot, "attached");
 
     let registry = ExportRegistry::new();

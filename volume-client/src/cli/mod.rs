@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod attach;
+pub mod backup;
 pub mod certificate_page;
 pub mod cluster;
 pub mod commands;
@@ -85,6 +86,11 @@ pub enum Cmd {
     /// Crash-consistent snapshots of a volume.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCmd),
+    /// Backups of snapshots to a directory or S3, incremental, verifiable.
+    #[command(subcommand)]
+    Backup(backup::BackupCmd),
+    /// Restore a backup (and its chain) into a new volume.
+    Restore(backup::RestoreArgs),
     /// Scrub a storage node now: read every written block, check its crc32c, repair from a peer.
     Scrub {
         node: String,
@@ -141,12 +147,15 @@ fn run(cli: Cli) -> Result<()> {
         let key = cluster::ClusterFile::locate(cli.cluster.as_deref()).ok().and_then(|(_, f)| f.verifying_key);
         return operations::certificate(c, key, cli.json);
     }
+    let cluster_key = cluster::ClusterFile::locate(cli.cluster.as_deref()).ok().and_then(|(_, f)| f.verifying_key);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let api = cli.api()?;
         match cli.cmd {
             Cmd::Up(_) => unreachable!("handled above"),
             Cmd::Attach(args) => attach::run(api, args).await,
+            Cmd::Backup(c) => backup::run(&api, c, cluster_key, cli.json).await,
+            Cmd::Restore(args) => backup::restore(&api, args, cluster_key, cli.json).await,
             other => commands::run(&api, other, cli.json).await,
         }
     })

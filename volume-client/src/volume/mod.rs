@@ -380,6 +380,19 @@ impl Volume {
         self.ask(|reply| Cmd::Write { start, fua, crcs, data, permit: Some(permit), reply }).await
     }
 
+    /// Writes whole blocks that are already ciphertext under this volume's key
+    /// (a backup restored into a volume that shares its source's key: the XTS
+    /// tweak is the block index, so the blocks are valid here as they are).
+    pub async fn write_ciphertext_blocks(&self, start: u64, ciphertext: Bytes) -> Result<(), VolumeError> {
+        if ciphertext.is_empty() || !ciphertext.len().is_multiple_of(BLOCK_SIZE_BYTES) {
+            return Err(VolumeError::OutOfRange);
+        }
+        let count = (ciphertext.len() / BLOCK_SIZE_BYTES) as u64;
+        let permit = self.permit(count).await?;
+        let crcs: Vec<u32> = ciphertext.chunks(BLOCK_SIZE_BYTES).map(block_crc).collect();
+        self.ask(|reply| Cmd::Write { start, fua: false, crcs, data: ciphertext, permit: Some(permit), reply }).await
+    }
+
     /// Unmaps blocks (they read as zeros); `zeroes` asks for write-zeroes semantics.
     pub async fn trim_blocks(&self, start: u64, count: u64, zeroes: bool) -> Result<(), VolumeError> {
         let permit = self.permit(0).await?;
