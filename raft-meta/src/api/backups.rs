@@ -19,12 +19,19 @@ use utoipa::OpenApi;
 type S = State<Arc<ApiState>>;
 type JsonResult = Result<Json<serde_json::Value>, ApiError>;
 
+/// Largest manifest accepted: about 1,000 bytes per 4 MiB of changed data, so 64 MiB
+/// covers a backup of some 250 GiB of changed blocks (see docs/design/backups.md).
+const MAX_MANIFEST_BYTES: usize = 64 << 20;
+
 pub(super) fn routes() -> Router<Arc<ApiState>> {
     Router::new()
+        .route(
+            "/v1/backups/:bid/complete",
+            post(complete_backup).layer(axum::extract::DefaultBodyLimit::max(MAX_MANIFEST_BYTES)),
+        )
         .route("/v1/volumes/:id/backups", post(begin_backup).get(list_volume_backups))
         .route("/v1/backups", get(list_backups))
         .route("/v1/backups/:bid", get(get_backup))
-        .route("/v1/backups/:bid/complete", post(complete_backup))
         .route("/v1/restores", post(restore_volume))
         .route("/v1/volumes/:id/restore-progress", post(restore_progress))
 }

@@ -78,7 +78,13 @@ impl Store {
                 Inner::Dir(dir)
             }
             Target::S3 { bucket, prefix } => {
-                let mut b = AmazonS3Builder::from_env().with_bucket_name(&bucket);
+                // Fail in seconds, not minutes, when the endpoint is down.
+                let retry = object_store::RetryConfig {
+                    max_retries: 3,
+                    retry_timeout: std::time::Duration::from_secs(20),
+                    ..object_store::RetryConfig::default()
+                };
+                let mut b = AmazonS3Builder::from_env().with_bucket_name(&bucket).with_retry(retry);
                 if let Some(ep) = &s3.endpoint {
                     b = b
                         .with_endpoint(ep)
