@@ -3,5 +3,6 @@
 pub mod blockdev;
 pub mod cli;
 pub mod crypto;
+pub mod export;
 pub mod nbd;
 pub mod volume;
