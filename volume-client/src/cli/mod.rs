@@ -9,6 +9,7 @@ pub mod certificate_page;
 pub mod cluster;
 pub mod commands;
 pub mod erasure;
+pub mod export;
 pub mod metactl;
 pub mod open;
 pub mod operations;
@@ -85,6 +86,9 @@ pub enum Cmd {
     /// Crash-consistent snapshots of a volume.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCmd),
+    /// Export a ready snapshot as a LUKS1 image (aes-xts-plain64) that qemu-img and cryptsetup
+    /// open with the passphrase, under a fresh key of its own.
+    Export(export::ExportArgs),
     /// Scrub a storage node now: read every written block, check its crc32c, repair from a peer.
     Scrub {
         node: String,
@@ -147,6 +151,7 @@ fn run(cli: Cli) -> Result<()> {
         match cli.cmd {
             Cmd::Up(_) => unreachable!("handled above"),
             Cmd::Attach(args) => attach::run(api, args).await,
+            Cmd::Export(args) => export::run(api, args, cli.json).await,
             other => commands::run(&api, other, cli.json).await,
         }
     })
