@@ -2,14 +2,17 @@
 //! LUKS1 image that qemu-img opens with the passphrase, that compares
 //! identical with the snapshot served over NBD (`slate attach VOL@SNAP
 //! --read-only`), whose header cryptsetup reads and whose key slot it opens
-//! with the passphrase and with nothing else; and bad input is refused
-//! without changing anything.
+//! with the passphrase and with nothing else; bad input is refused without
+//! changing anything; and a stopped or killed export never leaves a file
+//! under the final name.
 
 use serde_json::Value;
 use slate_tests::cluster::{nbd_unix_uri, qemu_io_ok, run_ok, Cluster, UpOptions};
+use slate_tests::ProcessGuard;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 const PASSPHRASE: &[u8] = b"correct horse battery staple";
 
@@ -209,5 +212,53 @@ fn bad_input_is_refused_and_changes_nothing() {
     let (ok, text) = qemu_io_luks(&pass, &to, &["read -P 0x42 0 1M".into(), "read -P 0 1M 15M".into()]);
     assert!(ok, "qemu-io on the replaced image: {text}");
     assert_eq!(attachments(), before, "the export left its attachment");
+    cluster.stop();
+}
+
+/// Starts `slate export demo@s0 --to TO` in the background and waits until its partial file holds payload.
+fn start_export(cluster: &Cluster, to: &Path, pass: &Path) -> ProcessGuard {
+    let mut cmd = cluster.slate();
+    cmd.args(&export_args("demo@s0", to, pass, &[])[1..]).stdout(Stdio::null()).stderr(Stdio::inherit());
+    let mut p = ProcessGuard::spawn("slate export", &mut cmd).expect("spawn slate export");
+    let deadline = Instant::now() + Duration::from_mins(1);
+    loop {
+        let len = std::fs::metadata(partial(to)).map_or(0, |m| m.len());
+        if len > (2 << 20) + (8 << 20) {
+            return p;
+        }
+        assert!(p.is_alive() && !to.exists(), "the export ended before it could be stopped");
+        assert!(Instant::now() < deadline, "the export wrote no payload within a minute");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_stopped_export_leaves_no_complete_file() {
+    let mut cluster = Cluster::start("slate-e2e-export-stop", UpOptions::default());
+    cluster.slate_ok(&["snapshot", "create", "demo", "s0"]);
+    let scratch = cluster.scratch().to_owned();
+    let pass = scratch.join("passphrase");
+    write_private(&pass, PASSPHRASE);
+    let to = scratch.join("demo-s0.luks");
+    let attachments = || cluster.volume_show("demo")["attachments"].as_array().map_or(0, Vec::len);
+    let before = attachments();
+
+    // SIGTERM: the partial file is removed and the attachment released.
+    let mut p = start_export(&cluster, &to, &pass);
+    let status = p.terminate().expect("slate export exits on SIGTERM");
+    assert!(!status.success(), "an interrupted export reported success");
+    assert!(!to.exists() && !partial(&to).exists(), "an interrupted export left a file");
+    assert_eq!(attachments(), before, "an interrupted export left its attachment");
+
+    // kill -9: only FILE.partial is left, never a file under the final name.
+    let mut p = start_export(&cluster, &to, &pass);
+    p.kill9();
+    assert!(!to.exists(), "a killed export left a file under the final name");
+    assert!(partial(&to).exists());
+    // Running it again replaces the stale partial file and completes.
+    cluster.slate_ok(&export_args("demo@s0", &to, &pass, &[]));
+    assert!(!partial(&to).exists());
+    let (ok, text) = qemu_io_luks(&pass, &to, &["read -P 0 0 256M".into()]);
+    assert!(ok, "qemu-io on the image: {text}");
     cluster.stop();
 }
