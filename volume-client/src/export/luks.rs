@@ -360,8 +360,11 @@ pub fn format(master: &XtsKey, passphrase: &[u8], iterations: u32) -> Result<Vec
     area[..PHDR_BYTES].copy_from_slice(&header.encode());
 
     let slot = &header.slots[0];
-    let mut material = af_split(mk, slot.stripes);
-    material.resize(key_material_sectors() as usize * SECTOR_BYTES, 0);
+    let split = af_split(mk, slot.stripes);
+    // Whole sectors, allocated once: the split key is never copied into a buffer left unzeroized.
+    let mut material = Zeroizing::new(vec![0u8; key_material_sectors() as usize * SECTOR_BYTES]);
+    material[..split.len()].copy_from_slice(&split);
+    drop(split);
     slot_cipher(passphrase, slot)?.encrypt_sectors(0, &mut material)?;
     let at = slot.key_material_offset as usize * SECTOR_BYTES;
     area[at..at + material.len()].copy_from_slice(&material);
