@@ -104,6 +104,30 @@ pub struct MetaControl {
     capability: tokio::sync::Mutex<SignedCapability>,
 }
 
+impl MetaControl {
+    /// The control plane of attachment `attachment` of volume `volume`
+    /// (`quick_api`: the same API without patience, for advisory calls).
+    pub(super) fn new(
+        api: ApiClient,
+        quick_api: ApiClient,
+        volume: u64,
+        attachment: u64,
+        layout: &VolumeLayout,
+        generation: u64,
+        capability: SignedCapability,
+    ) -> Self {
+        Self {
+            api,
+            quick_api,
+            volume,
+            attachment,
+            segment_blocks: layout.segment_blocks,
+            generation,
+            capability: tokio::sync::Mutex::new(capability),
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl ControlPlane for MetaControl {
     async fn report_failed_replica(
@@ -228,15 +252,15 @@ pub async fn open_volume(quick_api: &ApiClient, api: &ApiClient, opened: open::A
             assign(s, &capability, layout.segment_blocks).await.map_err(|e| anyhow::anyhow!("{e}"))?;
         }
     }
-    let control = Arc::new(MetaControl {
-        api: api.clone(),
-        quick_api: quick_api.clone(),
-        volume: id,
+    let control = Arc::new(MetaControl::new(
+        api.clone(),
+        quick_api.clone(),
+        id,
         attachment,
-        segment_blocks: layout.segment_blocks,
+        &layout,
         generation,
-        capability: tokio::sync::Mutex::new(capability.clone()),
-    });
+        capability.clone(),
+    ));
     let vcfg = VolumeConfig { read_epoch: snapshot.map(|s| s.epoch), ..VolumeConfig::default() };
     let volume = Volume::attach(AttachInfo { layout, capability, dek }, control, vcfg)
         .await

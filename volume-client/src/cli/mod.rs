@@ -10,6 +10,7 @@ pub mod certificate_page;
 pub mod cluster;
 pub mod commands;
 pub mod erasure;
+pub mod export;
 pub mod metactl;
 pub mod open;
 pub mod operations;
@@ -91,6 +92,9 @@ pub enum Cmd {
     Backup(backup::BackupCmd),
     /// Restore a backup (and its chain) into a new volume.
     Restore(backup::RestoreArgs),
+    /// Export a ready snapshot as a LUKS1 image (aes-xts-plain64) that qemu-img and cryptsetup
+    /// open with the passphrase, under a fresh key of its own.
+    Export(export::ExportArgs),
     /// Scrub a storage node now: read every written block, check its crc32c, repair from a peer.
     Scrub {
         node: String,
@@ -156,6 +160,7 @@ fn run(cli: Cli) -> Result<()> {
             Cmd::Attach(args) => attach::run(api, args).await,
             Cmd::Backup(c) => backup::run(&api, c, cluster_key, cli.json).await,
             Cmd::Restore(args) => backup::restore(&api, args, cluster_key, cli.json).await,
+            Cmd::Export(args) => export::run(api, args, cli.json).await,
             other => commands::run(&api, other, cli.json).await,
         }
     })
