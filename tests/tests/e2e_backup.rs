@@ -104,7 +104,7 @@ fn backups_round_trip_incrementally_to_a_directory_and_s3_and_die_with_their_vol
         "slate-e2e-backup",
         UpOptions {
             volume_size_bytes: 1 << 30,
-            disk_size_bytes: 1792 * MIB,
+            disk_size_bytes: 2048 * MIB,
             segment_blocks: Some(65_536),
             ..UpOptions::default()
         },
@@ -160,9 +160,20 @@ fn backups_round_trip_incrementally_to_a_directory_and_s3_and_die_with_their_vol
 
     // The chain restores to exactly the snapshot.
     let snap_sha = sha_of(&cluster, "demo@s2", &["--read-only"], "s2");
+    // Restore, killed with -9 part way, then resumed.
+    let mut cmd = cluster.slate();
+    cmd.args(["restore", &inc_id.to_string(), "from-dir"]);
+    let mut first = ProcessGuard::spawn("slate restore", &mut cmd).expect("spawn slate restore");
+    let t = Instant::now();
+    while !cluster.slate_json(&["volume", "list"]).to_string().contains("from-dir") && first.is_alive() {
+        assert!(t.elapsed() < Duration::from_mins(2), "the restore created no volume");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    first.kill9();
     let t = Instant::now();
     let r = slate_json_s3(&cluster, None, &["restore", &inc_id.to_string(), "from-dir"]);
-    eprintln!("restore of the chain (1 GiB + 1%) in {:.1} s: {r}", t.elapsed().as_secs_f64());
+    eprintln!("resumed restore of the chain (1 GiB + 1%) in {:.1} s: {r}", t.elapsed().as_secs_f64());
     assert_eq!(sha_of(&cluster, "from-dir", &[], "from-dir"), snap_sha, "the directory chain restored differently");
     cluster.slate_ok(&["volume", "delete", "from-dir", "--wait"]);
     eprintln!(

@@ -761,7 +761,10 @@ fn backups_resume_complete_and_restore_with_the_source_key_until_it_is_shredded(
     let restored = tk.unwrap_dek(&h.state().volumes[&rid].wrapped_dek).unwrap();
     assert_eq!(restored.fingerprint(), dek.fingerprint());
     assert!(h.state().restores.contains_key(&rid));
-    assert!(matches!(restore(&mut h, "r1"), Response::Err(r) if r.code == ErrorCode::Conflict), "name taken");
+    // The same restore again (after kill -9) resumes it; another name that is taken is refused.
+    let Response::Ok { body: again, .. } = restore(&mut h, "r1") else { panic!("resume refused") };
+    assert_eq!((again["id"].as_u64(), again["restore"]["backup"].as_u64()), (Some(rid), Some(b1)));
+    assert!(matches!(restore(&mut h, "v"), Response::Err(r) if r.code == ErrorCode::Conflict), "name taken");
     // Deleting the source shreds its key: the backup can no longer be restored.
     h.op(Command::DeleteVolume { volume: vid, force: false });
     match restore(&mut h, "r2") {
@@ -770,4 +773,39 @@ fn backups_resume_complete_and_restore_with_the_source_key_until_it_is_shredded(
     }
     assert!(h.state().backups.contains_key(&b1), "backup records outlive their volume");
     assert!(!h.state().volumes.values().any(|v| v.name == "r2"), "a refused restore leaves no volume");
+}
+
+#[test]
+fn the_backup_right_snapshots_and_reads_but_never_writes() {
+    let mut h = Harness::new();
+    let t = h.tenant("acme");
+    for i in 1..=3 {
+        h.node(&format!("n{i}"), &format!("z/r/h{i}"));
+    }
+    let (vid, _) = h.volume(tok(1, "op-secret"), t, "v", GIB).unwrap();
+    let (bk, bkt) = h.principal("backup-agent", Role::Host, None, "b");
+    let (sn, snt) = h.principal("snapper", Role::Host, None, "s");
+    h.op(Command::CreateGrant(CreateGrantRequest { principal: bk, volume: vid, access: Access::Backup }));
+    h.op(Command::CreateGrant(CreateGrantRequest { principal: sn, volume: vid, access: Access::Snapshot }));
+    let snap =
+        h.ok(tok(bkt, "b"), Command::CreateSnapshot { volume: vid, req: CreateSnapshotRequest { name: "s1".into() } });
+    let sid = snap["id"].as_u64().unwrap();
+    h.op(Command::SnapshotFrozen { volume: vid, snapshot: sid, req: SnapshotFrozenRequest { node: None } });
+    let attach = |mode| Command::Attach { volume: vid, req: AttachRequest { mode, host: "h".into(), force: false } };
+    let ro = h.ok(tok(bkt, "b"), attach(AttachMode::ReadOnly));
+    assert_eq!(ro["claims"]["rights"], 1, "read only");
+    assert_eq!(h.err(tok(bkt, "b"), attach(AttachMode::ReadWrite)).code, ErrorCode::Forbidden);
+    let begin = |snapshot| Command::BeginBackup {
+        volume: vid,
+        req: BeginBackupRequest { snapshot, target: "s3://b/p".into(), parent: None },
+    };
+    h.ok(tok(bkt, "b"), begin(sid));
+    // The snapshot right alone takes snapshots, not backups.
+    assert_eq!(h.err(tok(snt, "s"), begin(sid)).code, ErrorCode::Forbidden);
+    // A target with credentials in it is refused (they would be recorded).
+    let bad = Command::BeginBackup {
+        volume: vid,
+        req: BeginBackupRequest { snapshot: sid, target: "s3://key:secret@b/p".into(), parent: None },
+    };
+    assert_eq!(h.err(tok(bkt, "b"), bad).code, ErrorCode::BadRequest);
 }

@@ -91,8 +91,9 @@ async fn send_chunk(reader: &SnapshotReader, store: &Store, pieces: &[(u64, u32)
     Ok(Chunk { object: sha, bytes: object.len() as u64, ranges })
 }
 
-/// Runs a backup to its end and returns its (unsigned) manifest. `on_progress`
-/// gets the blocks done and the total after each object.
+/// Runs a backup to its end and returns its (unsigned) manifest and how many of
+/// its blocks an earlier, killed run had sent already. `on_progress` gets the
+/// blocks done and the total after each object.
 pub async fn run(
     reader: Arc<SnapshotReader>,
     store: &Store,
@@ -100,7 +101,7 @@ pub async fn run(
     concurrency: usize,
     now_ms: u64,
     on_progress: impl Fn(u64, u64),
-) -> Result<Manifest> {
+) -> Result<(Manifest, u64)> {
     let ranges = reader.changed(Epoch(header.base_epoch)).await.context("listing the snapshot's changed blocks")?;
     let plan = plan(&ranges, reader.segment_blocks());
     let total: u64 = ranges.iter().map(|r| r.count).sum();
@@ -116,7 +117,8 @@ pub async fn run(
     let keep = done.iter().zip(&plan).take_while(|(c, p)| same(c, p)).count();
     done.truncate(keep);
     let blocks_of = |p: &Vec<(u64, u32)>| p.iter().map(|(_, n)| u64::from(*n)).sum::<u64>();
-    let mut blocks_done: u64 = plan[..keep].iter().map(blocks_of).sum();
+    let resumed: u64 = plan[..keep].iter().map(blocks_of).sum();
+    let mut blocks_done = resumed;
     on_progress(blocks_done, total);
     let mut inflight: Ordered<(u64, Chunk)> = Ordered::new(concurrency);
     let mut next = keep;
@@ -157,7 +159,7 @@ pub async fn run(
         created_ms: now_ms,
     };
     manifest.check().context("the manifest built does not check")?;
-    Ok(manifest)
+    Ok((manifest, resumed))
 }
 
 /// Forgets a finished backup's progress file.

@@ -265,7 +265,7 @@ async fn create(
         let reader = Arc::new(SnapshotReader::new(opened.layout.clone(), opened.capability.clone(), s.epoch));
         let t = Instant::now();
         let pb = bar(json_out, 1, "blocks");
-        let manifest = create::run(reader, &store, &header, parallel, now_ms(), |d, total| {
+        let (manifest, resumed) = create::run(reader, &store, &header, parallel, now_ms(), |d, total| {
             pb.set_length(total.max(1));
             pb.set_position(d);
         })
@@ -276,12 +276,14 @@ async fn create(
         store.put(&Manifest::manifest_key(id, rec.id), Bytes::from(text.to_owned())).await?;
         create::finish(&store, rec.id).await?;
         let secs = t.elapsed().as_secs_f64();
-        let mb = manifest.blocks_stored as f64 * 4096.0 / 1e6;
+        // The rate of this run: blocks a killed earlier run had sent are not counted.
+        let mb = manifest.blocks_changed.saturating_sub(resumed) as f64 * 4096.0 / 1e6;
         Ok::<Value, anyhow::Error>(json!({
             "id": rec.id, "volume": id, "snapshot": rec.snapshot_name, "target": to,
             "kind": if parent.is_some() { "incremental" } else { "full" }, "parent": parent.as_ref().map(|p| p.id),
             "blocks_changed": manifest.blocks_changed, "blocks_stored": manifest.blocks_stored,
             "bytes_stored": manifest.bytes_stored, "manifest_sha256": done["sha256"], "seconds": secs,
+            "resumed_blocks": resumed,
             "mb_per_s": if secs > 0.0 { mb / secs } else { 0.0 },
         }))
     }
@@ -329,7 +331,9 @@ pub async fn restore(api: &ApiClient, args: RestoreArgs, cluster_key: Option<Str
     };
     let t = Instant::now();
     let res = async {
-        let opened = open::attach(&api, &vid.to_string(), None, false, "restore", false).await?;
+        // Force: the only writer of a volume being restored is a restore (one killed
+        // with -9 leaves its attachment behind).
+        let opened = open::attach(&api, &vid.to_string(), None, false, "restore", true).await?;
         let attachment = opened.attachment;
         let volume = open_volume(&quick, &api, opened).await?;
         let objects: u64 = chain.iter().map(|m| m.manifest.chunks.len() as u64).sum();
