@@ -4,6 +4,7 @@
 //! Rule for every handler: check everything first, mutate after. A handler
 //! that returns `Err` must leave the state as it found it.
 
+use super::clones::RefreshGrant;
 use super::command::{
     AttachRequest, Command, CreatePrincipalRequest, CreateVolumeRequest, Credential, Envelope, ErrorCode, Refusal,
     RegisterNodeRequest, Response, UpdateSettingsRequest,
@@ -227,6 +228,8 @@ fn object_hint(cmd: &Command) -> String {
         | Command::CreateSnapshot { volume, .. }
         | Command::ListSnapshots { volume }
         | Command::DeleteSnapshot { volume, .. }
+        | Command::CreateClone { volume, .. }
+        | Command::CloneFlattened { volume, .. }
         | Command::GetErasure { volume } => format!("volume:vol-{volume}"),
         Command::ListAudit { tenant: Some(t), .. } => format!("audit:tenant-{t}"),
         Command::ReportRelease { node, release, .. } => format!("node:node-{node} release:{release}"),
@@ -835,6 +838,7 @@ impl MetaState {
                             "node {node} still holds {holds} replica(s); drain it first"
                         )))
                     }
+                    NodeState::Decommissioned => self.refuse_if_retained_on(*node)?,
                     _ => {}
                 }
                 ctx.object = format!("node:node-{node} {:?}->{:?}", n.state, req.state);
@@ -904,8 +908,7 @@ impl MetaState {
                 if ctx.actor.principal != Some(a.principal) && !ctx.actor.is_admin_of(v.tenant) {
                     return Err(Refusal::forbidden("only the attachment's holder may refresh its capability"));
                 }
-                let claims = self.claims(v, a);
-                json(&claims)
+                json(&RefreshGrant { claims: self.claims(v, a), parent: self.parent_grant(v, ctx.now) })
             }
             Command::ReportFailure { volume, req } => self.report_failure(ctx, *volume, req.segment, req.node),
             Command::MarkInSync { volume, req } => {
@@ -969,6 +972,7 @@ impl MetaState {
                 if !v.snapshots.contains_key(snapshot) {
                     return Err(Refusal::not_found(format!("vol-{volume} has no snapshot {snapshot}")));
                 }
+                self.refuse_if_cloned(*volume, *snapshot)?;
                 ctx.object = format!("volume:vol-{volume} snapshot:{snapshot}");
                 let epoch = v.snapshots[snapshot].epoch;
                 let work: Vec<(u64, u32)> =
@@ -1056,6 +1060,8 @@ impl MetaState {
             Command::SnapshotFrozen { volume, snapshot, req } => self.snapshot_frozen(ctx, *volume, *snapshot, req),
             Command::RepairSource { node, req } => self.repair_source(ctx, *node, req),
             Command::GetErasure { volume } => self.get_erasure(ctx, *volume),
+            Command::CreateClone { volume, req } => self.create_clone(ctx, root, *volume, req),
+            Command::CloneFlattened { volume, req } => self.clone_flattened(ctx, *volume, req),
             Command::ChangeMembership { req, add } => {
                 require_operator(&ctx.actor)?;
                 if *add && req.addr.as_deref().and_then(|a| a.parse::<std::net::SocketAddr>().ok()).is_none() {
@@ -1121,6 +1127,7 @@ impl MetaState {
                 wrapped_dek: wrapped_dek.clone(),
                 dek_created_ms: ctx.now,
                 dek_wrapped_ms: ctx.now,
+                parent: None,
             },
         );
         json(&self.volume_view(&self.volumes[&id], ctx.now))
@@ -1210,10 +1217,16 @@ impl MetaState {
         };
         ctx.dek_hex = Some(dek.to_hex().to_string());
         let v = &self.volumes[&volume];
+        let parent = self.parent_grant(v, ctx.now);
+        if let Some(p) = &parent {
+            use std::fmt::Write as _;
+            let _ = write!(ctx.object, " reads parent vol-{} at epoch:{} read-only", p.volume.id, p.epoch);
+        }
         json(&AttachGrant {
             attachment: attachment_view(&a),
             volume: self.volume_view(v, ctx.now),
             claims: self.claims(v, &a),
+            parent,
         })
     }
 
@@ -1377,6 +1390,10 @@ impl MetaState {
         let mut erasures = Vec::new();
         for id in victims {
             if let Some(v) = self.volumes.remove(id) {
+                erasures.push((v.id, v.name.clone(), v.tenant, v.size_bytes));
+                self.grants.retain(|_, g| g.volume != *id);
+                // Clones still read through one of its snapshots: its segments stay (clones.rs).
+                let Some(v) = self.retain_for_clones(v) else { continue };
                 for s in &v.segments {
                     for r in &s.replicas {
                         self.queue_release(
@@ -1388,11 +1405,10 @@ impl MetaState {
                         );
                     }
                 }
-                erasures.push((v.id, v.name.clone(), v.tenant, v.size_bytes));
                 self.charge(&v.segments, v.size_bytes, v.segment_blocks, false);
-                self.grants.retain(|_, g| g.volume != *id);
             }
         }
+        self.release_unread_parents(ctx.now);
         if let Some(tid) = delete_tenant {
             self.tenants.remove(&tid);
             let gone: BTreeSet<u64> =
@@ -1492,7 +1508,7 @@ impl MetaState {
             .collect()
     }
 
-    fn charge(&mut self, segments: &[Segment], size_bytes: u64, segment_blocks: u64, add: bool) {
+    pub(super) fn charge(&mut self, segments: &[Segment], size_bytes: u64, segment_blocks: u64, add: bool) {
         for s in segments {
             let bytes = segment_bytes(size_bytes, segment_blocks, s.index);
             for r in &s.replicas {
@@ -1619,7 +1635,7 @@ impl MetaState {
         }
     }
 
-    fn volume_view(&self, v: &Volume, now: u64) -> VolumeView {
+    pub(super) fn volume_view(&self, v: &Volume, now: u64) -> VolumeView {
         let degraded = v.segments.iter().any(|s| {
             s.replicas
                 .iter()
@@ -1652,6 +1668,8 @@ impl MetaState {
             segments: v.segments.iter().map(|s| self.segment_view(v, s)).collect(),
             attachments: v.attachments.values().map(attachment_view).collect(),
             snapshots: v.snapshots.values().map(|s| snapshot_view(v.id, s)).collect(),
+            parent: self.parent_view(v),
+            clones: self.clone_views(v.id),
             dek: DekInfo {
                 created_ms: v.dek_created_ms,
                 age_secs: now.saturating_sub(v.dek_created_ms) / 1000,
@@ -1701,7 +1719,7 @@ pub(super) fn segment_bytes(size_bytes: u64, segment_blocks: u64, index: u32) ->
 }
 
 /// Places segments `first..` of a volume of `size_bytes`.
-fn place_segments(
+pub(super) fn place_segments(
     cands: &mut [Candidate],
     first: u32,
     size_bytes: u64,

@@ -15,6 +15,7 @@
 //! (and a failed-authentication counter).
 
 pub mod apply;
+pub mod clones;
 pub mod command;
 mod erasure;
 mod operations;
@@ -117,6 +118,10 @@ pub struct MetaState {
     /// Scrub requests per storage node (the last id asked for) and what the node reported.
     #[serde(default)]
     pub scrubs: BTreeMap<u64, types::ScrubStatus>,
+    /// Deleted volumes whose segments stay because clones still read through one of
+    /// their snapshots (`clones.rs`); released when the last of those clones goes.
+    #[serde(default)]
+    pub retained: BTreeMap<u64, Volume>,
 }
 
 /// The result of applying one command.

@@ -695,3 +695,5 @@ fn detached_snapshot_is_frozen_by_every_node_and_blocks_a_writer_meanwhile() {
     h.op(Command::SnapshotFrozen { volume: vid, snapshot: s2id, req: SnapshotFrozenRequest { node: None } });
     assert_eq!(h.state().volumes[&vid].snapshots[&s2id].state, SnapshotState::Ready);
 }
+
+mod clones;
