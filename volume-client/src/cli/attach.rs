@@ -67,7 +67,11 @@ pub struct AttachArgs {
 }
 
 /// Tells the nodes of `set` that they hold the segment (idempotent).
-async fn assign(set: &SegmentReplicas, cap: &SignedCapability, segment_blocks: u64) -> Result<(), ControlError> {
+pub(super) async fn assign(
+    set: &SegmentReplicas,
+    cap: &SignedCapability,
+    segment_blocks: u64,
+) -> Result<(), ControlError> {
     let target = Target { volume: cap.claims.volume, generation: cap.claims.generation };
     for r in &set.replicas {
         let addr = r.addr.parse().map_err(|e| ControlError(format!("node address {}: {e}", r.addr)))?;
@@ -102,6 +106,21 @@ pub struct MetaControl {
     segment_blocks: u64,
     generation: u64,
     capability: tokio::sync::Mutex<SignedCapability>,
+}
+
+impl MetaControl {
+    /// The control plane of attachment `attachment` of volume `volume`.
+    pub(super) fn new(api: ApiClient, quick_api: ApiClient, opened: &open::Attached) -> Self {
+        Self {
+            api,
+            quick_api,
+            volume: opened.id,
+            attachment: opened.attachment,
+            segment_blocks: opened.layout.segment_blocks,
+            generation: opened.generation,
+            capability: tokio::sync::Mutex::new(opened.capability.clone()),
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -233,26 +252,29 @@ pub async fn run(api: ApiClient, args: AttachArgs) -> Result<()> {
     let opened = open::attach(&api, volume_spec, snapshot, args.read_only, &args.host, args.force)
         .await
         .with_context(|| format!("attaching volume {}", args.volume))?;
-    let open::Attached { id, name, snapshot, attachment, generation, layout, capability, dek } = opened;
+    let control = Arc::new(MetaControl::new(api.clone(), quick_api, &opened));
+    let open::Attached { id, name, snapshot, attachment, generation, layout, capability, dek, parent } = opened;
     let snapshot = snapshot.map(|s| (s.name, s.epoch));
     if !args.read_only {
         for s in &layout.segments {
             assign(s, &capability, layout.segment_blocks).await.map_err(|e| anyhow::anyhow!("{e}"))?;
         }
     }
-    let control = Arc::new(MetaControl {
-        api: api.clone(),
-        quick_api,
-        volume: id,
-        attachment,
-        segment_blocks: layout.segment_blocks,
-        generation,
-        capability: tokio::sync::Mutex::new(capability.clone()),
-    });
+    // A clone reads its parent's snapshot where it has not written (volume/clone.rs).
+    let parent = match parent {
+        Some(p) => {
+            info!(volume = id, parent = p.id, snapshot = %p.snapshot_name, epoch = %p.epoch, "a clone: reading through its parent");
+            Some(super::clone::open_parent(&api, id, attachment, p, &dek).await?)
+        }
+        None => None,
+    };
     let vcfg = VolumeConfig { read_epoch: snapshot.as_ref().map(|(_, epoch)| *epoch), ..VolumeConfig::default() };
-    let volume = Volume::attach(AttachInfo { layout, capability, dek }, control, vcfg)
+    let mut volume = Volume::attach(AttachInfo { layout, capability, dek }, control, vcfg)
         .await
         .context("opening the volume on its storage nodes")?;
+    if let Some(p) = parent {
+        volume = volume.with_parent(p);
+    }
     let volume = Arc::new(volume);
     info!(volume = id, generation, snapshot = ?snapshot, "attached");
 

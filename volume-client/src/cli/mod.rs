@@ -6,9 +6,11 @@
 pub mod api;
 pub mod attach;
 pub mod certificate_page;
+pub mod clone;
 pub mod cluster;
 pub mod commands;
 pub mod erasure;
+pub mod flatten;
 pub mod metactl;
 pub mod open;
 pub mod operations;
@@ -85,6 +87,9 @@ pub enum Cmd {
     /// Crash-consistent snapshots of a volume.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCmd),
+    /// Clone a ready snapshot, VOL@SNAP, into a new writable volume: nothing is copied, the
+    /// clone shares the snapshot's blocks and key until written (`slate volume flatten` ends that).
+    Clone(clone::CloneArgs),
     /// Scrub a storage node now: read every written block, check its crc32c, repair from a peer.
     Scrub {
         node: String,
