@@ -32,6 +32,8 @@ pub struct ParentAttach {
     pub snapshot: u64,
     pub snapshot_name: String,
     pub epoch: u64,
+    /// The parent's size at the snapshot: the clone reads the parent no further.
+    pub size_bytes: u64,
     pub capability: CapabilityView,
 }
 
@@ -44,6 +46,7 @@ pub(super) fn sign_parent(s: &ApiState, grant: Option<ParentGrant>) -> Result<Op
         snapshot: g.snapshot,
         snapshot_name: g.snapshot_name,
         epoch: g.epoch,
+        size_bytes: g.size_bytes,
         capability,
     }))
 }

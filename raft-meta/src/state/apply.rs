@@ -955,6 +955,7 @@ impl MetaState {
                     state: SnapshotState::Pending,
                     frozen_nodes: BTreeSet::new(),
                     ready_ms: None,
+                    size_bytes: v.size_bytes,
                 };
                 v.snapshots.insert(sid, snap.clone());
                 ctx.object = format!("volume:vol-{volume} snapshot:{sid}");

@@ -51,7 +51,7 @@ pub struct CreateCloneRequest {
     /// The clone's tenant (default: the parent's).
     #[serde(default)]
     pub tenant: Option<u64>,
-    /// The clone's size: a multiple of 4096, at least the parent's (the default).
+    /// The clone's size: a multiple of 4096, at least the snapshot's (the default).
     #[serde(default)]
     pub size_bytes: Option<u64>,
 }
@@ -84,7 +84,7 @@ pub struct ParentView {
     pub snapshot_name: String,
     /// The layer epoch the clone reads the parent at.
     pub epoch: u64,
-    /// The parent's size: blocks past it read as zeros unless the clone wrote them.
+    /// The parent's size at the snapshot: blocks past it read as zeros unless the clone wrote them.
     pub size_bytes: u64,
 }
 
@@ -106,6 +106,8 @@ pub struct ParentGrant {
     pub snapshot: u64,
     pub snapshot_name: String,
     pub epoch: u64,
+    /// The parent's size at the snapshot: the clone reads no further (later segments have no layer at `epoch`).
+    pub size_bytes: u64,
     pub claims: CapabilityClaims,
 }
 
@@ -116,6 +118,15 @@ pub struct RefreshGrant {
     pub claims: CapabilityClaims,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ParentGrant>,
+}
+
+/// A snapshot's size (recorded with it; older snapshots: the volume's current size).
+fn snapshot_size(v: &Volume, recorded: u64) -> u64 {
+    if recorded == 0 {
+        v.size_bytes
+    } else {
+        recorded
+    }
 }
 
 fn internal(msg: impl Into<String>) -> Refusal {
@@ -168,11 +179,12 @@ impl MetaState {
                 snap.name
             )));
         }
-        let size_bytes = req.size_bytes.unwrap_or(p.size_bytes);
-        if size_bytes < p.size_bytes {
+        let snap_size = snapshot_size(p, snap.size_bytes);
+        let size_bytes = req.size_bytes.unwrap_or(snap_size);
+        if size_bytes < snap_size {
             return Err(Refusal::bad(format!(
-                "a clone is at least as large as its parent: vol-{volume} is {} bytes, asked {size_bytes}",
-                p.size_bytes
+                "a clone is at least as large as its snapshot: {:?} of vol-{volume} is {snap_size} bytes, asked {size_bytes}",
+                snap.name
             )));
         }
         let ct = self.tenants.get(&tenant).ok_or_else(|| Refusal::not_found(format!("no tenant {tenant}")))?;
@@ -335,7 +347,7 @@ impl MetaState {
             snapshot: p.snapshot,
             snapshot_name: p.snapshot_name.clone(),
             epoch: p.epoch,
-            size_bytes: pv.map_or(0, |x| x.size_bytes),
+            size_bytes: pv.map_or(0, |x| snapshot_size(x, x.snapshots.get(&p.snapshot).map_or(0, |s| s.size_bytes))),
         })
     }
 
@@ -365,6 +377,7 @@ impl MetaState {
             snapshot: p.snapshot,
             snapshot_name: p.snapshot_name.clone(),
             epoch: p.epoch,
+            size_bytes: snapshot_size(pv, pv.snapshots.get(&p.snapshot).map_or(0, |s| s.size_bytes)),
             claims: CapabilityClaims {
                 volume: pv.id,
                 generation: pv.generation,

@@ -263,6 +263,9 @@ pub struct Snapshot {
     pub frozen_nodes: std::collections::BTreeSet<u64>,
     #[serde(default)]
     pub ready_ms: Option<u64>,
+    /// The volume's size when the snapshot was taken (0: recorded before sizes were).
+    #[serde(default)]
+    pub size_bytes: u64,
 }
 
 /// Whether a snapshot can be read.

@@ -114,6 +114,9 @@ pub(super) struct ParentReply {
     pub(super) volume: VolumeView,
     pub(super) snapshot_name: String,
     pub(super) epoch: u64,
+    /// The parent's size at the snapshot (0: not told; the parent's current size).
+    #[serde(default)]
+    pub(super) size_bytes: u64,
     pub(super) capability: CapabilityView,
 }
 
@@ -125,12 +128,19 @@ impl ParentReply {
             return Err(ControlError("slate-meta handed out a parent capability for another volume".into()));
         }
         let generation = capability.claims.generation.0.max(self.volume.generation);
+        let mut layout = layout_from_view(&self.volume, generation);
+        // A parent grown since the snapshot: its later segments hold no layer at the epoch.
+        if self.size_bytes > 0 && self.size_bytes < layout.size_bytes {
+            layout.size_bytes = self.size_bytes;
+            let count = layout.segment_count();
+            layout.segments.retain(|s| s.segment.0 < count);
+        }
         Ok(AttachedParent {
             id: self.volume.id,
             name: self.volume.name.clone(),
             snapshot_name: self.snapshot_name.clone(),
             epoch: Epoch(self.epoch),
-            layout: layout_from_view(&self.volume, generation),
+            layout,
             capability,
         })
     }
@@ -328,19 +338,25 @@ mod tests {
                 {"node": 1, "addr": "127.0.0.1:1", "state": "in_sync"},
                 {"node": 2, "addr": "127.0.0.1:2", "state": "in_sync"}]}]
         });
+        // The parent grew since the snapshot: two segments now, one at the snapshot.
         let mut parent_view = view.clone();
         parent_view["id"] = json!(1);
         parent_view["name"] = json!("demo");
         parent_view["generation"] = json!(5);
+        parent_view["size_bytes"] = json!(16384);
+        let second = json!({"index": 1, "epoch": 1, "replicas": view["segments"][0]["replicas"].clone()});
+        parent_view["segments"].as_array_mut().unwrap().push(second);
         let mut reply = json!({
             "attachment": {"id": 9}, "volume": view, "capability": {"token": cap(4, 1)}, "dek_hex": "00",
             "parent": {"volume": parent_view, "snapshot": 3, "snapshot_name": "s1", "epoch": 2,
-                       "capability": {"token": cap(1, 5)}}
+                       "size_bytes": 8192, "capability": {"token": cap(1, 5)}}
         });
         let r: AttachReply = serde_json::from_value(reply.clone()).unwrap();
         let p = r.parent.as_ref().unwrap().open().unwrap();
         assert_eq!((p.id, p.name.as_str(), p.snapshot_name.as_str(), p.epoch), (1, "demo", "s1", Epoch(2)));
         assert_eq!((p.layout.volume, p.layout.generation), (VolumeId(1), Generation(5)));
+        assert_eq!((p.layout.size_bytes, p.layout.segments.len()), (8192, 1), "read no further than the snapshot");
+        p.layout.validate().unwrap();
         // A capability for another volume than the parent's layout is refused.
         reply["parent"]["capability"]["token"] = json!(cap(4, 5));
         let r: AttachReply = serde_json::from_value(reply.clone()).unwrap();

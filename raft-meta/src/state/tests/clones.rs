@@ -94,6 +94,17 @@ fn clone_shares_the_parents_dek_under_its_own_key_path() {
     assert_ne!(v2.wrapped_dek, st.volumes[&p].wrapped_dek);
     assert!(audit::verify(&st.audit.records).ok);
     assert!(st.audit.records.iter().any(|r| r.action == "volume.clone" && r.object.contains("c2") && r.result == "ok"));
+
+    // The parent grown since the snapshot: a clone is as large as the snapshot and reads no further.
+    h.op(Command::ResizeVolume { volume: p, req: ResizeVolumeRequest { size_bytes: 2 * GIB } });
+    let c3 = clone_id(&h.op(clone_cmd(p, s1, "c3", None, None)));
+    assert_eq!(h.state().volumes[&c3].size_bytes, GIB);
+    let (body, _) = attach(&mut h, tok(1, OP), c3, AttachMode::ReadOnly);
+    assert_eq!(
+        (body["parent"]["size_bytes"].as_u64(), body["parent"]["volume"]["size_bytes"].as_u64()),
+        (Some(GIB), Some(2 * GIB))
+    );
+    assert_eq!(h.op(Command::GetVolume { volume: c3 })["parent"]["size_bytes"], GIB);
 }
 
 #[test]
