@@ -83,3 +83,20 @@ async fn flattened(
 #[openapi(paths(create_clone, flattened), components(schemas(ParentAttach)))]
 #[derive(Debug)]
 pub struct ClonesDoc;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_description_names_the_clone_endpoints() {
+        let mut doc = super::super::ApiDoc::openapi();
+        doc.merge(ClonesDoc::openapi());
+        let v = serde_json::to_value(&doc).unwrap();
+        for path in ["/v1/volumes/{id}/clones", "/v1/volumes/{id}/flattened"] {
+            assert!(v["paths"][path]["post"].is_object(), "{path} missing");
+        }
+        assert!(v["components"]["schemas"]["CreateCloneRequest"].is_object());
+        assert!(v["components"]["schemas"]["VolumeView"]["properties"]["parent"].is_object());
+    }
+}

@@ -666,8 +666,12 @@ impl MetaState {
             return Err(Refusal::forbidden("repair sources are for storage nodes"));
         }
         ctx.skip_audit = true;
-        let v =
-            self.volumes.get(&req.volume).ok_or_else(|| Refusal::not_found(format!("no volume vol-{}", req.volume)))?;
+        // Segments of a deleted parent kept for its clones are repaired like any others.
+        let v = self
+            .volumes
+            .get(&req.volume)
+            .or_else(|| self.retained.get(&req.volume))
+            .ok_or_else(|| Refusal::not_found(format!("no volume vol-{}", req.volume)))?;
         let seg = v
             .segments
             .get(req.segment as usize)

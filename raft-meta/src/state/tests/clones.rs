@@ -231,6 +231,10 @@ fn deleted_parent_keeps_its_segments_until_the_last_clone_goes() {
     assert!(e.code == ErrorCode::Conflict && e.message.contains("kept for clones"), "{e:?}");
     let disk = h.state().disks.values().find(|d| d.node == holder).unwrap().id;
     assert_eq!(h.err(tok(1, OP), Command::DecommissionDisk { disk }).code, ErrorCode::Conflict);
+    // A scrub on a holder still finds a peer to repair a kept segment from.
+    let req = slate_protocol::ops::RepairSourceRequest { volume: p, segment: 0 };
+    let src = h.op(Command::RepairSource { node: holder, req });
+    assert_eq!(src["peers"].as_array().map(Vec::len), Some(1), "{src}");
 
     // One clone flattened: still kept for the other.
     let aid = body["attachment"]["id"].as_u64().unwrap();
