@@ -1,37 +1,54 @@
-//! Erase certificates: the signed record of a decommissioned disk's overwrite
-//! and verification. slate-meta builds the body and signs it with the cluster's
-//! ed25519 key; anyone holding the cluster's verifying key checks it offline.
+//! Documents signed by the cluster: erase certificates (the record of a
+//! decommissioned disk's overwrite and verification) and backup manifests.
+//! slate-meta builds or checks the body and signs it with the cluster's ed25519
+//! key; anyone holding the cluster's verifying key checks it offline.
 //!
-//! The file is one JSON document, written exactly as [`render_document`]
-//! produces it: `{"certificate": BODY, "sha256": HEX, "signature": {...}}`.
-//! The signature covers a domain tag and the SHA-256 of the body's canonical
-//! bytes (serde_json with sorted keys); [`verify_document`] also requires the
-//! file to be byte-for-byte the canonical rendering, so changing any byte of
-//! it, even whitespace, fails verification.
+//! A file is one JSON document, written exactly as [`render_signed`] produces
+//! it: `{FIELD: BODY, "sha256": HEX, "signature": {...}}`, where FIELD is the
+//! [`DocKind`]'s (`certificate`, `manifest`). The signature covers the kind's
+//! domain tag and the SHA-256 of the body's canonical bytes (serde_json with
+//! sorted keys), so a manifest can never pass for a certificate or the reverse;
+//! [`verify_signed`] also requires the file to be byte-for-byte the canonical
+//! rendering, so changing any byte of it, even whitespace, fails verification.
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde_json::Value;
 use sha2::Digest;
 
-const DOMAIN: &[u8] = b"slate-erase-certificate-v1\0";
+/// What a signed document is: its domain tag and the field holding its body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DocKind {
+    domain: &'static [u8],
+    field: &'static str,
+}
+
+/// An erase certificate (`{"certificate": ...}`).
+pub const ERASE_CERTIFICATE: DocKind = DocKind { domain: b"slate-erase-certificate-v1\0", field: "certificate" };
+/// A backup manifest (`{"manifest": ...}`).
+pub const BACKUP_MANIFEST: DocKind = DocKind { domain: b"slate-backup-manifest-v1\0", field: "manifest" };
 
 /// SHA-256 (hex) of a certificate body's canonical bytes.
 pub fn body_sha256(body: &Value) -> String {
     hex::encode(sha2::Sha256::digest(serde_json::to_vec(body).unwrap_or_default()))
 }
 
-fn message(sha_hex: &str) -> Vec<u8> {
-    let mut m = DOMAIN.to_vec();
+fn message(kind: DocKind, sha_hex: &str) -> Vec<u8> {
+    let mut m = kind.domain.to_vec();
     m.extend_from_slice(sha_hex.as_bytes());
     m
 }
 
-/// The signed document for `body`, as the text of the file.
+/// The signed erase certificate for `body`, as the text of the file.
 pub fn render_document(body: &Value, key: &SigningKey) -> String {
+    render_signed(ERASE_CERTIFICATE, body, key)
+}
+
+/// The signed document of `kind` for `body`, as the text of the file.
+pub fn render_signed(kind: DocKind, body: &Value, key: &SigningKey) -> String {
     let sha = body_sha256(body);
-    let sig = key.sign(&message(&sha));
+    let sig = key.sign(&message(kind, &sha));
     let doc = serde_json::json!({
-        "certificate": body,
+        kind.field: body,
         "sha256": sha,
         "signature": {
             "algorithm": "ed25519",
@@ -51,7 +68,7 @@ fn canonical_text(doc: &Value) -> String {
 /// Why a certificate does not verify.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CertificateError {
-    #[error("not a certificate document: {0}")]
+    #[error("not a signed document: {0}")]
     Malformed(String),
     #[error("the file is not the canonical rendering of its content (it was edited)")]
     NotCanonical,
@@ -73,6 +90,11 @@ pub struct Verified {
 
 /// Verifies the text of a certificate file; `expected_key` (hex) pins the cluster's key.
 pub fn verify_document(text: &str, expected_key: Option<&str>) -> Result<Verified, CertificateError> {
+    verify_signed(ERASE_CERTIFICATE, text, expected_key)
+}
+
+/// Verifies the text of a signed document of `kind`; `expected_key` (hex) pins the cluster's key.
+pub fn verify_signed(kind: DocKind, text: &str, expected_key: Option<&str>) -> Result<Verified, CertificateError> {
     let doc: Value = serde_json::from_str(text).map_err(|e| CertificateError::Malformed(e.to_string()))?;
     if canonical_text(&doc) != text {
         return Err(CertificateError::NotCanonical);
@@ -80,7 +102,7 @@ pub fn verify_document(text: &str, expected_key: Option<&str>) -> Result<Verifie
     let field = |v: &Value, k: &str| -> Result<String, CertificateError> {
         v[k].as_str().map(str::to_owned).ok_or_else(|| CertificateError::Malformed(format!("no {k}")))
     };
-    let body = doc.get("certificate").cloned().ok_or_else(|| CertificateError::Malformed("no certificate".into()))?;
+    let body = doc.get(kind.field).cloned().ok_or_else(|| CertificateError::Malformed(format!("no {}", kind.field)))?;
     let sha = field(&doc, "sha256")?;
     if body_sha256(&body) != sha {
         return Err(CertificateError::HashMismatch);
@@ -105,7 +127,7 @@ pub fn verify_document(text: &str, expected_key: Option<&str>) -> Result<Verifie
         .ok()
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| CertificateError::Malformed("signature is not 64 hex bytes".into()))?;
-    key.verify(&message(&sha), &Signature::from_bytes(&sig_bytes)).map_err(|_| CertificateError::BadSignature)?;
+    key.verify(&message(kind, &sha), &Signature::from_bytes(&sig_bytes)).map_err(|_| CertificateError::BadSignature)?;
     Ok(Verified { body, sha256: sha, verifying_key: key_hex })
 }
 
@@ -132,5 +154,17 @@ mod tests {
         let other = crate::capability::generate_signing_key();
         let forged = render_document(&body, &other);
         assert!(matches!(verify_document(&forged, Some(&pin)), Err(CertificateError::WrongKey { .. })));
+    }
+
+    #[test]
+    fn a_manifest_never_passes_for_a_certificate() {
+        let key = crate::capability::generate_signing_key();
+        let body = serde_json::json!({"volume": 1});
+        let manifest = render_signed(BACKUP_MANIFEST, &body, &key);
+        assert_eq!(verify_signed(BACKUP_MANIFEST, &manifest, None).unwrap().body, body);
+        assert!(verify_document(&manifest, None).is_err());
+        // Same body under the other field name: the domain tag still differs.
+        let swapped = manifest.replacen("\"manifest\"", "\"certificate\"", 1);
+        assert_eq!(verify_document(&swapped, None), Err(CertificateError::BadSignature));
     }
 }

@@ -3,6 +3,7 @@
 //! (storage node, metadata service, volume client, tests) speaks exactly the
 //! same bytes.
 
+pub mod backup;
 pub mod capability;
 pub mod certificate;
 pub mod frame;

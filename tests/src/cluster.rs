@@ -541,6 +541,31 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// SHA-256 (hex) of everything an NBD export holds, read with `nbdcopy URI -`.
+pub fn nbd_sha256(uri: &str) -> String {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut child = Command::new("nbdcopy")
+        .args([uri, "-"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run nbdcopy (libnbd-bin)");
+    let mut h = sha2::Sha256::new();
+    let mut out = child.stdout.take().expect("stdout");
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = out.read(&mut buf).expect("read nbdcopy's output");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    let o = child.wait_with_output().expect("wait for nbdcopy");
+    assert!(o.status.success(), "nbdcopy {uri}: {}", String::from_utf8_lossy(&o.stderr));
+    hex::encode(h.finalize())
+}
+
 /// The NBD URI of export `export` on unix socket `sock`.
 pub fn nbd_unix_uri(export: &str, sock: &Path) -> String {
     format!("nbd+unix:///{export}?socket={}", sock.display())

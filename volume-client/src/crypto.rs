@@ -25,6 +25,8 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 pub const XTS_KEY_BYTES: usize = 64;
 /// One XTS data unit: one volume block.
 pub const DATA_UNIT_BYTES: usize = 4096;
+/// One XTS data unit of dm-crypt and LUKS: a 512-byte sector (IV `plain64`).
+pub const SECTOR_BYTES: usize = 512;
 const AES_BLOCK: usize = 16;
 /// AES blocks whitened and encrypted per call into the multi-block API.
 const BATCH_BLOCKS: usize = 64;
@@ -146,6 +148,17 @@ impl VolumeCipher {
     /// Decrypt `buf` in place: whole 4 KiB blocks, the first being block `first_block` of the volume.
     pub fn decrypt_blocks(&self, first_block: u64, buf: &mut [u8]) -> Result<(), CryptoError> {
         self.units(u128::from(first_block), buf, DATA_UNIT_BYTES, false)
+    }
+
+    /// Encrypt `buf` in place as 512-byte sectors, the first being sector
+    /// `first_sector` (dm-crypt's `aes-xts-plain64`: tweak = the sector number).
+    pub fn encrypt_sectors(&self, first_sector: u64, buf: &mut [u8]) -> Result<(), CryptoError> {
+        self.units(u128::from(first_sector), buf, SECTOR_BYTES, true)
+    }
+
+    /// Decrypt `buf` in place as 512-byte sectors, the first being sector `first_sector`.
+    pub fn decrypt_sectors(&self, first_sector: u64, buf: &mut [u8]) -> Result<(), CryptoError> {
+        self.units(u128::from(first_sector), buf, SECTOR_BYTES, false)
     }
 
     /// Encrypt one data unit of any length that is a non-zero multiple of 16

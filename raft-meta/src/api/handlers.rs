@@ -85,6 +85,7 @@ async fn simple(s: &ApiState, caller: &Caller, cmd: Command) -> JsonResult {
 async fn openapi_json() -> impl IntoResponse {
     let mut doc = super::ApiDoc::openapi();
     doc.merge(super::erasure::ErasureDoc::openapi());
+    doc.merge(super::backups::BackupsDoc::openapi());
     doc.merge(super::clones::ClonesDoc::openapi());
     doc.merge(super::operations::OperationsDoc::openapi());
     Json(doc)

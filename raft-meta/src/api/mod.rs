@@ -13,6 +13,7 @@
 //! Request bodies are bounded (`max_body_bytes`), unknown fields are refused,
 //! and the OpenAPI description is generated from these handlers (utoipa).
 
+mod backups;
 mod clones;
 mod erasure;
 mod handlers;
@@ -63,6 +64,7 @@ impl std::fmt::Debug for ApiState {
 pub fn router(state: Arc<ApiState>, max_body_bytes: usize) -> axum::Router {
     handlers::routes()
         .merge(erasure::routes())
+        .merge(backups::routes())
         .merge(clones::routes())
         .merge(operations::routes())
         .fallback(handlers::not_found)

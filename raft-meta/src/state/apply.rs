@@ -81,7 +81,7 @@ pub(super) fn json<T: Serialize>(v: &T) -> Res {
     serde_json::to_value(v).map_err(|e| Refusal::new(ErrorCode::Internal, format!("encoding reply: {e}")))
 }
 
-fn internal(msg: impl Into<String>) -> Refusal {
+pub(super) fn internal(msg: impl Into<String>) -> Refusal {
     Refusal::new(ErrorCode::Internal, msg)
 }
 
@@ -230,7 +230,10 @@ fn object_hint(cmd: &Command) -> String {
         | Command::DeleteSnapshot { volume, .. }
         | Command::CreateClone { volume, .. }
         | Command::CloneFlattened { volume, .. }
-        | Command::GetErasure { volume } => format!("volume:vol-{volume}"),
+        | Command::GetErasure { volume }
+        | Command::BeginBackup { volume, .. }
+        | Command::RestoreProgress { volume, .. } => format!("volume:vol-{volume}"),
+        Command::CompleteBackup { backup, .. } | Command::GetBackup { backup } => format!("backup:{backup}"),
         Command::ListAudit { tenant: Some(t), .. } => format!("audit:tenant-{t}"),
         Command::ReportRelease { node, release, .. } => format!("node:node-{node} release:{release}"),
         Command::ChangeMembership { req, .. } => format!("member:{}", req.id),
@@ -1061,6 +1064,12 @@ impl MetaState {
             Command::SnapshotFrozen { volume, snapshot, req } => self.snapshot_frozen(ctx, *volume, *snapshot, req),
             Command::RepairSource { node, req } => self.repair_source(ctx, *node, req),
             Command::GetErasure { volume } => self.get_erasure(ctx, *volume),
+            Command::BeginBackup { volume, req } => self.begin_backup(ctx, root, *volume, req),
+            Command::CompleteBackup { backup, req } => self.complete_backup(ctx, *backup, req),
+            Command::ListBackups { volume } => self.list_backups(ctx, *volume),
+            Command::GetBackup { backup } => self.get_backup(ctx, *backup),
+            Command::RestoreVolume { req } => self.restore_volume(ctx, root, req),
+            Command::RestoreProgress { volume, req } => self.restore_progress(ctx, *volume, req),
             Command::CreateClone { volume, req } => self.create_clone(ctx, root, *volume, req),
             Command::CloneFlattened { volume, req } => self.clone_flattened(ctx, *volume, req),
             Command::ChangeMembership { req, add } => {
@@ -1075,7 +1084,7 @@ impl MetaState {
 
     // ----- volumes -----
 
-    fn create_volume(
+    pub(super) fn create_volume(
         &mut self,
         ctx: &mut Ctx,
         root: &RootKey,
@@ -1390,6 +1399,7 @@ impl MetaState {
         // Commit.
         let mut erasures = Vec::new();
         for id in victims {
+            self.restores.remove(id);
             if let Some(v) = self.volumes.remove(id) {
                 erasures.push((v.id, v.name.clone(), v.tenant, v.size_bytes));
                 self.grants.retain(|_, g| g.volume != *id);
@@ -1466,6 +1476,7 @@ impl MetaState {
             Need::AttachRw => grants.contains(&Access::ReadWrite),
             Need::AttachRo => grants.iter().any(|a| matches!(a, Access::ReadWrite | Access::ReadOnly | Access::Backup)),
             Need::Snapshot => grants.iter().any(|a| matches!(a, Access::Snapshot | Access::Backup)),
+            Need::Backup => grants.contains(&Access::Backup),
             Need::Reconfigure => {
                 grants.contains(&Access::ReadWrite)
                     || v.attachments.values().any(|a| Some(a.principal) == actor.principal)
@@ -1689,6 +1700,8 @@ pub(super) enum Need {
     AttachRw,
     AttachRo,
     Snapshot,
+    /// Take and read backups (the backup grant).
+    Backup,
     Reconfigure,
 }
 
@@ -1700,6 +1713,7 @@ impl Need {
             Self::AttachRw => "attach read-write",
             Self::AttachRo => "attach read-only",
             Self::Snapshot => "snapshot",
+            Self::Backup => "back up",
             Self::Reconfigure => "reconfigure",
         }
     }

@@ -332,6 +332,19 @@ impl MetaState {
         )))
     }
 
+    /// Refuses to `what` a clone: that needs every block in the volume's own layers (a
+    /// backup reads the nodes' layers, which hold only what the clone wrote).
+    pub(super) fn refuse_if_clone(v: &Volume, what: &str) -> Result<(), Refusal> {
+        match &v.parent {
+            None => Ok(()),
+            Some(p) => Err(Refusal::conflict(format!(
+                "vol-{} is a clone of vol-{}@{}: its own layers lack what it reads from the parent, so it cannot be {what}; \
+                 flatten it first (slate volume flatten)",
+                v.id, p.volume, p.snapshot_name
+            ))),
+        }
+    }
+
     /// Deleted volumes kept for clones (erasure records say "kept for clones" meanwhile).
     pub(super) fn is_retained(&self, volume: u64) -> bool {
         self.retained.contains_key(&volume)

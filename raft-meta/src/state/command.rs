@@ -207,6 +207,56 @@ pub struct CreateSnapshotRequest {
     pub name: String,
 }
 
+/// Begins (or resumes) a backup of a ready snapshot to a target.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BeginBackupRequest {
+    /// The snapshot's id.
+    pub snapshot: u64,
+    /// `file:///DIR` or `s3://BUCKET[/PREFIX]`.
+    pub target: String,
+    /// For an incremental: the complete backup (of an older snapshot of the same volume) it builds on.
+    #[serde(default)]
+    pub parent: Option<u64>,
+}
+
+/// Completes a backup: its manifest (checked and signed by the API) is in the target.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteBackupRequest {
+    pub manifest_sha256: String,
+    pub blocks_changed: u64,
+    pub blocks_stored: u64,
+    pub bytes_stored: u64,
+}
+
+/// Creates a volume to restore a backup into.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreVolumeRequest {
+    pub backup: u64,
+    pub name: String,
+    /// The volume's size (at least the backed-up volume's).
+    pub size_bytes: u64,
+    /// Default: the source volume's tenant.
+    #[serde(default)]
+    pub tenant: Option<u64>,
+    /// Default: the source volume's replication factor.
+    #[serde(default)]
+    pub replicas: Option<u8>,
+}
+
+/// How far a restore got, so that a killed one resumes there.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreProgressRequest {
+    pub done_manifests: u64,
+    pub done_chunks: u64,
+    /// Every block is written: the volume is a normal volume from now on.
+    #[serde(default)]
+    pub finished: bool,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateSettingsRequest {
@@ -448,6 +498,27 @@ pub enum Command {
         snapshot: u64,
         req: SnapshotFrozenRequest,
     },
+    BeginBackup {
+        volume: u64,
+        req: BeginBackupRequest,
+    },
+    CompleteBackup {
+        backup: u64,
+        req: CompleteBackupRequest,
+    },
+    ListBackups {
+        volume: Option<u64>,
+    },
+    GetBackup {
+        backup: u64,
+    },
+    RestoreVolume {
+        req: RestoreVolumeRequest,
+    },
+    RestoreProgress {
+        volume: u64,
+        req: RestoreProgressRequest,
+    },
     /// Where `node` can read good copies of a segment to repair its own (operators or hosts).
     RepairSource {
         node: u64,
@@ -539,6 +610,12 @@ impl Command {
             Self::ReportScrub { .. } => "node.scrub_report",
             Self::RepairSource { .. } => "node.repair_source",
             Self::SnapshotFrozen { .. } => "snapshot.frozen",
+            Self::BeginBackup { .. } => "backup.begin",
+            Self::CompleteBackup { .. } => "backup.complete",
+            Self::ListBackups { .. } => "backup.list",
+            Self::GetBackup { .. } => "backup.show",
+            Self::RestoreVolume { .. } => "backup.restore",
+            Self::RestoreProgress { .. } => "backup.restore_progress",
             Self::CreateClone { .. } => "volume.clone",
             Self::CloneFlattened { .. } => "volume.flatten",
         }

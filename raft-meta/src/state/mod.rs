@@ -15,6 +15,7 @@
 //! (and a failed-authentication counter).
 
 pub mod apply;
+pub mod backups;
 pub mod clones;
 pub mod command;
 mod erasure;
@@ -46,6 +47,8 @@ pub struct Counters {
     pub release: u64,
     #[serde(default = "first_id")]
     pub moves: u64,
+    #[serde(default = "first_id")]
+    pub backup: u64,
 }
 
 fn first_id() -> u64 {
@@ -66,6 +69,7 @@ impl Default for Counters {
             snapshot: 1,
             release: 1,
             moves: 1,
+            backup: 1,
         }
     }
 }
@@ -118,6 +122,12 @@ pub struct MetaState {
     /// Scrub requests per storage node (the last id asked for) and what the node reported.
     #[serde(default)]
     pub scrubs: BTreeMap<u64, types::ScrubStatus>,
+    /// Backup records, by id (kept after their volume is deleted).
+    #[serde(default)]
+    pub backups: BTreeMap<u64, backups::Backup>,
+    /// Restores in progress, by the id of the volume restored into.
+    #[serde(default)]
+    pub restores: BTreeMap<u64, backups::Restore>,
     /// Deleted volumes whose segments stay because clones still read through one of
     /// their snapshots (`clones.rs`); released when the last of those clones goes.
     #[serde(default)]

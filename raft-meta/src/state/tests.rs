@@ -696,4 +696,80 @@ fn detached_snapshot_is_frozen_by_every_node_and_blocks_a_writer_meanwhile() {
     assert_eq!(h.state().volumes[&vid].snapshots[&s2id].state, SnapshotState::Ready);
 }
 
+#[test]
+fn backups_resume_complete_and_restore_with_the_source_key_until_it_is_shredded() {
+    use super::backups::BackupState;
+    let mut h = Harness::new();
+    let t = h.tenant("acme");
+    for (n, d) in [("n1", "z/r/h1"), ("n2", "z/r/h2"), ("n3", "z/r/h3")] {
+        h.node(n, d);
+    }
+    let (vid, dek) = h.volume(tok(1, "op-secret"), t, "v", GIB).unwrap();
+    let snap = |h: &mut Harness, name: &str| {
+        let s = h.op(Command::CreateSnapshot { volume: vid, req: CreateSnapshotRequest { name: name.into() } });
+        let sid = s["id"].as_u64().unwrap();
+        h.op(Command::SnapshotFrozen { volume: vid, snapshot: sid, req: SnapshotFrozenRequest { node: None } });
+        sid
+    };
+    let s1 = snap(&mut h, "s1");
+    let begin = |h: &mut Harness, snapshot: u64, parent: Option<u64>| {
+        h.run(
+            tok(1, "op-secret"),
+            Command::BeginBackup {
+                volume: vid,
+                req: BeginBackupRequest { snapshot, target: "file:///backups".into(), parent },
+            },
+        )
+    };
+    let Response::Ok { body: b1, .. } = begin(&mut h, s1, None) else { panic!("begin refused") };
+    assert_eq!(b1["key_fingerprint"], dek.fingerprint());
+    // A second begin of the same unfinished backup resumes it.
+    let Response::Ok { body: again, .. } = begin(&mut h, s1, None) else { panic!("resume refused") };
+    assert_eq!(again["id"], b1["id"]);
+    let b1 = b1["id"].as_u64().unwrap();
+    // An incremental needs a complete base.
+    let s2 = snap(&mut h, "s2");
+    assert!(matches!(begin(&mut h, s2, Some(b1)), Response::Err(r) if r.code == ErrorCode::Conflict));
+    let done = CompleteBackupRequest {
+        manifest_sha256: "ab".repeat(32),
+        blocks_changed: 1,
+        blocks_stored: 1,
+        bytes_stored: 4100,
+    };
+    h.op(Command::CompleteBackup { backup: b1, req: done });
+    assert_eq!(h.state().backups[&b1].state, BackupState::Complete);
+    assert!(matches!(begin(&mut h, s2, Some(b1)), Response::Ok { .. }));
+    assert!(matches!(begin(&mut h, s1, Some(b1)), Response::Err(r) if r.code == ErrorCode::BadRequest));
+    // Restore: a new volume under the same key, re-wrapped for it.
+    let restore = |h: &mut Harness, name: &str| {
+        h.run(
+            tok(1, "op-secret"),
+            Command::RestoreVolume {
+                req: RestoreVolumeRequest {
+                    backup: b1,
+                    name: name.into(),
+                    size_bytes: GIB,
+                    tenant: None,
+                    replicas: None,
+                },
+            },
+        )
+    };
+    let Response::Ok { body: r, .. } = restore(&mut h, "r1") else { panic!("restore refused") };
+    let rid = r["id"].as_u64().unwrap();
+    let tk = h.root().unwrap_tenant_key(&h.state().tenants[&t].wrapped_key).unwrap();
+    let restored = tk.unwrap_dek(&h.state().volumes[&rid].wrapped_dek).unwrap();
+    assert_eq!(restored.fingerprint(), dek.fingerprint());
+    assert!(h.state().restores.contains_key(&rid));
+    assert!(matches!(restore(&mut h, "r1"), Response::Err(r) if r.code == ErrorCode::Conflict), "name taken");
+    // Deleting the source shreds its key: the backup can no longer be restored.
+    h.op(Command::DeleteVolume { volume: vid, force: false });
+    match restore(&mut h, "r2") {
+        Response::Err(r) => assert!(r.message.contains("key destroyed"), "{}", r.message),
+        Response::Ok { .. } => panic!("restored a backup of a deleted volume"),
+    }
+    assert!(h.state().backups.contains_key(&b1), "backup records outlive their volume");
+    assert!(!h.state().volumes.values().any(|v| v.name == "r2"), "a refused restore leaves no volume");
+}
+
 mod clones;

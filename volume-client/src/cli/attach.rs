@@ -109,16 +109,25 @@ pub struct MetaControl {
 }
 
 impl MetaControl {
-    /// The control plane of attachment `attachment` of volume `volume`.
-    pub(super) fn new(api: ApiClient, quick_api: ApiClient, opened: &open::Attached) -> Self {
+    /// The control plane of attachment `attachment` of volume `volume`
+    /// (`quick_api`: the same API without patience, for advisory calls).
+    pub(super) fn new(
+        api: ApiClient,
+        quick_api: ApiClient,
+        volume: u64,
+        attachment: u64,
+        layout: &VolumeLayout,
+        generation: u64,
+        capability: SignedCapability,
+    ) -> Self {
         Self {
             api,
             quick_api,
-            volume: opened.id,
-            attachment: opened.attachment,
-            segment_blocks: opened.layout.segment_blocks,
-            generation: opened.generation,
-            capability: tokio::sync::Mutex::new(opened.capability.clone()),
+            volume,
+            attachment,
+            segment_blocks: layout.segment_blocks,
+            generation,
+            capability: tokio::sync::Mutex::new(capability),
         }
     }
 }
@@ -237,6 +246,44 @@ impl ControlPlane for MetaControl {
     }
 }
 
+/// Opens the volume engine on an attachment made by [`open::attach`]: tells the
+/// nodes they hold their segments (read-write), then connects and reconciles.
+/// A clone also opens its parent, read-only at the snapshot's epoch, to read through.
+/// `quick_api` is used for advisory calls, `api` (patient) for the rest.
+pub async fn open_volume(quick_api: &ApiClient, api: &ApiClient, opened: open::Attached) -> Result<Arc<Volume>> {
+    let open::Attached { id, snapshot, attachment, generation, layout, capability, dek, parent, .. } = opened;
+    if capability.claims.rights.contains(slate_protocol::Rights::WRITE) {
+        for s in &layout.segments {
+            assign(s, &capability, layout.segment_blocks).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+    }
+    let control = Arc::new(MetaControl::new(
+        api.clone(),
+        quick_api.clone(),
+        id,
+        attachment,
+        &layout,
+        generation,
+        capability.clone(),
+    ));
+    // A clone reads its parent's snapshot where it has not written (volume/clone.rs).
+    let parent = match parent {
+        Some(p) => {
+            info!(volume = id, parent = p.id, snapshot = %p.snapshot_name, epoch = %p.epoch, "a clone: reading through its parent");
+            Some(super::clone::open_parent(api, id, attachment, p, &dek).await?)
+        }
+        None => None,
+    };
+    let vcfg = VolumeConfig { read_epoch: snapshot.map(|s| s.epoch), ..VolumeConfig::default() };
+    let mut volume = Volume::attach(AttachInfo { layout, capability, dek }, control, vcfg)
+        .await
+        .context("opening the volume on its storage nodes")?;
+    if let Some(p) = parent {
+        volume = volume.with_parent(p);
+    }
+    Ok(Arc::new(volume))
+}
+
 /// Attaches and serves until a signal; detaches on the way out.
 pub async fn run(api: ApiClient, args: AttachArgs) -> Result<()> {
     // From here on every call rides through the loss of a metadata node or an election.
@@ -252,30 +299,9 @@ pub async fn run(api: ApiClient, args: AttachArgs) -> Result<()> {
     let opened = open::attach(&api, volume_spec, snapshot, args.read_only, &args.host, args.force)
         .await
         .with_context(|| format!("attaching volume {}", args.volume))?;
-    let control = Arc::new(MetaControl::new(api.clone(), quick_api, &opened));
-    let open::Attached { id, name, snapshot, attachment, generation, layout, capability, dek, parent } = opened;
-    let snapshot = snapshot.map(|s| (s.name, s.epoch));
-    if !args.read_only {
-        for s in &layout.segments {
-            assign(s, &capability, layout.segment_blocks).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
-    }
-    // A clone reads its parent's snapshot where it has not written (volume/clone.rs).
-    let parent = match parent {
-        Some(p) => {
-            info!(volume = id, parent = p.id, snapshot = %p.snapshot_name, epoch = %p.epoch, "a clone: reading through its parent");
-            Some(super::clone::open_parent(&api, id, attachment, p, &dek).await?)
-        }
-        None => None,
-    };
-    let vcfg = VolumeConfig { read_epoch: snapshot.as_ref().map(|(_, epoch)| *epoch), ..VolumeConfig::default() };
-    let mut volume = Volume::attach(AttachInfo { layout, capability, dek }, control, vcfg)
-        .await
-        .context("opening the volume on its storage nodes")?;
-    if let Some(p) = parent {
-        volume = volume.with_parent(p);
-    }
-    let volume = Arc::new(volume);
+    let (id, name, attachment, generation) = (opened.id, opened.name.clone(), opened.attachment, opened.generation);
+    let snapshot = opened.snapshot.clone().map(|s| (s.name, s.epoch));
+    let volume = open_volume(&quick_api, &api, opened).await?;
     info!(volume = id, generation, snapshot = ?snapshot, "attached");
 
     let registry = ExportRegistry::new();

@@ -422,7 +422,9 @@ pub async fn run(api: &ApiClient, cmd: Cmd, json_out: bool) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Up(_) | Cmd::Attach(_) => unreachable!("dispatched by the caller"),
+        Cmd::Up(_) | Cmd::Attach(_) | Cmd::Backup(_) | Cmd::Restore(_) | Cmd::Export(_) => {
+            unreachable!("dispatched by the caller")
+        }
     }
 }
 

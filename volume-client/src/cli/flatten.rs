@@ -13,16 +13,15 @@
 //! clone no longer reads its parent; a parent deleted meanwhile is then released.
 
 use super::api::ApiClient;
-use super::attach::{assign, MetaControl, CONTROL_PATIENCE};
+use super::attach::{open_volume, CONTROL_PATIENCE};
 use super::commands::{bytes_h, print};
 use super::open::{self, resolve_volume};
 use super::up::parse_size;
-use crate::volume::{AttachInfo, CopyStep, Volume, VolumeConfig};
+use crate::volume::{CopyStep, Parent};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use slate_protocol::BLOCK_SIZE_BYTES_U64;
 use std::io::IsTerminal;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::warn;
 
@@ -126,21 +125,14 @@ async fn flatten(
     blocks_per_step: u64,
     json_out: bool,
 ) -> Result<Value> {
-    let control = Arc::new(MetaControl::new(api.clone(), quick_api, &opened));
-    let open::Attached { id, name, attachment, layout, capability, dek, parent, .. } = opened;
-    let Some(parent) = parent else {
+    let (id, name, attachment) = (opened.id, opened.name.clone(), opened.attachment);
+    let Some(parent) = &opened.parent else {
         bail!("volume {name} stopped being a clone while it was being attached (flattened by someone else?)");
     };
     let (parent_id, parent_name, snapshot) = (parent.id, parent.name.clone(), parent.snapshot_name.clone());
-    for s in &layout.segments {
-        assign(s, &capability, layout.segment_blocks).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    }
-    let parent = super::clone::open_parent(api, id, attachment, parent, &dek).await?;
-    let parent_blocks = parent.blocks();
-    let volume = Volume::attach(AttachInfo { layout, capability, dek }, control, VolumeConfig::default())
-        .await
-        .context("opening the clone on its storage nodes")?
-        .with_parent(parent);
+    // Assigns the clone's segments (read-write) and opens its parent at the snapshot's epoch.
+    let volume = open_volume(&quick_api, api, opened).await.context("opening the clone and its parent")?;
+    let parent_blocks = volume.parent().map_or(0, Parent::blocks);
     let total = volume.size_now() / BLOCK_SIZE_BYTES_U64;
     let upto = parent_blocks.min(total);
     let bar = progress(json_out, upto * BLOCK_SIZE_BYTES_U64);

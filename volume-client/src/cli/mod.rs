@@ -5,11 +5,13 @@
 
 pub mod api;
 pub mod attach;
+pub mod backup;
 pub mod certificate_page;
 pub mod clone;
 pub mod cluster;
 pub mod commands;
 pub mod erasure;
+pub mod export;
 pub mod flatten;
 pub mod metactl;
 pub mod open;
@@ -87,6 +89,14 @@ pub enum Cmd {
     /// Crash-consistent snapshots of a volume.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCmd),
+    /// Backups of snapshots to a directory or S3, incremental, verifiable.
+    #[command(subcommand)]
+    Backup(backup::BackupCmd),
+    /// Restore a backup (and its chain) into a new volume.
+    Restore(backup::RestoreArgs),
+    /// Export a ready snapshot as a LUKS1 image (aes-xts-plain64) that qemu-img and cryptsetup
+    /// open with the passphrase, under a fresh key of its own.
+    Export(export::ExportArgs),
     /// Clone a ready snapshot, VOL@SNAP, into a new writable volume: nothing is copied, the
     /// clone shares the snapshot's blocks and key until written (`slate volume flatten` ends that).
     Clone(clone::CloneArgs),
@@ -146,12 +156,16 @@ fn run(cli: Cli) -> Result<()> {
         let key = cluster::ClusterFile::locate(cli.cluster.as_deref()).ok().and_then(|(_, f)| f.verifying_key);
         return operations::certificate(c, key, cli.json);
     }
+    let cluster_key = cluster::ClusterFile::locate(cli.cluster.as_deref()).ok().and_then(|(_, f)| f.verifying_key);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let api = cli.api()?;
         match cli.cmd {
             Cmd::Up(_) => unreachable!("handled above"),
             Cmd::Attach(args) => attach::run(api, args).await,
+            Cmd::Backup(c) => backup::run(&api, c, cluster_key, cli.json).await,
+            Cmd::Restore(args) => backup::restore(&api, args, cluster_key, cli.json).await,
+            Cmd::Export(args) => export::run(api, args, cli.json).await,
             other => commands::run(&api, other, cli.json).await,
         }
     })

@@ -28,9 +28,8 @@
 
 use super::actor::{Cmd, ReadChunk};
 use super::{Volume, VolumeError};
-use bytes::Bytes;
 use slate_protocol::message::{bit, MAX_IO_BLOCKS};
-use slate_protocol::{block_crc, BLOCK_SIZE_BYTES, BLOCK_SIZE_BYTES_U64};
+use slate_protocol::{BLOCK_SIZE_BYTES, BLOCK_SIZE_BYTES_U64};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -213,18 +212,6 @@ impl Volume {
         self.ask(|reply| Cmd::Read { start, count, permit: Some(permit), reply }).await
     }
 
-    /// Writes blocks that are already ciphertext under this volume's DEK at these
-    /// block indices (such as a parent's blocks: same DEK, same tweak), as they are.
-    pub async fn write_ciphertext(&self, start: u64, data: Bytes) -> Result<(), VolumeError> {
-        if data.is_empty() || !data.len().is_multiple_of(BLOCK_SIZE_BYTES) {
-            return Err(VolumeError::OutOfRange);
-        }
-        let count = (data.len() / BLOCK_SIZE_BYTES) as u64;
-        let permit = self.permit(count).await?;
-        let crcs: Vec<u32> = data.chunks(BLOCK_SIZE_BYTES).map(block_crc).collect();
-        self.ask(|reply| Cmd::Write { start, fua: false, crcs, data, permit: Some(permit), reply }).await
-    }
-
     /// Which blocks this volume's own layer holds (never the parent's).
     pub(super) async fn own_allocated(&self, start: u64, count: u64) -> Result<Vec<bool>, VolumeError> {
         let chunks = if self.read_epoch.is_some() {
@@ -299,7 +286,7 @@ impl Volume {
                     for (i, m, copy) in runs(&want) {
                         if copy {
                             let data = c.data.slice(i * BLOCK_SIZE_BYTES..(i + m) * BLOCK_SIZE_BYTES);
-                            self.write_ciphertext(s + c.offset + i as u64, data).await?;
+                            self.write_ciphertext_blocks(s + c.offset + i as u64, data).await?;
                             step.copied += m as u64;
                         }
                     }

@@ -33,7 +33,7 @@
 //! | `reconcile.rs` | write-intent reconciliation at open |
 //! | `intents.rs` | which intent regions may be cleared while serving |
 //! | `status.rs` | what `slate volume show` prints |
-//! | `clone.rs` | a clone's parent: reads through it, trims over it, flatten's copy, ciphertext I/O |
+//! | `clone.rs` | a clone's parent: reads through it, trims over it, flatten's copy (ciphertext) |
 
 pub mod actor;
 pub mod clone;
@@ -387,6 +387,19 @@ impl Volume {
         let crcs: Vec<u32> = buf.chunks(BLOCK_SIZE_BYTES).map(block_crc).collect();
         let data = buf.freeze();
         self.ask(|reply| Cmd::Write { start, fua, crcs, data, permit: Some(permit), reply }).await
+    }
+
+    /// Writes whole blocks that are already ciphertext under this volume's key
+    /// (a backup restored into a volume that shares its source's key: the XTS
+    /// tweak is the block index, so the blocks are valid here as they are).
+    pub async fn write_ciphertext_blocks(&self, start: u64, ciphertext: Bytes) -> Result<(), VolumeError> {
+        if ciphertext.is_empty() || !ciphertext.len().is_multiple_of(BLOCK_SIZE_BYTES) {
+            return Err(VolumeError::OutOfRange);
+        }
+        let count = (ciphertext.len() / BLOCK_SIZE_BYTES) as u64;
+        let permit = self.permit(count).await?;
+        let crcs: Vec<u32> = ciphertext.chunks(BLOCK_SIZE_BYTES).map(block_crc).collect();
+        self.ask(|reply| Cmd::Write { start, fua: false, crcs, data: ciphertext, permit: Some(permit), reply }).await
     }
 
     /// Unmaps blocks (they read as zeros); `zeroes` asks for write-zeroes semantics.

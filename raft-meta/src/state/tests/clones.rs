@@ -123,6 +123,15 @@ fn bad_clones_are_refused_and_change_nothing() {
     h.volume(tok(at, "sa"), a, "taken", GIB).unwrap();
     let c1 = clone_id(&h.ok(tok(at, "sa"), clone_cmd(p, s1, "c1", None, None)));
     let cs = snapshot(&mut h, c1, "cs", true);
+    // A backup reads a volume's own layers: a clone's would lack what it reads from its parent.
+    let e = h.err(
+        tok(at, "sa"),
+        Command::BeginBackup {
+            volume: c1,
+            req: BeginBackupRequest { snapshot: cs, target: "file:///backups".into(), parent: None },
+        },
+    );
+    assert!(e.code == ErrorCode::Conflict && e.message.contains("flatten it first"), "{e:?}");
     h.op(Command::CreateGrant(CreateGrantRequest { principal: host, volume: p, access: Access::Snapshot }));
     let before = serde_json::to_vec(&h.state().volumes).unwrap();
     let cases: Vec<(Credential, Command, ErrorCode, &str)> = vec![
