@@ -86,6 +86,7 @@ async fn openapi_json() -> impl IntoResponse {
     let mut doc = super::ApiDoc::openapi();
     doc.merge(super::erasure::ErasureDoc::openapi());
     doc.merge(super::backups::BackupsDoc::openapi());
+    doc.merge(super::clones::ClonesDoc::openapi());
     doc.merge(super::operations::OperationsDoc::openapi());
     Json(doc)
 }
@@ -523,6 +524,9 @@ pub struct AttachReply {
     pub dek_hex: String,
     /// The cluster's capability verifying key (hex), as storage nodes hold it.
     pub verifying_key_hex: String,
+    /// For a clone: how to read its parent's snapshot (layout, epoch, read-only capability).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<super::clones::ParentAttach>,
 }
 
 impl std::fmt::Debug for CapabilityView {
@@ -597,6 +601,7 @@ async fn attach(
         capability,
         dek_hex: dek.to_string(),
         verifying_key_hex: hex::encode(s.signing_key.verifying_key().as_bytes()),
+        parent: super::clones::sign_parent(&s, grant.parent)?,
     };
     s.metrics.attach_latency.observe(started.elapsed().as_secs_f64());
     Ok(Json(serde_json::to_value(reply).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?))
@@ -616,14 +621,18 @@ async fn detach(
 
 #[utoipa::path(post, path = "/v1/volumes/{id}/attachments/{aid}/capability", tag = "attachments", security(("bearer" = [])),
     params(("id" = u64, Path), ("aid" = u64, Path)),
-    description = "A fresh capability for a live attachment (same generation, current node scope).",
+    description = "A fresh capability for a live attachment (same generation, current node scope); for a clone, with `parent` renewed as in the attach reply.",
     responses((status = 200, body = CapabilityView), (status = "4XX", body = ErrorBody)))]
 async fn refresh_capability(State(s): S, caller: Caller, ApiPath((id, aid)): ApiPath<(u64, u64)>) -> JsonResult {
     let r = s.call(&caller, Command::RefreshCapability { volume: id, attachment: aid }).await?;
-    let claims: CapabilityClaims =
+    let grant: crate::state::clones::RefreshGrant =
         serde_json::from_value(r.body).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
-    let cap = sign(&s, &claims)?;
-    Ok(Json(serde_json::to_value(cap).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?))
+    let cap = sign(&s, &grant.claims)?;
+    let mut body = serde_json::to_value(cap).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+    if let Some(p) = super::clones::sign_parent(&s, grant.parent)? {
+        body["parent"] = serde_json::to_value(p).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+    }
+    Ok(Json(body))
 }
 
 /// The outcome of a failure report, with a capability re-signed for the new node scope.

@@ -14,6 +14,7 @@
 //! and the OpenAPI description is generated from these handlers (utoipa).
 
 mod backups;
+mod clones;
 mod erasure;
 mod handlers;
 mod operations;
@@ -64,6 +65,7 @@ pub fn router(state: Arc<ApiState>, max_body_bytes: usize) -> axum::Router {
     handlers::routes()
         .merge(erasure::routes())
         .merge(backups::routes())
+        .merge(clones::routes())
         .merge(operations::routes())
         .fallback(handlers::not_found)
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))

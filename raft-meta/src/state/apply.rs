@@ -4,6 +4,7 @@
 //! Rule for every handler: check everything first, mutate after. A handler
 //! that returns `Err` must leave the state as it found it.
 
+use super::clones::RefreshGrant;
 use super::command::{
     AttachRequest, Command, CreatePrincipalRequest, CreateVolumeRequest, Credential, Envelope, ErrorCode, Refusal,
     RegisterNodeRequest, Response, UpdateSettingsRequest,
@@ -227,6 +228,8 @@ fn object_hint(cmd: &Command) -> String {
         | Command::CreateSnapshot { volume, .. }
         | Command::ListSnapshots { volume }
         | Command::DeleteSnapshot { volume, .. }
+        | Command::CreateClone { volume, .. }
+        | Command::CloneFlattened { volume, .. }
         | Command::GetErasure { volume }
         | Command::BeginBackup { volume, .. }
         | Command::RestoreProgress { volume, .. } => format!("volume:vol-{volume}"),
@@ -838,6 +841,7 @@ impl MetaState {
                             "node {node} still holds {holds} replica(s); drain it first"
                         )))
                     }
+                    NodeState::Decommissioned => self.refuse_if_retained_on(*node)?,
                     _ => {}
                 }
                 ctx.object = format!("node:node-{node} {:?}->{:?}", n.state, req.state);
@@ -907,8 +911,7 @@ impl MetaState {
                 if ctx.actor.principal != Some(a.principal) && !ctx.actor.is_admin_of(v.tenant) {
                     return Err(Refusal::forbidden("only the attachment's holder may refresh its capability"));
                 }
-                let claims = self.claims(v, a);
-                json(&claims)
+                json(&RefreshGrant { claims: self.claims(v, a), parent: self.parent_grant(v, ctx.now) })
             }
             Command::ReportFailure { volume, req } => self.report_failure(ctx, *volume, req.segment, req.node),
             Command::MarkInSync { volume, req } => {
@@ -955,6 +958,7 @@ impl MetaState {
                     state: SnapshotState::Pending,
                     frozen_nodes: BTreeSet::new(),
                     ready_ms: None,
+                    size_bytes: v.size_bytes,
                 };
                 v.snapshots.insert(sid, snap.clone());
                 ctx.object = format!("volume:vol-{volume} snapshot:{sid}");
@@ -972,6 +976,7 @@ impl MetaState {
                 if !v.snapshots.contains_key(snapshot) {
                     return Err(Refusal::not_found(format!("vol-{volume} has no snapshot {snapshot}")));
                 }
+                self.refuse_if_cloned(*volume, *snapshot)?;
                 ctx.object = format!("volume:vol-{volume} snapshot:{snapshot}");
                 let epoch = v.snapshots[snapshot].epoch;
                 let work: Vec<(u64, u32)> =
@@ -1065,6 +1070,8 @@ impl MetaState {
             Command::GetBackup { backup } => self.get_backup(ctx, *backup),
             Command::RestoreVolume { req } => self.restore_volume(ctx, root, req),
             Command::RestoreProgress { volume, req } => self.restore_progress(ctx, *volume, req),
+            Command::CreateClone { volume, req } => self.create_clone(ctx, root, *volume, req),
+            Command::CloneFlattened { volume, req } => self.clone_flattened(ctx, *volume, req),
             Command::ChangeMembership { req, add } => {
                 require_operator(&ctx.actor)?;
                 if *add && req.addr.as_deref().and_then(|a| a.parse::<std::net::SocketAddr>().ok()).is_none() {
@@ -1130,6 +1137,7 @@ impl MetaState {
                 wrapped_dek: wrapped_dek.clone(),
                 dek_created_ms: ctx.now,
                 dek_wrapped_ms: ctx.now,
+                parent: None,
             },
         );
         json(&self.volume_view(&self.volumes[&id], ctx.now))
@@ -1219,10 +1227,16 @@ impl MetaState {
         };
         ctx.dek_hex = Some(dek.to_hex().to_string());
         let v = &self.volumes[&volume];
+        let parent = self.parent_grant(v, ctx.now);
+        if let Some(p) = &parent {
+            use std::fmt::Write as _;
+            let _ = write!(ctx.object, " reads parent vol-{} at epoch:{} read-only", p.volume.id, p.epoch);
+        }
         json(&AttachGrant {
             attachment: attachment_view(&a),
             volume: self.volume_view(v, ctx.now),
             claims: self.claims(v, &a),
+            parent,
         })
     }
 
@@ -1387,6 +1401,10 @@ impl MetaState {
         for id in victims {
             self.restores.remove(id);
             if let Some(v) = self.volumes.remove(id) {
+                erasures.push((v.id, v.name.clone(), v.tenant, v.size_bytes));
+                self.grants.retain(|_, g| g.volume != *id);
+                // Clones still read through one of its snapshots: its segments stay (clones.rs).
+                let Some(v) = self.retain_for_clones(v) else { continue };
                 for s in &v.segments {
                     for r in &s.replicas {
                         self.queue_release(
@@ -1398,11 +1416,10 @@ impl MetaState {
                         );
                     }
                 }
-                erasures.push((v.id, v.name.clone(), v.tenant, v.size_bytes));
                 self.charge(&v.segments, v.size_bytes, v.segment_blocks, false);
-                self.grants.retain(|_, g| g.volume != *id);
             }
         }
+        self.release_unread_parents(ctx.now);
         if let Some(tid) = delete_tenant {
             self.tenants.remove(&tid);
             let gone: BTreeSet<u64> =
@@ -1503,7 +1520,7 @@ impl MetaState {
             .collect()
     }
 
-    fn charge(&mut self, segments: &[Segment], size_bytes: u64, segment_blocks: u64, add: bool) {
+    pub(super) fn charge(&mut self, segments: &[Segment], size_bytes: u64, segment_blocks: u64, add: bool) {
         for s in segments {
             let bytes = segment_bytes(size_bytes, segment_blocks, s.index);
             for r in &s.replicas {
@@ -1663,6 +1680,8 @@ impl MetaState {
             segments: v.segments.iter().map(|s| self.segment_view(v, s)).collect(),
             attachments: v.attachments.values().map(attachment_view).collect(),
             snapshots: v.snapshots.values().map(|s| snapshot_view(v.id, s)).collect(),
+            parent: self.parent_view(v),
+            clones: self.clone_views(v.id),
             dek: DekInfo {
                 created_ms: v.dek_created_ms,
                 age_secs: now.saturating_sub(v.dek_created_ms) / 1000,
@@ -1715,7 +1734,7 @@ pub(super) fn segment_bytes(size_bytes: u64, segment_blocks: u64, index: u32) ->
 }
 
 /// Places segments `first..` of a volume of `size_bytes`.
-fn place_segments(
+pub(super) fn place_segments(
     cands: &mut [Candidate],
     first: u32,
     size_bytes: u64,

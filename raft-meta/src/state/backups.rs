@@ -115,6 +115,7 @@ impl MetaState {
         if s.state != SnapshotState::Ready {
             return Err(Refusal::conflict(format!("snapshot {} of vol-{volume} is not ready yet", s.name)));
         }
+        Self::refuse_if_clone(v, "backed up")?;
         let parent_epoch = match req.parent {
             None => None,
             Some(p) => {

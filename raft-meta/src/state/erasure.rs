@@ -182,7 +182,7 @@ impl MetaState {
         let done: Vec<u64> = self
             .erasures
             .values()
-            .filter(|e| e.completed_ms.is_none())
+            .filter(|e| e.completed_ms.is_none() && !self.is_retained(e.volume))
             .filter(|e| {
                 let releases_done = self.releases.values().filter(|r| r.volume == e.volume).all(|r| !r.outstanding());
                 // No voter known yet (no purge report since start): not provably purged.
@@ -277,7 +277,14 @@ impl MetaState {
             size_bytes: e.size_bytes,
             deleted_ms: e.deleted_ms,
             deleted_by: e.deleted_by.clone(),
-            state: if e.completed_ms.is_some() { "complete" } else { "erasing" }.into(),
+            state: if e.completed_ms.is_some() {
+                "complete"
+            } else if self.is_retained(e.volume) {
+                "kept_for_clones"
+            } else {
+                "erasing"
+            }
+            .into(),
             completed_ms: e.completed_ms,
             root_epoch: e.root_epoch,
             replicas_total: releases.len() as u64,

@@ -16,6 +16,7 @@
 
 pub mod apply;
 pub mod backups;
+pub mod clones;
 pub mod command;
 mod erasure;
 mod operations;
@@ -127,6 +128,10 @@ pub struct MetaState {
     /// Restores in progress, by the id of the volume restored into.
     #[serde(default)]
     pub restores: BTreeMap<u64, backups::Restore>,
+    /// Deleted volumes whose segments stay because clones still read through one of
+    /// their snapshots (`clones.rs`); released when the last of those clones goes.
+    #[serde(default)]
+    pub retained: BTreeMap<u64, Volume>,
 }
 
 /// The result of applying one command.

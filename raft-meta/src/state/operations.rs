@@ -96,6 +96,7 @@ impl MetaState {
             _ => {}
         }
         ctx.object = format!("node:node-{node}({})", n.name);
+        self.refuse_if_retained_on(node)?;
         // Every replica must have somewhere to go, now, without this node.
         let segments = self.segments_on(node);
         let mut plan = self.clone();
@@ -463,6 +464,7 @@ impl MetaState {
         if self.moves.values().any(|m| m.to == node || m.from == node) {
             return Err(Refusal::conflict("a replica move onto or off this disk's node is in flight"));
         }
+        self.refuse_if_retained_on(node)?;
         let d = self.disks.get_mut(&disk).expect("checked");
         d.state = DiskState::Decommissioning;
         d.decommission = Some(Decommission {
@@ -664,8 +666,12 @@ impl MetaState {
             return Err(Refusal::forbidden("repair sources are for storage nodes"));
         }
         ctx.skip_audit = true;
-        let v =
-            self.volumes.get(&req.volume).ok_or_else(|| Refusal::not_found(format!("no volume vol-{}", req.volume)))?;
+        // Segments of a deleted parent kept for its clones are repaired like any others.
+        let v = self
+            .volumes
+            .get(&req.volume)
+            .or_else(|| self.retained.get(&req.volume))
+            .ok_or_else(|| Refusal::not_found(format!("no volume vol-{}", req.volume)))?;
         let seg = v
             .segments
             .get(req.segment as usize)

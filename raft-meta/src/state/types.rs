@@ -263,6 +263,9 @@ pub struct Snapshot {
     pub frozen_nodes: std::collections::BTreeSet<u64>,
     #[serde(default)]
     pub ready_ms: Option<u64>,
+    /// The volume's size when the snapshot was taken (0: recorded before sizes were).
+    #[serde(default)]
+    pub size_bytes: u64,
 }
 
 /// Whether a snapshot can be read.
@@ -310,6 +313,21 @@ pub struct Volume {
     pub wrapped_dek: WrappedKey,
     pub dek_created_ms: u64,
     pub dek_wrapped_ms: u64,
+    /// For a clone: the snapshot it reads through where it has not written (see `clones.rs`).
+    #[serde(default)]
+    pub parent: Option<CloneParent>,
+}
+
+/// A clone's parent: a ready snapshot of another volume, shared (blocks and key) until
+/// the clone writes over it or is flattened.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CloneParent {
+    /// The parent volume (live, or deleted and kept in `MetaState::retained` for its clones).
+    pub volume: u64,
+    /// The parent's snapshot: its id, its name and the layer epoch the clone reads at.
+    pub snapshot: u64,
+    pub snapshot_name: String,
+    pub epoch: u64,
 }
 
 /// Cluster-wide settings (operator-controlled).

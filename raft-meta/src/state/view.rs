@@ -175,6 +175,12 @@ pub struct VolumeView {
     pub segments: Vec<SegmentView>,
     pub attachments: Vec<AttachmentView>,
     pub snapshots: Vec<SnapshotView>,
+    /// For a clone: the snapshot it reads through where it has not written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<super::clones::ParentView>,
+    /// Clones that read through one of this volume's snapshots.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clones: Vec<super::clones::CloneView>,
     pub dek: DekInfo,
 }
 
@@ -195,6 +201,9 @@ pub struct AttachGrant {
     pub attachment: AttachmentView,
     pub volume: VolumeView,
     pub claims: CapabilityClaims,
+    /// For a clone: how to read its parent (see `clones.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<super::clones::ParentGrant>,
 }
 
 /// A reconfiguration's outcome.
@@ -286,7 +295,7 @@ pub struct ErasureView {
     pub size_bytes: u64,
     pub deleted_ms: u64,
     pub deleted_by: String,
-    /// `erasing` or `complete`.
+    /// `erasing`, `kept_for_clones` (its segments stay until its last clone is flattened or deleted) or `complete`.
     pub state: String,
     pub completed_ms: Option<u64>,
     /// The root key epoch the delete ratcheted to.

@@ -67,7 +67,11 @@ pub struct AttachArgs {
 }
 
 /// Tells the nodes of `set` that they hold the segment (idempotent).
-async fn assign(set: &SegmentReplicas, cap: &SignedCapability, segment_blocks: u64) -> Result<(), ControlError> {
+pub(super) async fn assign(
+    set: &SegmentReplicas,
+    cap: &SignedCapability,
+    segment_blocks: u64,
+) -> Result<(), ControlError> {
     let target = Target { volume: cap.claims.volume, generation: cap.claims.generation };
     for r in &set.replicas {
         let addr = r.addr.parse().map_err(|e| ControlError(format!("node address {}: {e}", r.addr)))?;
@@ -244,9 +248,10 @@ impl ControlPlane for MetaControl {
 
 /// Opens the volume engine on an attachment made by [`open::attach`]: tells the
 /// nodes they hold their segments (read-write), then connects and reconciles.
+/// A clone also opens its parent, read-only at the snapshot's epoch, to read through.
 /// `quick_api` is used for advisory calls, `api` (patient) for the rest.
 pub async fn open_volume(quick_api: &ApiClient, api: &ApiClient, opened: open::Attached) -> Result<Arc<Volume>> {
-    let open::Attached { id, snapshot, attachment, generation, layout, capability, dek, .. } = opened;
+    let open::Attached { id, snapshot, attachment, generation, layout, capability, dek, parent, .. } = opened;
     if capability.claims.rights.contains(slate_protocol::Rights::WRITE) {
         for s in &layout.segments {
             assign(s, &capability, layout.segment_blocks).await.map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -261,10 +266,21 @@ pub async fn open_volume(quick_api: &ApiClient, api: &ApiClient, opened: open::A
         generation,
         capability.clone(),
     ));
+    // A clone reads its parent's snapshot where it has not written (volume/clone.rs).
+    let parent = match parent {
+        Some(p) => {
+            info!(volume = id, parent = p.id, snapshot = %p.snapshot_name, epoch = %p.epoch, "a clone: reading through its parent");
+            Some(super::clone::open_parent(api, id, attachment, p, &dek).await?)
+        }
+        None => None,
+    };
     let vcfg = VolumeConfig { read_epoch: snapshot.map(|s| s.epoch), ..VolumeConfig::default() };
-    let volume = Volume::attach(AttachInfo { layout, capability, dek }, control, vcfg)
+    let mut volume = Volume::attach(AttachInfo { layout, capability, dek }, control, vcfg)
         .await
         .context("opening the volume on its storage nodes")?;
+    if let Some(p) = parent {
+        volume = volume.with_parent(p);
+    }
     Ok(Arc::new(volume))
 }
 

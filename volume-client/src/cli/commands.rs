@@ -48,6 +48,9 @@ pub enum VolumeCmd {
         #[arg(long, value_parser = parse_size)]
         size: u64,
     },
+    /// Copy into a clone everything it still reads from its parent, with progress, then
+    /// detach it from the parent. Resumable: run it again after an interruption.
+    Flatten(super::flatten::FlattenArgs),
     /// Delete a volume: its key is crypto-shredded, then every extent of every replica is
     /// zeroed and verified (`slate volume show V --deleted` shows how far).
     Delete {
@@ -365,6 +368,7 @@ pub async fn run(api: &ApiClient, cmd: Cmd, json_out: bool) -> Result<()> {
         }
         Cmd::Erasure(c) => super::erasure::run(api, c, json_out).await,
         Cmd::Snapshot(c) => super::snapshot::run(api, c, json_out).await,
+        Cmd::Clone(args) => super::clone::run(api, args, json_out).await,
         Cmd::Audit(AuditCmd::List) => {
             let v: Value = api.get("/v1/audit").await?;
             print(json_out, &v, |v| {
@@ -475,6 +479,7 @@ async fn volume(api: &ApiClient, cmd: VolumeCmd, json_out: bool) -> Result<()> {
                 format!("volume {} is now {}\n", v["id"], bytes_h(v["size_bytes"].as_u64().unwrap_or(0)))
             });
         }
+        VolumeCmd::Flatten(args) => super::flatten::run(api, args, json_out).await?,
         VolumeCmd::Delete { volume, force, wait } => {
             let id = resolve_volume(api, &volume).await?;
             let q = if force { "?force=true" } else { "" };
@@ -506,6 +511,35 @@ fn show_volume(v: &Value) -> String {
     let _ = writeln!(s, "  state:       {}", v["state"].as_str().unwrap_or("?"));
     let _ = writeln!(s, "  generation:  {}", v["generation"]);
     let _ = writeln!(s, "  key age:     {} s (tenant key v{})", v["dek"]["age_secs"], v["dek"]["tenant_key_version"]);
+    let p = &v["parent"];
+    if p.is_object() {
+        let _ = writeln!(
+            s,
+            "  parent:      {}@{} (volume {}{}, snapshot {}, epoch {}): read where this clone has not written",
+            p["volume_name"].as_str().unwrap_or("?"),
+            p["snapshot_name"].as_str().unwrap_or("?"),
+            p["volume"],
+            if p["deleted"] == true { ", deleted: kept for its clones" } else { "" },
+            p["snapshot"],
+            p["epoch"]
+        );
+    }
+    let clones: Vec<String> = v["clones"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            format!(
+                "{} (volume {}, of @{})",
+                c["name"].as_str().unwrap_or("?"),
+                c["volume"],
+                c["snapshot_name"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    if !clones.is_empty() {
+        let _ = writeln!(s, "  clones:      {}", clones.join(", "));
+    }
     let _ = writeln!(s, "  segments:");
     for seg in v["segments"].as_array().into_iter().flatten() {
         let reps: Vec<String> = seg["replicas"]

@@ -128,6 +128,14 @@ pub async fn show(api: &ApiClient, id: u64, wait: bool, timeout: Option<Duration
             print(json_out, &v, render);
             return Ok(());
         }
+        if v["state"].as_str() == Some("kept_for_clones") {
+            bar.abandon();
+            print(json_out, &v, render);
+            bail!(
+                "volume {id}'s key is shredded, but its segments are kept while clones read through its snapshot: \
+                 they are zeroed once the last of them is flattened (`slate volume flatten CLONE`) or deleted"
+            );
+        }
         if timeout.is_some_and(|t| started.elapsed() >= t) {
             bar.abandon();
             print(json_out, &v, render);
@@ -170,6 +178,13 @@ pub fn render(v: &Value) -> String {
     match v["completed_ms"].as_u64() {
         Some(t) => {
             let _ = writeln!(s, "  erasure:     {state} at {t} ms (recorded in the audit chain as volume.erased)");
+        }
+        None if state == "kept_for_clones" => {
+            let _ = writeln!(
+                s,
+                "  erasure:     {state}: key shredded; its segments stay while clones read through its snapshot, \
+                 and are zeroed once the last of them is flattened or deleted"
+            );
         }
         None => {
             let _ = writeln!(

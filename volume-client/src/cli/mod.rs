@@ -7,10 +7,12 @@ pub mod api;
 pub mod attach;
 pub mod backup;
 pub mod certificate_page;
+pub mod clone;
 pub mod cluster;
 pub mod commands;
 pub mod erasure;
 pub mod export;
+pub mod flatten;
 pub mod metactl;
 pub mod open;
 pub mod operations;
@@ -95,6 +97,9 @@ pub enum Cmd {
     /// Export a ready snapshot as a LUKS1 image (aes-xts-plain64) that qemu-img and cryptsetup
     /// open with the passphrase, under a fresh key of its own.
     Export(export::ExportArgs),
+    /// Clone a ready snapshot, VOL@SNAP, into a new writable volume: nothing is copied, the
+    /// clone shares the snapshot's blocks and key until written (`slate volume flatten` ends that).
+    Clone(clone::CloneArgs),
     /// Scrub a storage node now: read every written block, check its crc32c, repair from a peer.
     Scrub {
         node: String,

@@ -102,6 +102,59 @@ pub(super) struct AttachReply {
     pub(super) volume: VolumeView,
     pub(super) capability: CapabilityView,
     pub(super) dek_hex: String,
+    /// For a clone: how to read its parent.
+    #[serde(default)]
+    pub(super) parent: Option<ParentReply>,
+}
+
+/// A clone's parent as an attach reply or a capability refresh hands it over: the
+/// parent's layout, the snapshot's epoch and a read-only capability for the parent.
+#[derive(Deserialize)]
+pub(super) struct ParentReply {
+    pub(super) volume: VolumeView,
+    pub(super) snapshot_name: String,
+    pub(super) epoch: u64,
+    /// The parent's size at the snapshot (0: not told; the parent's current size).
+    #[serde(default)]
+    pub(super) size_bytes: u64,
+    pub(super) capability: CapabilityView,
+}
+
+impl ParentReply {
+    /// The parent's layout and capability, checked against each other.
+    pub(super) fn open(&self) -> Result<AttachedParent, ControlError> {
+        let capability = parse_capability(&self.capability.token)?;
+        if capability.claims.volume.0 != self.volume.id {
+            return Err(ControlError("slate-meta handed out a parent capability for another volume".into()));
+        }
+        let generation = capability.claims.generation.0.max(self.volume.generation);
+        let mut layout = layout_from_view(&self.volume, generation);
+        // A parent grown since the snapshot: its later segments hold no layer at the epoch.
+        if self.size_bytes > 0 && self.size_bytes < layout.size_bytes {
+            layout.size_bytes = self.size_bytes;
+            let count = layout.segment_count();
+            layout.segments.retain(|s| s.segment.0 < count);
+        }
+        Ok(AttachedParent {
+            id: self.volume.id,
+            name: self.volume.name.clone(),
+            snapshot_name: self.snapshot_name.clone(),
+            epoch: Epoch(self.epoch),
+            layout,
+            capability,
+        })
+    }
+}
+
+/// How a clone's attachment reads its parent (see `volume/clone.rs`).
+#[derive(Debug, Clone)]
+pub struct AttachedParent {
+    pub id: u64,
+    pub name: String,
+    pub snapshot_name: String,
+    pub epoch: Epoch,
+    pub layout: VolumeLayout,
+    pub capability: SignedCapability,
 }
 
 pub(super) fn segment_from_view(s: &SegmentView) -> SegmentReplicas {
@@ -168,6 +221,8 @@ pub struct Attached {
     pub layout: VolumeLayout,
     pub capability: SignedCapability,
     pub dek: Dek,
+    /// For a clone: its parent, read with the same DEK.
+    pub parent: Option<AttachedParent>,
 }
 
 /// Attaches volume `volume` (name or id), or its snapshot `snapshot` (by name;
@@ -208,10 +263,11 @@ pub async fn attach(
     };
     let name = reply.volume.name.clone();
     let attachment = reply.attachment.id;
+    let parent = reply.parent.as_ref().map(ParentReply::open).transpose()?;
     let mut reply = reply;
     zeroize::Zeroize::zeroize(&mut reply.dek_hex);
     drop(reply);
-    Ok(Attached { id, name, snapshot, attachment, generation, layout, capability, dek })
+    Ok(Attached { id, name, snapshot, attachment, generation, layout, capability, dek, parent })
 }
 
 /// Ends attachment `attachment` of volume `id`.
@@ -260,6 +316,54 @@ mod tests {
             serde_json::from_str(r#"[{"id":1,"volume":4,"name":"a","epoch":3,"created_ms":5,"state":"deleting"}]"#)
                 .unwrap();
         assert_eq!(new[0].state.as_deref(), Some("deleting"));
+    }
+
+    #[test]
+    fn a_clones_attach_reply_carries_its_parent() {
+        let key = slate_protocol::capability::generate_signing_key();
+        let cap = |volume: u64, generation: u64| {
+            slate_protocol::Capability {
+                volume: VolumeId(volume),
+                generation: Generation(generation),
+                rights: slate_protocol::Rights::READ,
+                expires_unix_secs: u64::MAX,
+                nodes: vec![NodeId(1), NodeId(2)],
+            }
+            .sign(&key)
+            .to_token()
+        };
+        let view = json!({
+            "id": 4, "name": "c1", "size_bytes": 8192, "generation": 1, "segment_blocks": 2,
+            "segments": [{"index": 0, "epoch": 1, "replicas": [
+                {"node": 1, "addr": "127.0.0.1:1", "state": "in_sync"},
+                {"node": 2, "addr": "127.0.0.1:2", "state": "in_sync"}]}]
+        });
+        // The parent grew since the snapshot: two segments now, one at the snapshot.
+        let mut parent_view = view.clone();
+        parent_view["id"] = json!(1);
+        parent_view["name"] = json!("demo");
+        parent_view["generation"] = json!(5);
+        parent_view["size_bytes"] = json!(16384);
+        let second = json!({"index": 1, "epoch": 1, "replicas": view["segments"][0]["replicas"].clone()});
+        parent_view["segments"].as_array_mut().unwrap().push(second);
+        let mut reply = json!({
+            "attachment": {"id": 9}, "volume": view, "capability": {"token": cap(4, 1)}, "dek_hex": "00",
+            "parent": {"volume": parent_view, "snapshot": 3, "snapshot_name": "s1", "epoch": 2,
+                       "size_bytes": 8192, "capability": {"token": cap(1, 5)}}
+        });
+        let r: AttachReply = serde_json::from_value(reply.clone()).unwrap();
+        let p = r.parent.as_ref().unwrap().open().unwrap();
+        assert_eq!((p.id, p.name.as_str(), p.snapshot_name.as_str(), p.epoch), (1, "demo", "s1", Epoch(2)));
+        assert_eq!((p.layout.volume, p.layout.generation), (VolumeId(1), Generation(5)));
+        assert_eq!((p.layout.size_bytes, p.layout.segments.len()), (8192, 1), "read no further than the snapshot");
+        p.layout.validate().unwrap();
+        // A capability for another volume than the parent's layout is refused.
+        reply["parent"]["capability"]["token"] = json!(cap(4, 5));
+        let r: AttachReply = serde_json::from_value(reply.clone()).unwrap();
+        assert!(r.parent.as_ref().unwrap().open().unwrap_err().to_string().contains("another volume"));
+        // A plain volume's reply has none.
+        reply.as_object_mut().unwrap().remove("parent");
+        assert!(serde_json::from_value::<AttachReply>(reply).unwrap().parent.is_none());
     }
 
     #[test]

@@ -33,8 +33,10 @@
 //! | `reconcile.rs` | write-intent reconciliation at open |
 //! | `intents.rs` | which intent regions may be cleared while serving |
 //! | `status.rs` | what `slate volume show` prints |
+//! | `clone.rs` | a clone's parent: reads through it, trims over it, flatten's copy (ciphertext) |
 
 pub mod actor;
+pub mod clone;
 pub mod control;
 pub mod deps;
 pub mod error;
@@ -53,6 +55,7 @@ mod fake;
 #[cfg(test)]
 mod tests;
 
+pub use clone::{CopyStep, Parent, ParentOpener};
 pub use control::{ControlError, ControlPlane, ReplicaUpdate};
 pub use error::VolumeError;
 pub use layout::{
@@ -158,6 +161,8 @@ pub struct Volume {
     budget: Arc<Semaphore>,
     budget_blocks: u64,
     op_slots: Arc<Semaphore>,
+    /// For a clone: the snapshot it reads through where it has not written (`clone.rs`).
+    parent: Option<Parent>,
 }
 
 impl std::fmt::Debug for Volume {
@@ -291,6 +296,7 @@ impl Volume {
             budget: Arc::new(Semaphore::new(budget_blocks as usize)),
             budget_blocks,
             op_slots: Arc::new(Semaphore::new(max_ops)),
+            parent: None,
         })
     }
 
@@ -343,8 +349,11 @@ impl Volume {
         let permit = self.permit(count).await?;
         let chunks = self.ask(|reply| Cmd::Read { start, count, permit: Some(permit), reply }).await?;
         let mut out = BytesMut::zeroed(count as usize * BLOCK_SIZE_BYTES);
-        for c in chunks {
-            self.decrypt_chunk(start, &c, &mut out)?;
+        for c in &chunks {
+            self.decrypt_chunk(start, c, &mut out)?;
+        }
+        if let Some(p) = &self.parent {
+            self.fill_from_parent(p, start, &chunks, &mut out).await?;
         }
         Ok(out.freeze())
     }
@@ -395,6 +404,14 @@ impl Volume {
 
     /// Unmaps blocks (they read as zeros); `zeroes` asks for write-zeroes semantics.
     pub async fn trim_blocks(&self, start: u64, count: u64, zeroes: bool) -> Result<(), VolumeError> {
+        match &self.parent {
+            Some(p) => self.trim_clone(p, start, count, zeroes).await,
+            None => self.trim_own(start, count, zeroes).await,
+        }
+    }
+
+    /// Unmaps blocks of this volume's own layer.
+    async fn trim_own(&self, start: u64, count: u64, zeroes: bool) -> Result<(), VolumeError> {
         let permit = self.permit(0).await?;
         self.ask(|reply| Cmd::Trim { start, count, zeroes, permit: Some(permit), reply }).await
     }
@@ -416,6 +433,9 @@ impl Volume {
             for i in 0..c.count as usize {
                 out[c.offset as usize + i] = slate_protocol::message::bit(&c.written, i);
             }
+        }
+        if let Some(p) = &self.parent {
+            p.union_allocated(start, &mut out).await?;
         }
         Ok(out)
     }
@@ -452,7 +472,8 @@ impl BlockDevice for Volume {
     }
 
     fn can_fast_zero(&self) -> bool {
-        true // write-zeroes only clears the nodes' written bits
+        // Write-zeroes only clears the nodes' written bits; a clone writes zero blocks over its parent.
+        self.parent.is_none()
     }
 
     fn read(&self, offset: u64, len: u32) -> DevFuture<'_, Bytes> {
@@ -490,7 +511,7 @@ impl BlockDevice for Volume {
     fn block_status(&self, offset: u64, len: u32) -> DevFuture<'_, Vec<Extent>> {
         Box::pin(async move {
             let (start, mut count) = dev(self.blocks_of(offset, u64::from(len)))?;
-            if self.read_epoch.is_some() {
+            if self.read_epoch.is_some() || self.parent.is_some() {
                 // Answered by reading: at most one read's worth (NBD lets an answer be shorter).
                 count = count.min(u64::from(slate_protocol::message::MAX_IO_BLOCKS));
             }
