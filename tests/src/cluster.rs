@@ -35,6 +35,23 @@ pub struct ProcessEntry {
     #[serde(default)]
     pub failure_domain: String,
     pub data: PathBuf,
+    /// The process's Prometheus endpoint (`host:port`), if it serves one.
+    #[serde(default)]
+    pub metrics: Option<String>,
+}
+
+impl ProcessEntry {
+    /// One line per extent state of a storage node's disk (`slate_node_extents`), for diagnostics.
+    pub fn extent_states(&self) -> String {
+        let Some(m) = &self.metrics else { return "no metrics endpoint".into() };
+        let out = Command::new("curl").args(["-s", &format!("http://{m}/metrics")]).output();
+        let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with("slate_node_extents{"))
+            .map(|l| l.trim_start_matches("slate_node_extents"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
 }
 
 /// One served volume, as listed in `cluster.json`.

@@ -104,7 +104,7 @@ fn backups_round_trip_incrementally_to_a_directory_and_s3_and_die_with_their_vol
         "slate-e2e-backup",
         UpOptions {
             volume_size_bytes: 1 << 30,
-            disk_size_bytes: 2048 * MIB,
+            disk_size_bytes: 3072 * MIB,
             segment_blocks: Some(65_536),
             ..UpOptions::default()
         },
@@ -113,8 +113,18 @@ fn backups_round_trip_incrementally_to_a_directory_and_s3_and_die_with_their_vol
     let target = format!("file://{}", dir.display());
 
     // A full 1 GiB volume and its snapshot.
+    let extents = |when: &str| {
+        for n in cluster.nodes() {
+            eprintln!("{when}, node {}: {}", n.id, n.extent_states());
+        }
+    };
+    extents("at start");
+    // Non-zero blocks that are no volume's (the superblock's second copy at the disk's end).
+    let baseline: Vec<HashSet<u128>> = cluster.nodes().iter().map(|n| nonzero_prints(&n.data, data_start(n))).collect();
     fill(&cluster, 1 << 30);
+    extents("after the fill");
     cluster.slate_ok(&["snapshot", "create", "demo", "s1"]);
+    extents("after s1");
 
     // Full backup to the directory; kill -9 part way, then resume under the same id.
     let mut cmd = cluster.slate();
@@ -127,7 +137,9 @@ fn backups_round_trip_incrementally_to_a_directory_and_s3_and_die_with_their_vol
         std::thread::sleep(Duration::from_millis(50));
     }
     first.kill9();
+    extents("after the killed backup");
     let full = slate_json_s3(&cluster, None, &["backup", "create", "demo@s1", "--to", &target]);
+    extents("after the full backup");
     eprintln!("full backup of 1 GiB: {full}");
     assert_eq!(full["id"], 1, "the resumed backup kept its id");
     assert_eq!(full["blocks_stored"], 262_144, "every block of the full volume is in the backup");
@@ -138,6 +150,7 @@ fn backups_round_trip_incrementally_to_a_directory_and_s3_and_die_with_their_vol
     let cmds: Vec<String> =
         (0..2_621u64).map(|i| format!("write -P {} {} 4k", 1 + i % 250, (i * 100 + 7) * 4096)).collect();
     qemu_io_ok(&uri, &cmds);
+    extents("after the 1% writes");
     let t = Instant::now();
     cluster.slate_ok(&["snapshot", "create", "demo", "s2"]);
     eprintln!("snapshot s2 taken in {:.2} s", t.elapsed().as_secs_f64());
@@ -160,6 +173,10 @@ fn backups_round_trip_incrementally_to_a_directory_and_s3_and_die_with_their_vol
 
     // The chain restores to exactly the snapshot.
     let snap_sha = sha_of(&cluster, "demo@s2", &["--read-only"], "s2");
+    for n in cluster.nodes() {
+        eprintln!("before the restore, node {}: {}", n.id, n.extent_states());
+    }
+    eprintln!("demo: {}", cluster.volume_show("demo"));
     // Restore, killed with -9 part way, then resumed.
     let mut cmd = cluster.slate();
     cmd.args(["restore", &inc_id.to_string(), "from-dir"]);
@@ -183,7 +200,13 @@ fn backups_round_trip_incrementally_to_a_directory_and_s3_and_die_with_their_vol
     );
 
     // Delete the volume: backups stay verifiable, become unrestorable; nothing in clear anywhere.
-    let before: Vec<HashSet<u128>> = cluster.nodes().iter().map(|n| nonzero_prints(&n.data, data_start(n))).collect();
+    let before: Vec<HashSet<u128>> = cluster
+        .nodes()
+        .iter()
+        .zip(&baseline)
+        .map(|(n, base)| nonzero_prints(&n.data, data_start(n)).difference(base).copied().collect())
+        .collect();
+    assert!(before.iter().any(|p| p.len() > 10_000), "the volume's blocks were not found on the disks");
     let out = cluster.run_slate(&["volume", "delete", "demo", "--force", "--wait"]);
     assert!(out.status.success(), "delete: {}", String::from_utf8_lossy(&out.stderr));
     let v = slate_json_s3(&cluster, None, &["backup", "verify", &inc_id.to_string()]);
@@ -195,6 +218,8 @@ fn backups_round_trip_incrementally_to_a_directory_and_s3_and_die_with_their_vol
     let vols = cluster.slate_json(&["volume", "list"]);
     assert!(!vols.to_string().contains("too-late"), "a refused restore left a volume: {vols}");
     assert!(files_containing(&dir, CANARY).is_empty(), "plaintext in the directory target");
+    extents("after the delete");
+    eprintln!("volumes left: {}", cluster.slate_json(&["volume", "list"]));
     // The volume's extents, snapshot layers included, are verified zero on every node.
     for (n, prints) in cluster.nodes().iter().zip(&before) {
         let left = count_present(&n.data, prints);
