@@ -6,7 +6,8 @@
 use super::{ApiError, ApiJson, ApiPath, ApiState, Caller, ErrorBody};
 use crate::state::backups::{Backup, BackupState};
 use crate::state::command::{
-    BeginBackupRequest, Command, CompleteBackupRequest, ErrorCode, RestoreProgressRequest, RestoreVolumeRequest,
+    BeginBackupRequest, Command, CompleteBackupRequest, ErrorCode, Refusal, RestoreProgressRequest,
+    RestoreVolumeRequest,
 };
 use axum::extract::State;
 use axum::routing::{get, post};
@@ -140,7 +141,33 @@ async fn complete_backup(
     description = "Creates the volume a backup restores into, with the backed-up volume's key re-wrapped for it; refused with \"key destroyed\" once that volume was deleted.",
     responses((status = 200), (status = "4XX", body = ErrorBody)))]
 async fn restore_volume(State(s): S, caller: Caller, ApiJson(req): ApiJson<RestoreVolumeRequest>) -> JsonResult {
-    call(&s, &caller, Command::RestoreVolume { req }).await
+    let bid = req.backup;
+    let tenant = match req.tenant {
+        Some(t) => t,
+        None => s.handle.read(move |sm| sm.state().backups.get(&bid).map(|b| b.tenant)).await?.unwrap_or(0),
+    };
+    let mut last = None;
+    for _ in 0..5 {
+        // A fresh key for the new volume, wrapped under its tenant's key (as for a create).
+        let prepared = s.handle.read(move |sm| sm.wrap_fresh_dek(tenant)).await?;
+        let (wrapped_dek, tenant_key_version) = prepared.unwrap_or_default();
+        let cmd = Command::RestoreVolume { req: req.clone(), wrapped_dek, tenant_key_version };
+        match s.call(&caller, cmd).await {
+            Err(ApiError(r)) if r.code == ErrorCode::KeyRotated => {
+                last = Some(r);
+                s.handle.read_barrier().await?;
+            }
+            other => {
+                let r = other?;
+                let mut body = r.body;
+                // The backed-up volume's key, to decrypt the backup with (the reply is TLS only).
+                let key = r.dek_hex.ok_or_else(|| ApiError::new(ErrorCode::Internal, "restore reply without key"))?;
+                body["source_dek_hex"] = serde_json::Value::String(key.to_string());
+                return Ok(Json(body));
+            }
+        }
+    }
+    Err(ApiError(last.unwrap_or_else(|| Refusal::new(ErrorCode::Unavailable, "key rotation raced every retry"))))
 }
 
 #[utoipa::path(post, path = "/v1/volumes/{id}/restore-progress", tag = "backups", security(("bearer" = [])),

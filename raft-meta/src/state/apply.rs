@@ -71,7 +71,7 @@ pub(super) struct Ctx {
     pub(super) object: String,
     pub(super) object_tenant: Option<u64>,
     shredded: bool,
-    dek_hex: Option<String>,
+    pub(super) dek_hex: Option<String>,
     pub(super) skip_audit: bool,
 }
 
@@ -234,6 +234,7 @@ fn object_hint(cmd: &Command) -> String {
         | Command::BeginBackup { volume, .. }
         | Command::RestoreProgress { volume, .. } => format!("volume:vol-{volume}"),
         Command::CompleteBackup { backup, .. } | Command::GetBackup { backup } => format!("backup:{backup}"),
+        Command::RestoreVolume { req, .. } => format!("backup:{} into:{}", req.backup, req.name),
         Command::ListAudit { tenant: Some(t), .. } => format!("audit:tenant-{t}"),
         Command::ReportRelease { node, release, .. } => format!("node:node-{node} release:{release}"),
         Command::ChangeMembership { req, .. } => format!("member:{}", req.id),
@@ -1068,7 +1069,9 @@ impl MetaState {
             Command::CompleteBackup { backup, req } => self.complete_backup(ctx, *backup, req),
             Command::ListBackups { volume } => self.list_backups(ctx, *volume),
             Command::GetBackup { backup } => self.get_backup(ctx, *backup),
-            Command::RestoreVolume { req } => self.restore_volume(ctx, root, req),
+            Command::RestoreVolume { req, wrapped_dek, tenant_key_version } => {
+                self.restore_volume(ctx, root, req, wrapped_dek, *tenant_key_version)
+            }
             Command::RestoreProgress { volume, req } => self.restore_progress(ctx, *volume, req),
             Command::CreateClone { volume, req } => self.create_clone(ctx, root, *volume, req),
             Command::CloneFlattened { volume, req } => self.clone_flattened(ctx, *volume, req),

@@ -8,11 +8,12 @@
 //! the manifest with the cluster key). A backup is begun before any data is sent,
 //! so a backup killed half way resumes under the same id.
 //!
-//! A restore creates a new volume whose DEK is the source volume's DEK, re-wrapped
-//! under the new volume's tenant key: the backup's ciphertext is valid in it as it
-//! is (the XTS tweak is the block index). Once the source volume is deleted its DEK
-//! is crypto-shredded, nothing in the cluster can re-wrap it, and every one of its
-//! backups is undecryptable: restore says so ("key destroyed").
+//! A restore creates a new volume under a fresh DEK of its own and hands the
+//! restorer (who holds the backup right) the source volume's DEK, as an attach
+//! would, to decrypt the backup with; the CLI re-encrypts every block under the new
+//! key. So no volume ever shares a key with its backup's source, and once the
+//! source is deleted its DEK is crypto-shredded, nothing in the cluster holds it,
+//! and every one of its backups is undecryptable: restore says so ("key destroyed").
 
 use super::apply::{internal, json, Actor, Ctx, Need, Res};
 use super::command::{
@@ -21,7 +22,7 @@ use super::command::{
 };
 use super::types::SnapshotState;
 use super::{take, MetaState};
-use crate::keys::RootKey;
+use crate::keys::{RootKey, WrappedKey};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use utoipa::ToSchema;
@@ -228,22 +229,18 @@ impl MetaState {
         json(b)
     }
 
-    /// Creates the volume a backup restores into, with the source's key re-wrapped for it.
-    pub(super) fn restore_volume(&mut self, ctx: &mut Ctx, root: &RootKey, req: &RestoreVolumeRequest) -> Res {
+    /// Creates the volume a backup restores into, under a fresh key of its own
+    /// (`wrapped_dek`, made by the proposer), and hands the restorer the backed-up
+    /// volume's key (`ctx.dek_hex`, like an attach) to decrypt the backup with.
+    pub(super) fn restore_volume(
+        &mut self,
+        ctx: &mut Ctx,
+        root: &RootKey,
+        req: &RestoreVolumeRequest,
+        wrapped_dek: &WrappedKey,
+        key_version: u64,
+    ) -> Res {
         let b = self.backup(req.backup)?.clone();
-        // The same restore again (after kill -9): resume it where it got to.
-        let existing = self.volumes.values().find(|v| v.name == req.name && req.tenant.is_none_or(|t| t == v.tenant));
-        if let Some(r) = existing.and_then(|v| self.restores.get(&v.id)).filter(|r| r.backup == b.id) {
-            let v = &self.volumes[&r.volume];
-            self.check_volume(&ctx.actor, v, Need::Reconfigure)?;
-            ctx.skip_audit = true;
-            let mut view = json(&self.volume_view(v, ctx.now))?;
-            view["restore"] = json(r)?;
-            return Ok(view);
-        }
-        if b.state != BackupState::Complete {
-            return Err(Refusal::conflict(format!("backup {} is not complete: finish or resume it first", b.id)));
-        }
         let Some(src) = self.volumes.get(&b.volume) else {
             if !ctx.actor.is_admin_of(b.tenant) {
                 return Err(Refusal::forbidden(format!("{} may not restore backup {}", ctx.actor.label(), b.id)));
@@ -258,7 +255,9 @@ impl MetaState {
             ));
         };
         self.check_volume(&ctx.actor, src, Need::Backup)?;
-        let tenant = req.tenant.unwrap_or(src.tenant);
+        if b.state != BackupState::Complete {
+            return Err(Refusal::conflict(format!("backup {} is not complete: finish or resume it first", b.id)));
+        }
         let src_tenant = self.tenants.get(&src.tenant).ok_or_else(|| internal("volume without tenant"))?;
         let stk = root.unwrap_tenant_key(&src_tenant.wrapped_key).map_err(|e| internal(e.to_string()))?;
         let dek = stk.unwrap_dek(&src.wrapped_dek).map_err(|e| internal(e.to_string()))?;
@@ -268,10 +267,18 @@ impl MetaState {
                 b.volume, b.id
             )));
         }
-        let t = self.tenants.get(&tenant).ok_or_else(|| Refusal::not_found(format!("no tenant {tenant}")))?;
-        let ttk = root.unwrap_tenant_key(&t.wrapped_key).map_err(|e| internal(e.to_string()))?;
-        let wrapped = ttk.wrap_dek(&dek);
-        let key_version = t.key_version;
+        // The same restore again (after kill -9): resume it where it got to.
+        let existing = self.volumes.values().find(|v| v.name == req.name && req.tenant.is_none_or(|t| t == v.tenant));
+        if let Some(r) = existing.and_then(|v| self.restores.get(&v.id)).filter(|r| r.backup == b.id) {
+            let v = &self.volumes[&r.volume];
+            self.check_volume(&ctx.actor, v, Need::Reconfigure)?;
+            ctx.skip_audit = true;
+            let mut view = json(&self.volume_view(v, ctx.now))?;
+            view["restore"] = json(r)?;
+            ctx.dek_hex = Some(dek.to_hex().to_string());
+            return Ok(view);
+        }
+        let tenant = req.tenant.unwrap_or(src.tenant);
         let create = CreateVolumeRequest {
             name: req.name.clone(),
             size_bytes: req.size_bytes,
@@ -280,12 +287,13 @@ impl MetaState {
             failure_domain_level: None,
             qos: src.qos,
         };
-        let mut view = self.create_volume(ctx, root, tenant, &create, &wrapped, key_version)?;
+        let mut view = self.create_volume(ctx, root, tenant, &create, wrapped_dek, key_version)?;
         let id = view["id"].as_u64().ok_or_else(|| internal("created volume without id"))?;
         ctx.object = format!("volume:vol-{id}({}) restore of backup:{} from vol-{}", req.name, b.id, b.volume);
         let r = Restore { volume: id, backup: b.id, done_manifests: 0, done_chunks: 0, started_ms: ctx.now };
         view["restore"] = json(&r)?;
         self.restores.insert(id, r);
+        ctx.dek_hex = Some(dek.to_hex().to_string());
         Ok(view)
     }
 

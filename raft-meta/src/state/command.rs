@@ -512,8 +512,12 @@ pub enum Command {
     GetBackup {
         backup: u64,
     },
+    /// `wrapped_dek` is a fresh key for the new volume, wrapped by the proposer under the
+    /// target tenant's key at `tenant_key_version` (as for `CreateVolume`).
     RestoreVolume {
         req: RestoreVolumeRequest,
+        wrapped_dek: WrappedKey,
+        tenant_key_version: u64,
     },
     RestoreProgress {
         volume: u64,

@@ -740,8 +740,9 @@ fn backups_resume_complete_and_restore_with_the_source_key_until_it_is_shredded(
     assert_eq!(h.state().backups[&b1].state, BackupState::Complete);
     assert!(matches!(begin(&mut h, s2, Some(b1)), Response::Ok { .. }));
     assert!(matches!(begin(&mut h, s1, Some(b1)), Response::Err(r) if r.code == ErrorCode::BadRequest));
-    // Restore: a new volume under the same key, re-wrapped for it.
+    // Restore: a new volume under a fresh key of its own; the reply carries the source's key.
     let restore = |h: &mut Harness, name: &str| {
+        let (wrapped_dek, tenant_key_version, _) = h.wrap_dek(t);
         h.run(
             tok(1, "op-secret"),
             Command::RestoreVolume {
@@ -752,14 +753,17 @@ fn backups_resume_complete_and_restore_with_the_source_key_until_it_is_shredded(
                     tenant: None,
                     replicas: None,
                 },
+                wrapped_dek,
+                tenant_key_version,
             },
         )
     };
-    let Response::Ok { body: r, .. } = restore(&mut h, "r1") else { panic!("restore refused") };
+    let Response::Ok { body: r, dek_hex } = restore(&mut h, "r1") else { panic!("restore refused") };
+    assert_eq!(dek_hex.as_deref().map(ToString::to_string), Some(hex::encode(dek.expose())), "the source's key");
     let rid = r["id"].as_u64().unwrap();
     let tk = h.root().unwrap_tenant_key(&h.state().tenants[&t].wrapped_key).unwrap();
     let restored = tk.unwrap_dek(&h.state().volumes[&rid].wrapped_dek).unwrap();
-    assert_eq!(restored.fingerprint(), dek.fingerprint());
+    assert_ne!(restored.fingerprint(), dek.fingerprint(), "a restored volume never shares its source's key");
     assert!(h.state().restores.contains_key(&rid));
     // The same restore again (after kill -9) resumes it; another name that is taken is refused.
     let Response::Ok { body: again, .. } = restore(&mut h, "r1") else { panic!("resume refused") };

@@ -1,7 +1,10 @@
 //! Writing a backup chain into a volume (`slate restore`).
 //!
-//! The volume was created by slate-meta with the backed-up volume's key
-//! re-wrapped for it, so the objects' ciphertext is written as it is. The chain
+//! The volume was created by slate-meta under a fresh key of its own; slate-meta
+//! hands the restorer the backed-up volume's key, with which each block is
+//! decrypted (its XTS tweak is its block index) before the volume engine
+//! encrypts it again under the new key. Plaintext lives only in the buffers of
+//! the objects being written, which are zeroed after use. The chain
 //! is applied oldest first; within one manifest the objects cover disjoint
 //! blocks and are written a few at a time, and a manifest is finished before the
 //! next begins, so a block changed by a later incremental ends with its later
@@ -16,11 +19,12 @@
 use super::chain::SignedManifest;
 use super::store::Store;
 use super::Ordered;
+use crate::crypto::VolumeCipher;
 use crate::volume::Volume;
 use anyhow::{anyhow, Context, Result};
-use bytes::BytesMut;
 use slate_protocol::backup::{Chunk, Manifest};
 use std::sync::Arc;
+use zeroize::Zeroizing;
 
 /// Where a restore stands.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -29,8 +33,15 @@ pub struct Position {
     pub chunks: u64,
 }
 
-/// Fetches, checks and writes one object's blocks.
-async fn apply_chunk(volume: &Volume, store: &Store, backup: u64, chunk: &Chunk, trims: bool) -> Result<u64> {
+/// Fetches, checks, decrypts (with the backed-up volume's key) and writes one object's blocks.
+async fn apply_chunk(
+    volume: &Volume,
+    source: &VolumeCipher,
+    store: &Store,
+    backup: u64,
+    chunk: &Chunk,
+    trims: bool,
+) -> Result<u64> {
     let key = Manifest::object_key(&chunk.object);
     let bytes = store
         .get(&key)
@@ -47,14 +58,12 @@ async fn apply_chunk(volume: &Volume, store: &Store, backup: u64, chunk: &Chunk,
         }
         let count = (j - i) as u64;
         if first.is_some() {
-            let mut run = BytesMut::with_capacity(count as usize * slate_protocol::BLOCK_SIZE_BYTES);
+            let mut run = Zeroizing::new(Vec::with_capacity(count as usize * slate_protocol::BLOCK_SIZE_BYTES));
             for (_, d) in &blocks[i..j] {
                 run.extend_from_slice(d.unwrap_or_default());
             }
-            volume
-                .write_ciphertext_blocks(start, run.freeze())
-                .await
-                .with_context(|| format!("writing blocks {start}+{count}"))?;
+            source.decrypt_blocks(start, &mut run).map_err(|e| anyhow!("decrypting blocks {start}+{count}: {e}"))?;
+            volume.write_blocks(start, &run, false).await.with_context(|| format!("writing blocks {start}+{count}"))?;
             written += count;
         } else if trims {
             volume.trim_blocks(start, count, true).await.with_context(|| format!("zeroing blocks {start}+{count}"))?;
@@ -67,6 +76,7 @@ async fn apply_chunk(volume: &Volume, store: &Store, backup: u64, chunk: &Chunk,
 /// Applies `chain` from `from`; `on_progress(position, blocks written)` after each object, in order.
 pub async fn apply(
     volume: Arc<Volume>,
+    source: Arc<VolumeCipher>,
     store: &Store,
     chain: &[SignedManifest],
     from: Position,
@@ -85,8 +95,8 @@ pub async fn apply(
         loop {
             while tasks.has_room() {
                 let Some(chunk) = items.next() else { break };
-                let (v, s) = (Arc::clone(&volume), store.clone());
-                tasks.push(async move { apply_chunk(&v, &s, backup, &chunk, trims).await });
+                let (v, k, s) = (Arc::clone(&volume), Arc::clone(&source), store.clone());
+                tasks.push(async move { apply_chunk(&v, &k, &s, backup, &chunk, trims).await });
             }
             let Some(r) = tasks.next().await else { break };
             let n = r?;

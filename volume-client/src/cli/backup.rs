@@ -11,6 +11,7 @@ use crate::backup::create::{self, BackupHeader};
 use crate::backup::reader::SnapshotReader;
 use crate::backup::restore::{self, Position};
 use crate::backup::store::{S3Options, Store};
+use crate::crypto::{VolumeCipher, XtsKey};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use clap::{Args, Subcommand};
@@ -20,6 +21,7 @@ use serde_json::{json, Value};
 use slate_protocol::backup::{Manifest, ManifestSnapshot, ManifestVolume, ParentRef};
 use std::sync::Arc;
 use std::time::Instant;
+use zeroize::Zeroizing;
 
 /// Reaching an S3 target.
 #[derive(Args, Debug, Clone, Default)]
@@ -323,8 +325,19 @@ pub async fn restore(api: &ApiClient, args: RestoreArgs, cluster_key: Option<Str
     }
     let size = chain.last().map_or(0, |m| m.manifest.volume.size_bytes);
     let body = json!({"backup": b.id, "name": args.name, "size_bytes": size, "tenant": args.tenant});
-    let created: Value = api.post("/v1/restores", &body).await?;
+    let mut created: Value = api.post("/v1/restores", &body).await?;
     let vid = created["id"].as_u64().ok_or_else(|| anyhow!("slate-meta created no volume"))?;
+    // The backed-up volume's key, to decrypt the backup with; the new volume has its own.
+    let source = {
+        let mut hex_key = match created["source_dek_hex"].take() {
+            Value::String(s) => Zeroizing::new(s),
+            _ => bail!("slate-meta sent no key for the backup"),
+        };
+        let bytes = Zeroizing::new(hex::decode(hex_key.as_str()).context("the backup's key is not hex")?);
+        zeroize::Zeroize::zeroize(&mut *hex_key);
+        let key = XtsKey::from_bytes(&bytes).map_err(|e| anyhow!("the backup's key: {e}"))?;
+        Arc::new(VolumeCipher::new(&key))
+    };
     let from = Position {
         manifests: created["restore"]["done_manifests"].as_u64().unwrap_or(0),
         chunks: created["restore"]["done_chunks"].as_u64().unwrap_or(0),
@@ -358,15 +371,16 @@ pub async fn restore(api: &ApiClient, args: RestoreArgs, cluster_key: Option<Str
         };
         let mut blocks = 0u64;
         let mut n = done_before;
-        let r = restore::apply(Arc::clone(&volume), &store, &chain, from, args.parallel, |p, w| {
-            blocks += w;
-            if p.chunks > 0 {
-                n += 1;
-            }
-            pb.set_position(n);
-            let _ = tx.send(p);
-        })
-        .await;
+        let r =
+            restore::apply(Arc::clone(&volume), Arc::clone(&source), &store, &chain, from, args.parallel, |p, w| {
+                blocks += w;
+                if p.chunks > 0 {
+                    n += 1;
+                }
+                pb.set_position(n);
+                let _ = tx.send(p);
+            })
+            .await;
         drop(tx);
         let _ = reporter.await;
         pb.finish_and_clear();
