@@ -1229,6 +1229,10 @@ impl MetaState {
             )
         };
         ctx.dek_hex = Some(dek.to_hex().to_string());
+        if req.insecure_plaintext_nbd {
+            // The operator chose to serve the decrypted volume over TCP without TLS.
+            ctx.object.push_str(" nbd:insecure-plaintext-tcp");
+        }
         let v = &self.volumes[&volume];
         let parent = self.parent_grant(v, ctx.now);
         if let Some(p) = &parent {

@@ -158,6 +158,10 @@ pub struct AttachRequest {
     /// Take over a live read-write attachment (fences its holder).
     #[serde(default)]
     pub force: bool,
+    /// The client will serve the volume over NBD on TCP without TLS (`slate attach
+    /// --insecure-plaintext`): recorded in the audit chain.
+    #[serde(default)]
+    pub insecure_plaintext_nbd: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]

@@ -210,7 +210,7 @@ fn attach_is_exclusive_and_takeover_bumps_generation() {
     }
     let attach = |force| Command::Attach {
         volume: vid,
-        req: AttachRequest { mode: AttachMode::ReadWrite, host: "h".into(), force },
+        req: AttachRequest { mode: AttachMode::ReadWrite, host: "h".into(), force, insecure_plaintext_nbd: false },
     };
     let r = h.run(tok(h1t, "s1"), attach(false));
     let Response::Ok { body, dek_hex } = r else { panic!("attach refused") };
@@ -228,7 +228,12 @@ fn attach_is_exclusive_and_takeover_bumps_generation() {
             tok(h1t, "s1"),
             Command::Attach {
                 volume: vid,
-                req: AttachRequest { mode: AttachMode::ReadOnly, host: "h".into(), force: false },
+                req: AttachRequest {
+                    mode: AttachMode::ReadOnly,
+                    host: "h".into(),
+                    force: false,
+                    insecure_plaintext_nbd: false,
+                },
             },
         );
         assert_eq!(body["claims"]["generation"], 2);
@@ -257,7 +262,12 @@ fn tenants_are_isolated_and_refusals_audited() {
         Command::DeleteVolume { volume: vb, force: true },
         Command::Attach {
             volume: vb,
-            req: AttachRequest { mode: AttachMode::ReadWrite, host: "x".into(), force: true },
+            req: AttachRequest {
+                mode: AttachMode::ReadWrite,
+                host: "x".into(),
+                force: true,
+                insecure_plaintext_nbd: false,
+            },
         },
         Command::CreateSnapshot { volume: vb, req: CreateSnapshotRequest { name: "s".into() } },
         Command::ListAudit { tenant: Some(b), after_seq: None, limit: None },
@@ -660,7 +670,12 @@ fn detached_snapshot_is_frozen_by_every_node_and_blocks_a_writer_meanwhile() {
             tok(1, "op-secret"),
             Command::Attach {
                 volume: vid,
-                req: AttachRequest { mode: AttachMode::ReadWrite, host: "h".into(), force: false },
+                req: AttachRequest {
+                    mode: AttachMode::ReadWrite,
+                    host: "h".into(),
+                    force: false,
+                    insecure_plaintext_nbd: false,
+                },
             },
         )
     };
@@ -795,7 +810,10 @@ fn the_backup_right_snapshots_and_reads_but_never_writes() {
         h.ok(tok(bkt, "b"), Command::CreateSnapshot { volume: vid, req: CreateSnapshotRequest { name: "s1".into() } });
     let sid = snap["id"].as_u64().unwrap();
     h.op(Command::SnapshotFrozen { volume: vid, snapshot: sid, req: SnapshotFrozenRequest { node: None } });
-    let attach = |mode| Command::Attach { volume: vid, req: AttachRequest { mode, host: "h".into(), force: false } };
+    let attach = |mode| Command::Attach {
+        volume: vid,
+        req: AttachRequest { mode, host: "h".into(), force: false, insecure_plaintext_nbd: false },
+    };
     let ro = h.ok(tok(bkt, "b"), attach(AttachMode::ReadOnly));
     assert_eq!(ro["claims"]["rights"], 1, "read only");
     assert_eq!(h.err(tok(bkt, "b"), attach(AttachMode::ReadWrite)).code, ErrorCode::Forbidden);

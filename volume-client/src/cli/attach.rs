@@ -58,12 +58,20 @@ pub struct AttachArgs {
     /// This host's name, recorded with the attachment.
     #[arg(long, default_value = "localhost")]
     pub host: String,
-    /// Require TLS (NBD STARTTLS) with this certificate chain (PEM)...
+    /// Serve NBD on TCP with TLS (NBD STARTTLS) with this certificate chain (PEM)...
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
-    /// ...and this private key (PEM).
+    /// ...and this private key (PEM)...
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// ...and accept only clients presenting a certificate signed by this CA (PEM): mutual
+    /// TLS, required for --nbd-tcp.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve --nbd-tcp without TLS: anyone who reaches the port reads and writes the
+    /// decrypted volume. Logged as a warning and recorded in the audit chain.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
 }
 
 /// Tells the nodes of `set` that they hold the segment (idempotent).
@@ -284,6 +292,51 @@ pub async fn open_volume(quick_api: &ApiClient, api: &ApiClient, opened: open::A
     Ok(Arc::new(volume))
 }
 
+/// The TLS configuration of the TCP listener: mutual TLS from `--tls-cert`, `--tls-key`
+/// and `--tls-client-ca`; `None` with `--insecure-plaintext`; an error otherwise.
+fn tcp_tls_config(args: &AttachArgs) -> Result<Option<Arc<rustls::ServerConfig>>> {
+    if args.nbd_tcp.is_none() {
+        if args.insecure_plaintext || args.tls_cert.is_some() {
+            bail!("--insecure-plaintext and --tls-cert apply to --nbd-tcp only");
+        }
+        return Ok(None);
+    }
+    match (&args.tls_cert, &args.tls_key, &args.tls_client_ca, args.insecure_plaintext) {
+        (Some(_), _, _, true) => bail!("give either mutual TLS (--tls-*) or --insecure-plaintext, not both"),
+        (Some(cert), Some(key), Some(ca), false) => {
+            let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+            let (cert, ca) = (read(cert)?, read(ca)?);
+            let key = Zeroizing::new(read(key)?);
+            Ok(Some(crate::nbd::tls::server_config_from_pem(&cert, &key, Some(&ca))?))
+        }
+        (_, _, _, true) => Ok(None),
+        (Some(_), _, None, false) => bail!(
+            "--nbd-tcp with TLS needs --tls-client-ca too: without client certificates anyone who reaches the \
+             port gets the decrypted volume"
+        ),
+        _ => bail!(
+            "--nbd-tcp serves the decrypted volume to the network: give --tls-cert, --tls-key and --tls-client-ca \
+             (mutual TLS, as qemu's tls-creds-x509 and libnbd speak it), or --insecure-plaintext to accept the risk"
+        ),
+    }
+}
+
+/// Binds the NBD unix socket with mode 0600 (only this user may connect), and warns
+/// if its directory lets other users in.
+fn bind_private_socket(path: &std::path::Path) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(path);
+    let l = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} private", path.display()))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+            warn!(dir = %dir.display(), "the NBD socket's directory is open to other users; a 0700 directory keeps them from even seeing it");
+        }
+    }
+    Ok(l)
+}
+
 /// Attaches and serves until a signal; detaches on the way out.
 pub async fn run(api: ApiClient, args: AttachArgs) -> Result<()> {
     // From here on every call rides through the loss of a metadata node or an election.
@@ -296,7 +349,17 @@ pub async fn run(api: ApiClient, args: AttachArgs) -> Result<()> {
     if snapshot.is_some() && !args.read_only {
         bail!("{} names a snapshot, which can only be served read-only: add --read-only", args.volume);
     }
-    let opened = open::attach(&api, volume_spec, snapshot, args.read_only, &args.host, args.force)
+    // NBD on TCP reaches the network with the decrypted volume: mutual TLS, or an explicit,
+    // audited choice. Checked before anything is attached.
+    let tcp_tls = tcp_tls_config(&args)?;
+    let insecure = args.nbd_tcp.is_some() && tcp_tls.is_none();
+    if insecure {
+        warn!(
+            addr = args.nbd_tcp.as_deref().unwrap_or(""),
+            "--insecure-plaintext: serving the decrypted volume over TCP without TLS; anyone who reaches the port can read and write it"
+        );
+    }
+    let opened = open::attach_opts(&api, volume_spec, snapshot, args.read_only, &args.host, args.force, insecure)
         .await
         .with_context(|| format!("attaching volume {}", args.volume))?;
     let (id, name, attachment, generation) = (opened.id, opened.name.clone(), opened.attachment, opened.generation);
@@ -318,30 +381,27 @@ pub async fn run(api: ApiClient, args: AttachArgs) -> Result<()> {
     };
     registry.add(ecfg, Arc::clone(&volume) as Arc<dyn BlockDevice>)?;
     registry.set_default(Some(&export_name));
-    let mut scfg = ServerConfig::default();
-    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
-        let cert = std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
-        let key = Zeroizing::new(std::fs::read(key).with_context(|| format!("reading {}", key.display()))?);
-        scfg.tls = Some(crate::nbd::tls::server_config_from_pem(&cert, &key, None)?);
-    }
-    let server = NbdServer::new(registry, scfg)?;
+    // The unix socket is guarded by its mode (0600); TCP by mutual TLS.
+    let local = NbdServer::new(Arc::clone(&registry), ServerConfig::default())?;
+    let remote = NbdServer::new(registry, ServerConfig { tls: tcp_tls, ..ServerConfig::default() })?;
     let mut tasks = Vec::new();
     if let Some(path) = &args.nbd_unix {
-        let _ = std::fs::remove_file(path);
-        let l = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-        let s = server.clone();
+        let l = bind_private_socket(path)?;
+        let s = local.clone();
         tasks.push(tokio::spawn(async move { s.serve_unix(l).await }));
         println!("serving {export_name} on nbd+unix:///{export_name}?socket={}", path.display());
     }
     if let Some(addr) = &args.nbd_tcp {
         let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-        let s = server.clone();
+        let s = remote.clone();
         tasks.push(tokio::spawn(async move { s.serve_tcp(l).await }));
-        println!("serving {export_name} on nbd://{addr}/{export_name}");
+        let scheme = if insecure { "nbd" } else { "nbds" };
+        println!("serving {export_name} on {scheme}://{addr}/{export_name}");
     }
     shutdown_signal().await;
     info!("stopping: finishing in-flight requests");
-    server.shutdown().await;
+    local.shutdown().await;
+    remote.shutdown().await;
     for t in tasks {
         t.abort();
     }

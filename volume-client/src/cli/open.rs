@@ -235,6 +235,20 @@ pub async fn attach(
     host: &str,
     force: bool,
 ) -> Result<Attached> {
+    attach_opts(api, volume, snapshot, read_only, host, force, false).await
+}
+
+/// [`attach`], telling slate-meta (for its audit chain) whether the volume will be
+/// served over NBD on TCP without TLS.
+pub async fn attach_opts(
+    api: &ApiClient,
+    volume: &str,
+    snapshot: Option<&str>,
+    read_only: bool,
+    host: &str,
+    force: bool,
+    insecure_plaintext_nbd: bool,
+) -> Result<Attached> {
     if snapshot.is_some() && !read_only {
         bail!("{volume}@{} names a snapshot, which can only be read: attach it read-only", snapshot.unwrap_or(""));
     }
@@ -251,8 +265,12 @@ pub async fn attach(
         }
     };
     let mode = if read_only { "read_only" } else { "read_write" };
-    let reply: AttachReply =
-        api.post(&format!("/v1/volumes/{id}/attach"), &json!({"mode": mode, "host": host, "force": force})).await?;
+    let reply: AttachReply = api
+        .post(
+            &format!("/v1/volumes/{id}/attach"),
+            &json!({"mode": mode, "host": host, "force": force, "insecure_plaintext_nbd": insecure_plaintext_nbd}),
+        )
+        .await?;
     let capability = parse_capability(&reply.capability.token)?;
     let generation = capability.claims.generation.0.max(reply.volume.generation);
     let layout = layout_from_view(&reply.volume, generation);

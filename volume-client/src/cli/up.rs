@@ -145,6 +145,12 @@ fn node_dir(dir: &Path, id: u64) -> PathBuf {
 /// Runs `slate up` until a signal.
 pub fn run(args: UpArgs) -> Result<()> {
     std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
+    // Keys, tokens, disk images and the NBD socket live here: only this user gets in.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&args.dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making {} private (0700)", args.dir.display()))?;
+    }
     let dir = std::fs::canonicalize(&args.dir)?;
     // The lock first: a second `slate up` on a directory in use must change nothing.
     let _lock = DirLock::take(&dir)?;
@@ -247,6 +253,8 @@ pub fn run(args: UpArgs) -> Result<()> {
             .arg(&sock)
             .arg("--nbd-tcp")
             .arg(format!("127.0.0.1:{}", st.nbd_tcp_port))
+            // Loopback only, and recorded in the audit chain; mutual TLS here is issue 10's next step.
+            .arg("--insecure-plaintext")
             .arg("--force");
         procs.push(Proc::spawn("slate attach", cmd, &logs.join("client.log"))?);
         let last = procs.len() - 1;

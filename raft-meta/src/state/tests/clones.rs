@@ -31,7 +31,13 @@ fn clone_cmd(parent: u64, snapshot: u64, name: &str, tenant: Option<u64>, size: 
 }
 
 fn attach(h: &mut Harness, c: Credential, vid: u64, mode: AttachMode) -> (Value, String) {
-    match h.run(c, Command::Attach { volume: vid, req: AttachRequest { mode, host: "h".into(), force: false } }) {
+    match h.run(
+        c,
+        Command::Attach {
+            volume: vid,
+            req: AttachRequest { mode, host: "h".into(), force: false, insecure_plaintext_nbd: false },
+        },
+    ) {
         Response::Ok { body, dek_hex } => (body, dek_hex.unwrap()),
         Response::Err(r) => panic!("attach refused: {r:?}"),
     }
