@@ -204,7 +204,7 @@ fn init(
         })
         .collect();
 
-    let ca = LocalCa::generate("slate-meta local CA")?;
+    let ca = LocalCa::generate(crate::tls::LOCAL_CA_NAME)?;
     std::fs::write(dir.join("ca.crt"), ca.cert_pem())?;
     write_private(&dir.join("ca.key"), ca.key_pem().as_bytes())?;
 

@@ -22,16 +22,30 @@ impl std::fmt::Debug for LocalCa {
     }
 }
 
+/// The common name of the CA `slate-meta init` makes for a cluster.
+pub const LOCAL_CA_NAME: &str = "slate-meta local CA";
+
+fn ca_params(name: &str) -> anyhow::Result<CertificateParams> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    Ok(params)
+}
+
 impl LocalCa {
     /// A fresh self-signed CA.
     pub fn generate(name: &str) -> anyhow::Result<Self> {
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let key = KeyPair::generate()?;
-        let cert = params.self_signed(&key)?;
+        let cert = ca_params(name)?.self_signed(&key)?;
+        Ok(Self { cert, key })
+    }
+
+    /// The CA that [`Self::generate`]`(name)` made, from its private key (PEM): the
+    /// certificates it issues chain to that CA's certificate (same name, same key).
+    pub fn from_key_pem(name: &str, key_pem: &str) -> anyhow::Result<Self> {
+        let key = KeyPair::from_pem(key_pem).context("the CA key is not a PEM private key")?;
+        let cert = ca_params(name)?.self_signed(&key)?;
         Ok(Self { cert, key })
     }
 

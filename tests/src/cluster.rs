@@ -59,7 +59,10 @@ impl ProcessEntry {
 pub struct VolumeEntry {
     pub name: String,
     pub nbd_unix: String,
+    /// A libnbd URI with TLS (`nbds://…?tls-certificates=DIR`); [`qemu_io_with`] turns it into qemu's options.
     pub nbd_tcp: String,
+    #[serde(default)]
+    pub tls_creds_dir: Option<PathBuf>,
 }
 
 /// The parts of `cluster.json` the tests use.
@@ -517,11 +520,33 @@ pub fn qemu_io(uri: &str, cmds: &[String]) -> Output {
 pub fn qemu_io_with(extra: &[&str], uri: &str, cmds: &[String]) -> Output {
     // Under `timeout`, so that a server that stops answering fails the test instead of hanging it.
     let mut c = Command::new("timeout");
-    c.args(["--kill-after=10", "300", "qemu-io", "-f", "raw"]).args(extra);
+    c.args(["--kill-after=10", "300", "qemu-io"]).args(extra);
     for cmd in cmds {
         c.arg("-c").arg(cmd);
     }
-    c.arg(uri).stdin(Stdio::null()).output().expect("run qemu-io")
+    match qemu_tls_image_opts(uri) {
+        // qemu takes no TLS in a URI: a libnbd `nbds://…?tls-certificates=DIR` becomes
+        // a tls-creds-x509 object and image options.
+        Some((object, opts)) => c.args(["--object", &object, "--image-opts", &opts]),
+        None => c.args(["-f", "raw", uri]),
+    };
+    c.stdin(Stdio::null()).output().expect("run qemu-io")
+}
+
+/// For a libnbd URI `nbds://HOST:PORT/EXPORT?tls-certificates=DIR`, qemu's
+/// `--object` and `--image-opts` arguments; `None` for any other URI.
+pub fn qemu_tls_image_opts(uri: &str) -> Option<(String, String)> {
+    let rest = uri.strip_prefix("nbds://")?;
+    let (addr_export, query) = rest.split_once('?')?;
+    let dir = query.split('&').find_map(|kv| kv.strip_prefix("tls-certificates="))?;
+    let (addr, export) = addr_export.split_once('/')?;
+    let (host, port) = addr.rsplit_once(':')?;
+    Some((
+        format!("tls-creds-x509,id=tls0,dir={dir},endpoint=client"),
+        format!(
+            "driver=raw,file.driver=nbd,file.server.type=inet,file.server.host={host},file.server.port={port},file.export={export},file.tls-creds=tls0"
+        ),
+    ))
 }
 
 /// Runs qemu-io and asserts that every command succeeded (exit 0, no failure or mismatch in its output).

@@ -25,6 +25,7 @@ const OPT_GO: u32 = 7;
 const REP_ACK: u32 = 1;
 const REP_INFO: u32 = 3;
 const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
+const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
 const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
 const CMD_TRIM: u16 = 4;
@@ -177,7 +178,7 @@ impl Checker<'_> {
 }
 
 fn tcp_addr(uri: &str) -> String {
-    uri.trim_start_matches("nbd://").split('/').next().expect("host:port").to_owned()
+    uri.trim_start_matches("nbds://").trim_start_matches("nbd://").split('/').next().expect("host:port").to_owned()
 }
 
 #[test]
@@ -228,8 +229,13 @@ fn nbd_server_survives_bad_input() {
     drop(c);
     check.served("four truncated handshakes");
 
-    // ----- option errors: the connection goes on -----
+    // ----- over TCP nothing is served before mutual TLS -----
     let mut c = Raw::tcp(&addr).opened();
+    assert_eq!(c.go("demo"), Err(REP_ERR_TLS_REQD), "NBD_OPT_GO over TCP without TLS");
+    drop(c);
+
+    // ----- option errors: the connection goes on (the same code serves both transports) -----
+    let mut c = Raw::unix(&sock).opened();
     c.option(0x00de_ad00, b"what");
     let (opt, ty, _) = c.option_reply();
     assert_eq!(opt, 0x00de_ad00);
@@ -254,7 +260,7 @@ fn nbd_server_survives_bad_input() {
     check.served("unknown, malformed and oversized options");
 
     // ----- transmission: out-of-range and malformed requests get errors -----
-    let mut c = Raw::tcp(&addr).opened();
+    let mut c = Raw::unix(&sock).opened();
     let size = c.go("demo").expect("go");
     let out_of_range = [EINVAL, ENOSPC, EOVERFLOW];
     let cases: Vec<(&str, u16, u64, u32, Vec<u8>)> = vec![

@@ -1,12 +1,14 @@
 //! Only the attached host gets the volume over NBD:
-//! * the unix socket is 0600 in slate up's 0700 directory;
+//! * the unix socket is 0600 in slate up's 0700 directory, and slate up's TCP
+//!   listener takes mutual TLS with the client credentials it wrote (qemu-io,
+//!   nbdinfo), never plaintext;
 //! * `slate attach --nbd-tcp` refuses to serve without mutual TLS unless
 //!   `--insecure-plaintext` is given, which is recorded in the audit chain;
 //! * with mutual TLS, qemu-io (tls-creds-x509) and libnbd (nbdinfo) with a client
 //!   certificate from the trusted CA get in; without a certificate, with one from
 //!   another CA, or without TLS at all, they are refused before anything is served.
 
-use slate_tests::cluster::{Cluster, UpOptions};
+use slate_tests::cluster::{qemu_io_ok, Cluster, UpOptions};
 use slate_tests::free_addr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -134,11 +136,24 @@ fn nbd_serves_only_the_attached_host() {
         Cluster::start("slate-e2e-nbdauth", UpOptions { volume_size_bytes: 64 << 20, ..UpOptions::default() });
     assert_eq!(mode(cluster.dir()), 0o700, "slate up's directory");
     assert_eq!(mode(&cluster.nbd_socket()), 0o600, "the NBD unix socket");
+    // slate up's own TCP listener: mutual TLS with the client credentials it wrote.
+    let creds = cluster.volume().tls_creds_dir.clone().expect("slate up names its client credentials");
+    assert_eq!(mode(&creds), 0o700);
+    assert_eq!(mode(&creds.join("client-key.pem")), 0o600);
+    for f in ["ca-cert.pem", "client-cert.pem", "client-key.pem"] {
+        assert!(creds.join(f).exists(), "{f} missing from {}", creds.display());
+    }
+    let up_tcp = cluster.nbd_tcp();
+    assert!(up_tcp.starts_with("nbds://"), "{up_tcp}");
+    qemu_io_ok(&up_tcp, &["write -P 0x3c 0 1M".into(), "read -P 0x3c 0 1M".into()]);
+    let o = Command::new("nbdinfo").arg("--size").arg(&up_tcp).output().expect("nbdinfo");
+    assert!(o.status.success(), "nbdinfo with slate up's credentials: {}", String::from_utf8_lossy(&o.stderr));
+    let plain = up_tcp.replacen("nbds://", "nbd://", 1);
+    let plain = plain.split('?').next().unwrap_or_default().to_owned();
+    let o = Command::new("nbdinfo").arg("--size").arg(&plain).output().expect("nbdinfo");
+    assert!(!o.status.success(), "slate up's TCP listener served a client without TLS");
     let audit = cluster.slate_json(&["audit", "list"]).to_string();
-    assert!(
-        audit.contains("nbd:insecure-plaintext-tcp"),
-        "slate up's plaintext loopback TCP is not in the audit chain"
-    );
+    assert!(!audit.contains("nbd:insecure-plaintext-tcp"), "slate up served TCP in plaintext");
 
     // Refused before anything is attached.
     let tmp = cluster.scratch().join("pki");

@@ -33,7 +33,12 @@ pub struct ProcessInfo {
 pub struct VolumeInfo {
     pub name: String,
     pub nbd_unix: String,
+    /// A libnbd URI (`nbds://…?tls-certificates=DIR`): the TCP listener takes mutual TLS only.
     pub nbd_tcp: String,
+    /// Client credentials for the TCP listener, laid out as qemu's `tls-creds-x509`
+    /// (`ca-cert.pem`, `client-cert.pem`, `client-key.pem`) and libnbd expect.
+    #[serde(default)]
+    pub tls_creds_dir: Option<PathBuf>,
 }
 
 /// The whole file.

@@ -37,6 +37,10 @@ impl MetaLayout {
     pub fn ca_path(&self) -> PathBuf {
         self.root.join("ca.crt")
     }
+    /// The cluster CA's private key (0600), written by `slate-meta init`.
+    pub fn ca_key_path(&self) -> PathBuf {
+        self.root.join("ca.key")
+    }
     pub fn operator_token_path(&self) -> PathBuf {
         self.root.join("operator.token")
     }

@@ -138,6 +138,55 @@ fn self_cmd() -> Command {
     Command::new(std::env::current_exe().unwrap_or_else(|_| PathBuf::from("slate")))
 }
 
+/// The demo volume's TCP listener's TLS material, issued by the cluster CA.
+struct NbdTls {
+    server_cert: PathBuf,
+    server_key: PathBuf,
+}
+
+/// Issues (once) a server certificate for 127.0.0.1 and a client certificate from
+/// the cluster CA: the server's in `nbd-tls/`, the client's in `nbd-client/` laid
+/// out as qemu's `tls-creds-x509` and libnbd expect. Keys are 0600, directories 0700.
+fn nbd_tls(dir: &Path, layout: &MetaLayout) -> Result<NbdTls> {
+    use slate_meta::tls::{write_private, LocalCa, LOCAL_CA_NAME};
+    use std::os::unix::fs::DirBuilderExt;
+    let (server_dir, client_dir) = (dir.join("nbd-tls"), nbd_client_dir(dir));
+    let tls = NbdTls { server_cert: server_dir.join("server-cert.pem"), server_key: server_dir.join("server-key.pem") };
+    let client_key = client_dir.join("client-key.pem");
+    if tls.server_cert.exists() && tls.server_key.exists() && client_key.exists() {
+        return Ok(tls);
+    }
+    for d in [&server_dir, &client_dir] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(d)
+            .with_context(|| format!("creating {}", d.display()))?;
+    }
+    let key_pem = zeroize::Zeroizing::new(
+        std::fs::read_to_string(layout.ca_key_path())
+            .context("reading the cluster CA's key to issue NBD certificates")?,
+    );
+    let ca = LocalCa::from_key_pem(LOCAL_CA_NAME, &key_pem)?;
+    let (cert, key) = ca.issue("slate up NBD server", &["127.0.0.1".to_owned(), "localhost".to_owned()])?;
+    let (ccert, ckey) = ca.issue("slate up NBD client", &[])?;
+    let (key, ckey) = (zeroize::Zeroizing::new(key), zeroize::Zeroizing::new(ckey));
+    for f in [&tls.server_cert, &tls.server_key, &client_key] {
+        let _ = std::fs::remove_file(f);
+    }
+    std::fs::write(&tls.server_cert, cert)?;
+    write_private(&tls.server_key, key.as_bytes())?;
+    std::fs::copy(layout.ca_path(), client_dir.join("ca-cert.pem"))?;
+    std::fs::write(client_dir.join("client-cert.pem"), ccert)?;
+    write_private(&client_key, ckey.as_bytes())?;
+    Ok(tls)
+}
+
+/// Where `slate up` keeps the NBD client credentials it made.
+fn nbd_client_dir(dir: &Path) -> PathBuf {
+    dir.join("nbd-client")
+}
+
 fn node_dir(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("node-{id}"))
 }
@@ -236,7 +285,8 @@ pub fn run(args: UpArgs) -> Result<()> {
             save_state(&dir, &st)?;
         }
 
-        // The client: `slate attach` in its own process, serving NBD.
+        // The client: `slate attach` in its own process, serving NBD (TCP with mutual TLS).
+        let tls = nbd_tls(&dir, &layout)?;
         let sock = dir.join("nbd.sock");
         let mut cmd = self_cmd();
         // Every metadata node: the client must ride through the loss of any one of them.
@@ -253,8 +303,12 @@ pub fn run(args: UpArgs) -> Result<()> {
             .arg(&sock)
             .arg("--nbd-tcp")
             .arg(format!("127.0.0.1:{}", st.nbd_tcp_port))
-            // Loopback only, and recorded in the audit chain; mutual TLS here is issue 10's next step.
-            .arg("--insecure-plaintext")
+            .arg("--tls-cert")
+            .arg(&tls.server_cert)
+            .arg("--tls-key")
+            .arg(&tls.server_key)
+            .arg("--tls-client-ca")
+            .arg(layout.ca_path())
             .arg("--force");
         procs.push(Proc::spawn("slate attach", cmd, &logs.join("client.log"))?);
         let last = procs.len() - 1;
@@ -370,7 +424,13 @@ fn cluster_file(dir: &Path, st: &UpState, layout: &MetaLayout, procs: &[Proc]) -
         volumes: vec![VolumeInfo {
             name: st.volume_name.clone(),
             nbd_unix: format!("nbd+unix:///{}?socket={}", st.volume_name, sock.display()),
-            nbd_tcp: format!("nbd://127.0.0.1:{}/{}", st.nbd_tcp_port, st.volume_name),
+            nbd_tcp: format!(
+                "nbds://127.0.0.1:{}/{}?tls-certificates={}",
+                st.nbd_tcp_port,
+                st.volume_name,
+                nbd_client_dir(dir).display()
+            ),
+            tls_creds_dir: Some(nbd_client_dir(dir)),
         }],
     }
 }
@@ -391,6 +451,20 @@ fn print_ready(file: &ClusterFile, dir: &Path) {
         dir.join("nbd.sock").display(),
         v.name
     );
+    if let (Some(creds), Some(port)) = (&v.tls_creds_dir, file.processes.iter().find(|p| p.role == "client")) {
+        let port = port.addr.rsplit(':').next().unwrap_or("");
+        let obj = format!("tls-creds-x509,id=tls0,dir={},endpoint=client", creds.display());
+        println!("Over TCP (mutual TLS; the client credentials are in {}):", creds.display());
+        println!(
+            "  qemu-io --object {obj} --image-opts -c 'read -P 0xab 0 1M' 'driver=raw,file.driver=nbd,file.server.type=inet,file.server.host=127.0.0.1,file.server.port={port},file.export={},file.tls-creds=tls0'",
+            v.name
+        );
+        println!("  nbdinfo '{}'", v.nbd_tcp);
+        println!(
+            "  qemu-system-x86_64 -m 1G -object {obj} -drive driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export={},tls-creds=tls0,format=raw,if=virtio ...",
+            v.name
+        );
+    }
     println!("  slate volume list        (from {})", dir.parent().unwrap_or(dir).display());
     println!();
     println!("Press Ctrl-C to stop.");
