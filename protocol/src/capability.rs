@@ -13,9 +13,65 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-const DOMAIN: &[u8] = b"slate-capability-v1\0";
+const DOMAIN: &[u8] = b"slate-capability-v2\0";
 /// Upper bound on the node scope of one capability (keeps decoding bounded).
 pub const MAX_SCOPE_NODES: usize = 64;
+/// How far a node's clock may be from the metadata service's before a fresh
+/// capability looks "not yet valid" or a live one looks expired, in seconds.
+pub const CLOCK_SKEW_SECS: u64 = 30;
+/// The HTTP header in which a caller of the management API names the [`Holder`]
+/// the capabilities it is handed must be bound to (64 hex digits).
+pub const HOLDER_HEADER: &str = "slate-holder";
+/// Length of a holder binding: SHA-256 of the holder's TLS certificate (DER).
+pub const HOLDER_BYTES: usize = 32;
+
+/// Whose capability it is: the SHA-256 of the TLS certificate (DER) the holder
+/// presents to storage nodes. A node serving TLS accepts the capability only on a
+/// session whose peer proved possession of that certificate's key, so a copied
+/// capability is useless on any other connection.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct Holder(#[serde(with = "holder_hex")] pub [u8; HOLDER_BYTES]);
+
+impl Holder {
+    /// The binding of a DER certificate.
+    pub fn of_certificate(der: &[u8]) -> Self {
+        use sha2::Digest;
+        Self(sha2::Sha256::digest(der).into())
+    }
+
+    /// Parses 64 hex digits.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        hex::decode(s.trim()).ok()?.try_into().ok().map(Self)
+    }
+
+    /// 64 hex digits.
+    pub fn to_hex(self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Debug for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Holder({}..)", &self.to_hex()[..12])
+    }
+}
+
+impl fmt::Display for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+mod holder_hex {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(h: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(h))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s = String::deserialize(d)?;
+        hex::decode(s).map_err(serde::de::Error::custom)?.try_into().map_err(|_| serde::de::Error::custom("32 bytes"))
+    }
+}
 
 /// What a capability allows, as a bit set.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -73,6 +129,32 @@ pub struct Capability {
     pub expires_unix_secs: u64,
     /// The storage nodes that may honour it; never empty.
     pub nodes: Vec<NodeId>,
+    /// Seconds since the Unix epoch before which the capability is not yet valid.
+    pub not_before_unix_secs: u64,
+    /// The volume's size in blocks: no request may touch a block at or past it.
+    pub size_blocks: u64,
+    /// The volume's segment count: segments `0..segments` exist, no other may be assigned.
+    pub segments: u64,
+    /// The TLS certificate the capability is bound to (see [`Holder`]).
+    pub holder: Holder,
+}
+
+impl Default for Capability {
+    /// An empty scope with no expiry bound and no size bound, for building
+    /// capabilities field by field (`Capability { volume, .., ..Default::default() }`).
+    fn default() -> Self {
+        Self {
+            volume: VolumeId(0),
+            generation: Generation(0),
+            rights: Rights::default(),
+            expires_unix_secs: 0,
+            nodes: Vec::new(),
+            not_before_unix_secs: 0,
+            size_blocks: u64::MAX,
+            segments: u64::MAX,
+            holder: Holder::default(),
+        }
+    }
 }
 
 /// Why a capability was refused.
@@ -90,9 +172,17 @@ pub enum CapabilityError {
     /// The token bytes do not parse.
     #[error("capability is malformed")]
     Malformed,
+    /// The not-before time has not come yet (beyond the allowed clock skew).
+    #[error("capability is not valid yet")]
+    NotYetValid,
 }
 
 impl Capability {
+    /// True once `now` is past the expiry plus the allowed clock skew.
+    pub fn expired_at(&self, now_unix_secs: u64) -> bool {
+        now_unix_secs >= self.expires_unix_secs.saturating_add(CLOCK_SKEW_SECS)
+    }
+
     /// The canonical bytes that are signed.
     fn signed_bytes(&self) -> Vec<u8> {
         let mut w = Writer::default();
@@ -110,6 +200,10 @@ impl Capability {
         for n in &self.nodes {
             w.u64(n.0);
         }
+        w.u64(self.not_before_unix_secs);
+        w.u64(self.size_blocks);
+        w.u64(self.segments);
+        w.bytes(&self.holder.0);
     }
 
     /// Signs the claims. Only the metadata service holds `key`.
@@ -148,7 +242,8 @@ mod sig_hex {
 }
 
 impl SignedCapability {
-    /// Checks signature, expiry and node scope, in that order.
+    /// Checks signature, validity window (with [`CLOCK_SKEW_SECS`] either side)
+    /// and node scope, in that order. The holder binding is the session's to check.
     pub fn verify(
         &self,
         key: &VerifyingKey,
@@ -157,8 +252,11 @@ impl SignedCapability {
     ) -> Result<&Capability, CapabilityError> {
         let sig = Signature::from_bytes(&self.signature);
         key.verify(&self.claims.signed_bytes(), &sig).map_err(|_| CapabilityError::Forged)?;
-        if now_unix_secs >= self.claims.expires_unix_secs {
+        if self.claims.expired_at(now_unix_secs) {
             return Err(CapabilityError::Expired);
+        }
+        if now_unix_secs.saturating_add(CLOCK_SKEW_SECS) < self.claims.not_before_unix_secs {
+            return Err(CapabilityError::NotYetValid);
         }
         if !self.claims.nodes.contains(&this_node) {
             return Err(CapabilityError::WrongNode);
@@ -186,8 +284,23 @@ impl SignedCapability {
         for _ in 0..n {
             nodes.push(NodeId(r.u64()?));
         }
+        let not_before_unix_secs = r.u64()?;
+        let size_blocks = r.u64()?;
+        let segments = r.u64()?;
+        let holder = Holder(r.array()?);
         let signature: [u8; 64] = r.array()?;
-        Ok(Self { claims: Capability { volume, generation, rights, expires_unix_secs, nodes }, signature })
+        let claims = Capability {
+            volume,
+            generation,
+            rights,
+            expires_unix_secs,
+            nodes,
+            not_before_unix_secs,
+            size_blocks,
+            segments,
+            holder,
+        };
+        Ok(Self { claims, signature })
     }
 
     /// The token as a printable string (hex of the wire form), for config files and tests.
@@ -229,6 +342,10 @@ mod tests {
             rights: Rights::READ_WRITE,
             expires_unix_secs: 2_000,
             nodes: vec![NodeId(1), NodeId(2)],
+            not_before_unix_secs: 900,
+            size_blocks: 1 << 20,
+            segments: 4,
+            holder: Holder([9; HOLDER_BYTES]),
         }
     }
 
@@ -239,7 +356,20 @@ mod tests {
         let signed = cap().sign(&key);
         assert_eq!(signed.verify(&vk, NodeId(1), 1_000).unwrap().volume, VolumeId(7));
         assert_eq!(signed.verify(&vk, NodeId(9), 1_000), Err(CapabilityError::WrongNode));
-        assert_eq!(signed.verify(&vk, NodeId(1), 2_000), Err(CapabilityError::Expired));
+        assert_eq!(signed.verify(&vk, NodeId(1), 2_000 + CLOCK_SKEW_SECS), Err(CapabilityError::Expired));
+        assert!(signed.verify(&vk, NodeId(1), 2_000 + CLOCK_SKEW_SECS - 1).is_ok(), "within the skew allowance");
+        assert_eq!(signed.verify(&vk, NodeId(1), 900 - CLOCK_SKEW_SECS - 1), Err(CapabilityError::NotYetValid));
+        assert!(signed.verify(&vk, NodeId(1), 900 - CLOCK_SKEW_SECS).is_ok(), "within the skew allowance");
+        for tamper in [
+            |c: &mut Capability| c.size_blocks += 1,
+            |c: &mut Capability| c.segments += 1,
+            |c: &mut Capability| c.not_before_unix_secs -= 100,
+            |c: &mut Capability| c.holder.0[0] ^= 1,
+        ] {
+            let mut t = signed.clone();
+            tamper(&mut t.claims);
+            assert_eq!(t.verify(&vk, NodeId(1), 1_000), Err(CapabilityError::Forged));
+        }
         let mut forged = signed.clone();
         forged.claims.volume = VolumeId(8);
         assert_eq!(forged.verify(&vk, NodeId(1), 1_000), Err(CapabilityError::Forged));

@@ -12,7 +12,7 @@ pub mod message;
 pub mod ops;
 pub mod wire;
 
-pub use capability::{Capability, CapabilityError, Rights, SignedCapability};
+pub use capability::{Capability, CapabilityError, Holder, Rights, SignedCapability};
 pub use frame::{decode_frame, encode_reply, encode_request, FrameError, MAX_FRAME_PAYLOAD};
 pub use ids::*;
 pub use message::{BlockRange, ErrorKind, Reply, Request, Target, WireError, PROTOCOL_VERSION};

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use std::fmt;
 
 /// The data-plane protocol version carried in the hello.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Most blocks one read or write may carry (4 MiB).
 pub const MAX_IO_BLOCKS: u32 = 1024;
 /// Most blocks one trim or write-zeroes may cover (one default segment).
@@ -136,6 +136,10 @@ pub enum ErrorKind {
     NoSuchLayer = 17,
     /// Anything else.
     Internal = 18,
+    /// The capability is bound to another client's TLS certificate than this session's.
+    NotHolder = 19,
+    /// The capability's not-before time has not come yet.
+    NotYetValid = 20,
 }
 
 impl ErrorKind {
@@ -159,6 +163,8 @@ impl ErrorKind {
             16 => Self::TooLarge,
             17 => Self::NoSuchLayer,
             18 => Self::Internal,
+            19 => Self::NotHolder,
+            20 => Self::NotYetValid,
             _ => return None,
         })
     }

@@ -14,6 +14,10 @@ fn fixed_hello() -> Request {
         rights: Rights::READ_WRITE,
         expires_unix_secs: 1_700_000_000,
         nodes: vec![NodeId(3)],
+        not_before_unix_secs: 1_699_990_000,
+        size_blocks: 262_144,
+        segments: 1,
+        holder: Holder([5; 32]),
     }
     .sign(&key);
     Request::Hello { version: PROTOCOL_VERSION, capability: cap }

@@ -220,8 +220,9 @@ async fn serve(cfg: NodeConfig, config_path: &Path) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let (connector, holder) = crate::tls::node_connector(&cfg)?;
     let meta = match &cfg.meta {
-        Some(link) => Some(crate::heartbeat::MetaClient::new(cfg.node_id, link)?),
+        Some(link) => Some(crate::heartbeat::MetaClient::new(cfg.node_id, link)?.with_holder(holder)),
         None => None,
     };
     let state_file = crate::decommission::state_path(config_path);
@@ -250,7 +251,8 @@ async fn serve(cfg: NodeConfig, config_path: &Path) -> anyhow::Result<()> {
                 node.addr,
                 cfg.drain_rate_bytes_per_sec,
             )
-            .with_metrics(node.metrics().clone()),
+            .with_metrics(node.metrics().clone())
+            .with_connector(connector.clone()),
             scrubber: crate::scrub::Scrubber::new(
                 node.engine().clone(),
                 cfg.node_id,
@@ -259,6 +261,7 @@ async fn serve(cfg: NodeConfig, config_path: &Path) -> anyhow::Result<()> {
                     rate_bytes_per_sec: cfg.scrub_rate_bytes_per_sec,
                     state_path: Some(crate::scrub::state_path(config_path)),
                     metrics: Some(node.metrics().clone()),
+                    connector: connector.clone(),
                 },
             ),
             decommission: decommission_tx,

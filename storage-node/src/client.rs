@@ -1,6 +1,6 @@
 //! An async data-plane client for one storage node.
 //!
-//! One TCP connection, one session (opened by a hello carrying a signed
+//! One TLS connection (see [`crate::tls`]), one session (opened by a hello carrying a signed
 //! capability), many requests in flight. [`NodeClient`] is a cheap, cloneable
 //! handle: a writer task owns the socket's write half and sends frames in the
 //! order [`NodeClient::start`] was called; a reader task owns the read half and
@@ -14,6 +14,7 @@
 //! the wire error kind; a lost connection fails every pending request with
 //! [`ClientError::Closed`].
 
+use crate::tls::{Connector, Stream};
 use bytes::{Bytes, BytesMut};
 use slate_protocol::message::BlockRange;
 use slate_protocol::{
@@ -27,9 +28,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, oneshot};
 
 /// Why a request did not succeed.
@@ -126,16 +125,34 @@ fn fail_all(pending: &Pending, err: &ClientError) {
 }
 
 impl NodeClient {
-    /// Connects, sends the hello with `capability` and waits for the node to accept it.
+    /// Connects over plain TCP (a node started without TLS: in-process tests only),
+    /// sends the hello with `capability` and waits for the node to accept it.
     pub async fn connect(addr: SocketAddr, capability: SignedCapability) -> Result<Self, ClientError> {
-        let stream =
-            TcpStream::connect(addr).await.map_err(|e| ClientError::Connect { addr, detail: e.to_string() })?;
-        let _ = stream.set_nodelay(true);
-        let (rd, wr) = stream.into_split();
+        Self::connect_with(&Connector::plaintext(), addr, capability).await
+    }
+
+    /// Connects through `connector` (TLS with the client's certificate, which
+    /// `capability` must be bound to), sends the hello and waits for the node to accept it.
+    pub async fn connect_with(
+        connector: &Connector,
+        addr: SocketAddr,
+        capability: SignedCapability,
+    ) -> Result<Self, ClientError> {
+        let stream = connector.connect(addr).await.map_err(|e| ClientError::Connect { addr, detail: e.to_string() })?;
         let pending: Pending = Arc::default();
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(wr, rx, pending.clone()));
-        tokio::spawn(read_loop(rd, pending.clone()));
+        match stream {
+            Stream::Plain(tcp) => {
+                let (rd, wr) = tcp.into_split();
+                tokio::spawn(write_loop(wr, rx, pending.clone()));
+                tokio::spawn(read_loop(rd, pending.clone()));
+            }
+            Stream::Tls(tls) => {
+                let (rd, wr) = tokio::io::split(*tls);
+                tokio::spawn(write_loop(wr, rx, pending.clone()));
+                tokio::spawn(read_loop(rd, pending.clone()));
+            }
+        }
 
         // The hello is request id 0's successor: ids start at 1 so that 0 means "connection-level".
         let (hello_tx, hello_rx) = oneshot::channel();
@@ -268,7 +285,7 @@ pub fn check_data(start: BlockIndex, count: u32, written: &[u8], crcs: &[u32], d
     Ok(())
 }
 
-async fn write_loop(wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Bytes>, pending: Pending) {
+async fn write_loop<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::UnboundedReceiver<Bytes>, pending: Pending) {
     let mut wr = BufWriter::with_capacity(256 << 10, wr);
     while let Some(frame) = rx.recv().await {
         let mut result = wr.write_all(&frame).await;
@@ -286,7 +303,7 @@ async fn write_loop(wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Bytes>, 
     let _ = wr.shutdown().await;
 }
 
-async fn read_loop(mut rd: OwnedReadHalf, pending: Pending) {
+async fn read_loop<R: AsyncRead + Unpin>(mut rd: R, pending: Pending) {
     let mut buf = BytesMut::with_capacity(1 << 20);
     let why = loop {
         match decode_frame(&mut buf) {

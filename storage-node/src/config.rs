@@ -24,6 +24,12 @@
 //! segment = 0
 //! segment_blocks = 262144
 //!
+//! [tls]                                    # the data plane is TLS (see src/tls.rs)
+//! cert = "/etc/slate/node-1-cert.pem"      # issued by the cluster CA for the listen IP
+//! key = "/etc/slate/node-1-key.pem"        # 0600
+//! ca = "/etc/slate/ca.pem"                 # the cluster CA: checks peers this node dials
+//! # insecure_plaintext = true              # instead of [tls]: plain TCP, tests only
+//!
 //! [meta]                                   # optional; accepted, not dialled yet
 //! apis = ["https://127.0.0.1:7600"]
 //! ca = "/etc/slate/ca.pem"
@@ -83,6 +89,18 @@ pub struct MetaLink {
     pub token_file: Option<PathBuf>,
 }
 
+/// The data plane's TLS material.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// This node's certificate (PEM), issued by the cluster CA for the listen address's IP.
+    pub cert: PathBuf,
+    /// Its private key (PEM, 0600).
+    pub key: PathBuf,
+    /// The cluster CA (PEM): the node checks the peers it dials (drain, scrub repair) against it.
+    pub ca: PathBuf,
+}
+
 /// The node's configuration file, as written by an operator.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -119,6 +137,13 @@ pub struct NodeConfig {
     /// The metadata service link, if any (see [`MetaLink`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta: Option<MetaLink>,
+    /// Data-plane TLS; required unless `insecure_plaintext`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFiles>,
+    /// Serve the data plane as plain TCP: capabilities then travel in clear and
+    /// are not bound to a client. For in-process tests only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_plaintext: bool,
 }
 
 fn default_zero_rate() -> u64 {
@@ -138,7 +163,9 @@ fn default_scrub_rate() -> u64 {
 }
 
 impl NodeConfig {
-    /// A configuration with defaults for everything optional.
+    /// A configuration with defaults for everything optional. It serves plain
+    /// TCP (`insecure_plaintext`) until [`Self::with_tls`] is called: in-process
+    /// tests use it as it is; every real node sets TLS.
     pub fn new(node_id: NodeId, listen: SocketAddr, disk: PathBuf, verifying_key: &VerifyingKey) -> Self {
         Self {
             node_id,
@@ -154,7 +181,17 @@ impl NodeConfig {
             scrub_rate_bytes_per_sec: DEFAULT_SCRUB_RATE_BYTES_PER_SEC,
             assignments: Vec::new(),
             meta: None,
+            tls: None,
+            insecure_plaintext: true,
         }
+    }
+
+    /// The same configuration serving TLS with these files.
+    #[must_use]
+    pub fn with_tls(mut self, tls: TlsFiles) -> Self {
+        self.tls = Some(tls);
+        self.insecure_plaintext = false;
+        self
     }
 
     /// Reads and validates a config file.
@@ -208,6 +245,13 @@ impl NodeConfig {
         if self.listen.port() != 0 && Some(self.listen) == self.metrics_listen {
             return bad("listen and metrics_listen must differ");
         }
+        match (&self.tls, self.insecure_plaintext) {
+            (None, false) => {
+                return bad("[tls] cert, key and ca are required (or insecure_plaintext = true, for tests only)")
+            }
+            (Some(_), true) => return bad("[tls] and insecure_plaintext = true contradict each other"),
+            _ => {}
+        }
         if self.meta.as_ref().is_some_and(|m| m.apis.is_empty()) {
             return bad("meta.apis: at least one metadata service URL is needed");
         }
@@ -249,5 +293,22 @@ mod tests {
         assert!(NodeConfig::parse("node_id = 1\nbogus = 2").is_err());
         let with_meta = format!("{text}\n[meta]\napis = [\"https://127.0.0.1:1\"]\nca = \"/x/ca.pem\"\n");
         assert_eq!(NodeConfig::parse(&with_meta).unwrap().meta.unwrap().apis.len(), 1);
+    }
+
+    #[test]
+    fn the_data_plane_is_tls_unless_told_otherwise() {
+        let key = slate_protocol::capability::generate_signing_key();
+        let cfg = NodeConfig::new(NodeId(3), "127.0.0.1:7400".parse().unwrap(), "/d.img".into(), &key.verifying_key());
+        let tls = TlsFiles { cert: "/c.pem".into(), key: "/k.pem".into(), ca: "/ca.pem".into() };
+        let secure = cfg.clone().with_tls(tls.clone());
+        assert_eq!(NodeConfig::parse(&secure.to_toml()).unwrap(), secure);
+        assert!(!secure.to_toml().contains("insecure_plaintext"));
+        let text = secure.to_toml();
+        let bare = &text[..text.find("[tls]").unwrap()];
+        let e = NodeConfig::parse(bare).unwrap_err().to_string();
+        assert!(e.contains("[tls]"), "{e}");
+        let mut both = secure;
+        both.insecure_plaintext = true;
+        assert!(both.validate().is_err());
     }
 }

@@ -107,6 +107,7 @@ pub async fn run(dir: Option<&Path>) -> anyhow::Result<()> {
             rights: Rights::READ_WRITE,
             expires_unix_secs: slate_protocol::now_unix_secs() + 600,
             nodes: vec![NodeId(1)],
+            ..Default::default()
         }
         .sign(key)
     };

@@ -28,6 +28,8 @@ pub struct MetaClient {
     apis: Vec<String>,
     token: Option<std::sync::Arc<zeroize::Zeroizing<String>>>,
     node: NodeId,
+    /// The data-plane certificate capabilities minted for this node are bound to.
+    holder: Option<slate_protocol::Holder>,
 }
 
 impl std::fmt::Debug for MetaClient {
@@ -56,7 +58,15 @@ impl MetaClient {
             ))),
             None => None,
         };
-        Ok(Self { http, apis: link.apis.clone(), token, node })
+        Ok(Self { http, apis: link.apis.clone(), token, node, holder: None })
+    }
+
+    /// Asks that the capabilities slate-meta hands this node (copy tasks, repair
+    /// sources) be bound to `holder`, the node's data-plane certificate.
+    #[must_use]
+    pub fn with_holder(mut self, holder: Option<slate_protocol::Holder>) -> Self {
+        self.holder = holder;
+        self
     }
 
     /// The node this client speaks for.
@@ -72,6 +82,9 @@ impl MetaClient {
             let mut req = self.http.post(format!("{base}{path}"));
             if let Some(t) = &self.token {
                 req = req.bearer_auth(t.as_str());
+            }
+            if let Some(h) = self.holder {
+                req = req.header(slate_protocol::capability::HOLDER_HEADER, h.to_hex());
             }
             if let Some(b) = body {
                 req = req.json(b);

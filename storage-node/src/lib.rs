@@ -20,4 +20,5 @@ pub mod release;
 pub mod scrub;
 pub mod server;
 pub mod session;
+pub mod tls;
 pub mod work;

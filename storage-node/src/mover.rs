@@ -56,6 +56,8 @@ pub struct Mover {
     /// Copy rate limit, bytes per second (0: unlimited).
     rate_bytes_per_sec: u64,
     metrics: Option<Arc<Metrics>>,
+    /// How copies reach the source node and this one (TLS as this node).
+    connector: crate::tls::Connector,
     tasks: Arc<Mutex<HashMap<u64, TaskState>>>,
 }
 
@@ -70,7 +72,15 @@ enum TaskState {
 
 impl Mover {
     pub fn new(engine: EngineHandle, node: NodeId, self_addr: SocketAddr, rate_bytes_per_sec: u64) -> Self {
-        Self { engine, node, self_addr, rate_bytes_per_sec, metrics: None, tasks: Arc::default() }
+        let connector = crate::tls::Connector::plaintext();
+        Self { engine, node, self_addr, rate_bytes_per_sec, metrics: None, connector, tasks: Arc::default() }
+    }
+
+    /// Dials nodes through `connector` (a node with TLS: as itself).
+    #[must_use]
+    pub fn with_connector(mut self, connector: crate::tls::Connector) -> Self {
+        self.connector = connector;
+        self
     }
 
     /// Counts copies and copied blocks in the node's metrics.
@@ -207,10 +217,12 @@ impl Mover {
         let source = resolve(&task.source_addr).await?;
         let held_before = self.engine.segments().iter().any(|(v, s, _)| *v == volume && *s == segment);
 
-        let src = NodeClient::connect(source, cap.clone())
+        let src = NodeClient::connect_with(&self.connector, source, cap.clone())
             .await
             .with_context(|| format!("opening a session on the source node {}", task.source_node))?;
-        let dst = NodeClient::connect(self.self_addr, cap).await.context("opening a session on this node")?;
+        let dst = NodeClient::connect_with(&self.connector, self.self_addr, cap)
+            .await
+            .context("opening a session on this node")?;
         let target = Target { volume, generation: Generation(task.generation) };
         dst.request(Request::AssignSegment { target, segment, segment_blocks: task.segment_blocks })
             .await

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{info, warn};
 
 /// How long to wait for the disk lock: after a crash (kill -9) the kernel may
 /// release the dead process's io_uring, and with it the lock, a moment later.
@@ -101,7 +101,16 @@ impl RunningNode {
         let metrics = Metrics::new(cfg.zero_rate_bytes_per_sec);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
+        let tls = if let Some(files) = &cfg.tls {
+            let identity = crate::tls::Identity::from_pem_files(&files.cert, &files.key)
+                .context("loading the data-plane certificate")?;
+            Some(crate::tls::server_config(&identity)?)
+        } else {
+            warn!("the data plane serves plain TCP (insecure_plaintext): capabilities travel in clear");
+            None
+        };
         let server_opts = ServerOptions {
+            tls,
             node_id: cfg.node_id,
             verifying_key,
             max_inflight_bytes_per_connection: usize::try_from(cfg.max_inflight_bytes_per_connection)

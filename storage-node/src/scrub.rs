@@ -101,6 +101,8 @@ pub struct ScrubOptions {
     pub state_path: Option<PathBuf>,
     /// Counters for blocks checked, corrupt found, repaired.
     pub metrics: Option<Arc<Metrics>>,
+    /// How repair reads reach peer nodes (TLS as this node).
+    pub connector: crate::tls::Connector,
 }
 
 /// A pass's position and counts (what the resume file keeps).
@@ -411,7 +413,7 @@ impl Inner {
                 Err(e) => Err(e),
             };
             *source = match found {
-                Ok(p) => Source::Found(p),
+                Ok(p) => Source::Found(Box::new(p)),
                 Err(e) => {
                     warn!(%volume, %segment, error = %format!("{e:#}"), "no repair source for the segment");
                     Source::Missing
@@ -422,7 +424,7 @@ impl Inner {
         let target = Target { volume, generation: peers.generation };
         for (addr, client) in &mut peers.replicas {
             if client.is_none() {
-                match NodeClient::connect(*addr, peers.capability.clone()).await {
+                match NodeClient::connect_with(&self.opts.connector, *addr, peers.capability.clone()).await {
                     Ok(c) => *client = Some(c),
                     Err(e) => {
                         debug!(%addr, error = %e, "repair peer unreachable");
@@ -473,7 +475,7 @@ enum Source {
     Unknown,
     /// Asked, and none is available this pass.
     Missing,
-    Found(Peers),
+    Found(Box<Peers>),
 }
 
 /// A segment's repair source, with sessions opened on demand.

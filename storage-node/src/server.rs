@@ -1,4 +1,8 @@
-//! The data-plane TCP server: sessions, pipelining, backpressure, dispatch to the engine.
+//! The data-plane server: TLS, sessions, pipelining, backpressure, dispatch to the engine.
+//!
+//! A connection starts with a TLS handshake in which the client proves it holds
+//! its certificate; the hello's capability must be bound to that certificate
+//! (see [`crate::tls`] and [`session::open`]).
 //!
 //! Each connection has three parts:
 //!
@@ -28,14 +32,13 @@ use crate::session::{self, GenerationTable, OrderTracker, Session};
 use bytes::{Bytes, BytesMut};
 use ed25519_dalek::VerifyingKey;
 use slate_protocol::{
-    decode_frame, encode_reply, now_unix_secs, ErrorKind, FrameError, NodeId, Reply, Request, WireError,
+    decode_frame, encode_reply, now_unix_secs, ErrorKind, FrameError, Holder, NodeId, Reply, Request, WireError,
     BLOCK_SIZE_BYTES, PROTOCOL_VERSION,
 };
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -56,6 +59,9 @@ pub struct ServerOptions {
     pub node_id: NodeId,
     pub verifying_key: VerifyingKey,
     pub max_inflight_bytes_per_connection: usize,
+    /// TLS with a client certificate required ([`crate::tls::server_config`]);
+    /// `None` serves plain TCP and skips the holder check (tests only).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 struct Ctx {
@@ -166,10 +172,34 @@ fn cost_of(req: Option<&Request>, payload_len: usize) -> usize {
     payload_len + reply + REQUEST_OVERHEAD_BYTES
 }
 
-async fn serve_connection(stream: TcpStream, ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
+async fn serve_connection(stream: TcpStream, ctx: Arc<Ctx>, shutdown: watch::Receiver<bool>) {
     let _ = stream.set_nodelay(true);
+    let Some(cfg) = &ctx.opts.tls else {
+        let (rd, wr) = stream.into_split();
+        return serve_session(rd, wr, None, ctx, shutdown).await;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
+    let why = match tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let peer = crate::tls::peer_holder(tls.get_ref().1);
+            let (rd, wr) = tokio::io::split(tls);
+            return serve_session(rd, wr, peer, ctx, shutdown).await;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no TLS handshake in time".to_owned(),
+    };
+    ctx.metrics.sessions_refused.get_or_create(&crate::metrics::KindLabels { kind: "TlsHandshake".into() }).inc();
+    info!(reason = %why, "TLS handshake refused");
+}
+
+/// Serves one connection's requests: `peer` is the certificate hash its TLS
+/// client proved it holds (`None` on a plaintext test listener).
+async fn serve_session<R, W>(mut rd: R, wr: W, peer: Option<Holder>, ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     ctx.metrics.connections_active.inc();
-    let (mut rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_loop(wr, rx));
     let budget = Arc::new(Semaphore::new(ctx.opts.max_inflight_bytes_per_connection));
@@ -242,7 +272,7 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<Ctx>, mut shutdown: watch:
 
         let Some(sess) = &session else {
             // The first request must be a hello; a failed hello closes the connection.
-            match hello(&ctx, &req).await {
+            match hello(&ctx, &req, peer).await {
                 Ok((s, reply)) => {
                     send(&tx, id, &reply, Some(permit));
                     session = Some(s);
@@ -313,11 +343,11 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<Ctx>, mut shutdown: watch:
 }
 
 /// Opens a session: capability checks, then the durable generation check in the engine.
-async fn hello(ctx: &Ctx, req: &Request) -> Result<(Session, Reply), WireError> {
+async fn hello(ctx: &Ctx, req: &Request, peer: Option<Holder>) -> Result<(Session, Reply), WireError> {
     let Request::Hello { version, capability } = req else {
         return Err(WireError::new(ErrorKind::NoSession, "the first request of a connection must be a hello"));
     };
-    let s = session::open(*version, capability, &ctx.opts.verifying_key, ctx.opts.node_id, now_unix_secs())?;
+    let s = session::open(*version, capability, &ctx.opts.verifying_key, ctx.opts.node_id, now_unix_secs(), peer)?;
     let (volume, generation) = (s.claims.volume, s.claims.generation);
     {
         // Exclusive: waits for admitted requests of older generations to land.
@@ -396,7 +426,7 @@ async fn execute(engine: &EngineHandle, req: Request) -> (Reply, u64) {
 }
 
 /// Sends replies as they complete, batching whatever is ready into one flush.
-async fn write_loop(wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
+async fn write_loop<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
     let mut wr = BufWriter::with_capacity(256 << 10, wr);
     let mut healthy = true;
     while let Some(out) = rx.recv().await {

@@ -18,8 +18,8 @@
 use ed25519_dalek::VerifyingKey;
 use slate_protocol::message::BlockRange;
 use slate_protocol::{
-    Capability, CapabilityError, ErrorKind, Generation, NodeId, Request, Rights, SignedCapability, VolumeId, WireError,
-    PROTOCOL_VERSION,
+    Capability, CapabilityError, ErrorKind, Generation, Holder, NodeId, Request, Rights, SignedCapability, VolumeId,
+    WireError, PROTOCOL_VERSION,
 };
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -88,18 +88,22 @@ pub fn capability_refusal(e: CapabilityError) -> WireError {
         CapabilityError::Expired => ErrorKind::Expired,
         CapabilityError::WrongNode => ErrorKind::WrongNode,
         CapabilityError::Malformed => ErrorKind::Malformed,
+        CapabilityError::NotYetValid => ErrorKind::NotYetValid,
     };
     WireError::new(kind, e.to_string())
 }
 
-/// Checks a hello: version, then the capability (signature, expiry, node scope).
-/// The durable generation check against the engine comes after this.
+/// Checks a hello: version, then the capability (signature, validity window,
+/// node scope), then its holder binding against the certificate the TLS peer
+/// proved it holds (`peer`, `None` on a plaintext test listener, where there is
+/// no peer to bind to). The durable generation check against the engine comes after this.
 pub fn open(
     version: u16,
     capability: &SignedCapability,
     key: &VerifyingKey,
     node: NodeId,
     now_unix_secs: u64,
+    peer: Option<Holder>,
 ) -> Result<Session, WireError> {
     if version != PROTOCOL_VERSION {
         return Err(WireError::new(
@@ -108,6 +112,14 @@ pub fn open(
         ));
     }
     let claims = capability.verify(key, node, now_unix_secs).map_err(capability_refusal)?;
+    if let Some(peer) = peer {
+        if claims.holder != peer {
+            return Err(WireError::new(
+                ErrorKind::NotHolder,
+                "the capability is bound to another client certificate than this TLS session's",
+            ));
+        }
+    }
     Ok(Session { claims: claims.clone() })
 }
 
@@ -138,7 +150,7 @@ impl Session {
         let Some(target) = req.target() else {
             return Err(WireError::new(ErrorKind::NoSession, "hello sent twice on one connection"));
         };
-        if now_unix_secs >= self.claims.expires_unix_secs {
+        if self.claims.expired_at(now_unix_secs) {
             return Err(WireError::new(ErrorKind::Expired, "capability expired during the session"));
         }
         if target.volume != self.claims.volume {
@@ -160,6 +172,7 @@ impl Session {
                 format!("request claims {} but the capability is for {}", target.generation, self.claims.generation),
             ));
         }
+        check_scope(req, &self.claims)?;
         let highest = gens.highest(target.volume).unwrap_or(self.claims.generation).max(self.claims.generation);
         if target.generation < highest {
             return Err(WireError::new(
@@ -169,6 +182,39 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// Checks a layout request against the capability's segment scope: a segment the
+/// volume does not have (by count, or starting at or past its size) is refused, so
+/// a capability cannot make a node allocate space beyond the volume. Block ranges
+/// need no check of their own: the engine serves only blocks of assigned segments.
+pub fn check_scope(req: &Request, claims: &Capability) -> Result<(), WireError> {
+    let segment = match req {
+        Request::AssignSegment { segment, segment_blocks, .. } => {
+            let start = u64::from(segment.0).saturating_mul(*segment_blocks);
+            if start >= claims.size_blocks {
+                return Err(WireError::new(
+                    ErrorKind::OutOfRange,
+                    format!(
+                        "{segment} of {segment_blocks} blocks starts at block {start}, past the volume's {} blocks",
+                        claims.size_blocks
+                    ),
+                ));
+            }
+            *segment
+        }
+        Request::ReleaseSegment { segment, .. }
+        | Request::ChangedBlocks { segment, .. }
+        | Request::DeleteLayer { segment, .. } => *segment,
+        _ => return Ok(()),
+    };
+    if u64::from(segment.0) >= claims.segments {
+        return Err(WireError::new(
+            ErrorKind::OutOfRange,
+            format!("{segment} is outside the capability's {} segment(s)", claims.segments),
+        ));
+    }
+    Ok(())
 }
 
 /// Where a request sits in the per-connection order of mutations.
@@ -279,7 +325,7 @@ impl OrderTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use slate_protocol::{BlockIndex, Target};
+    use slate_protocol::{BlockIndex, SegmentIndex, Target};
 
     fn session(rights: Rights, generation: u64) -> Session {
         Session {
@@ -289,6 +335,7 @@ mod tests {
                 rights,
                 expires_unix_secs: 1_000,
                 nodes: vec![NodeId(1)],
+                ..Default::default()
             },
         }
     }
@@ -309,7 +356,8 @@ mod tests {
         assert_eq!(s.authorize(&read(2, 5), 10, &gens).unwrap_err().kind, ErrorKind::WrongVolume);
         assert_eq!(s.authorize(&read(1, 4), 10, &gens).unwrap_err().kind, ErrorKind::StaleGeneration);
         assert_eq!(s.authorize(&read(1, 6), 10, &gens).unwrap_err().kind, ErrorKind::NoRight);
-        assert_eq!(s.authorize(&read(1, 5), 1_000, &gens).unwrap_err().kind, ErrorKind::Expired);
+        let past = 1_000 + slate_protocol::capability::CLOCK_SKEW_SECS;
+        assert_eq!(s.authorize(&read(1, 5), past, &gens).unwrap_err().kind, ErrorKind::Expired);
         let flush = Request::Flush { target: Target { volume: VolumeId(1), generation: Generation(5) } };
         assert_eq!(s.authorize(&flush, 10, &gens).unwrap_err().kind, ErrorKind::NoRight);
         let read_at = Request::ReadAt {
@@ -323,6 +371,43 @@ mod tests {
         assert_eq!(session(Rights::WRITE, 5).authorize(&read_at, 10, &gens).unwrap_err().kind, ErrorKind::NoRight);
         gens.raise(VolumeId(1), Generation(6));
         assert_eq!(s.authorize(&read(1, 5), 10, &gens).unwrap_err().kind, ErrorKind::StaleGeneration);
+    }
+
+    #[test]
+    fn layout_requests_stay_inside_the_volume() {
+        let gens = GenerationTable::default();
+        let mut s = session(Rights::ADMIN, 5);
+        s.claims.size_blocks = 3 * 1024 - 10; // three segments, the last one short
+        s.claims.segments = 3;
+        let t = Target { volume: VolumeId(1), generation: Generation(5) };
+        let assign = |i| Request::AssignSegment { target: t, segment: SegmentIndex(i), segment_blocks: 1024 };
+        assert!(s.authorize(&assign(2), 10, &gens).is_ok());
+        assert_eq!(s.authorize(&assign(3), 10, &gens).unwrap_err().kind, ErrorKind::OutOfRange);
+        assert_eq!(s.authorize(&assign(u32::MAX), 10, &gens).unwrap_err().kind, ErrorKind::OutOfRange);
+        let huge = Request::AssignSegment { target: t, segment: SegmentIndex(1), segment_blocks: 4096 };
+        assert_eq!(s.authorize(&huge, 10, &gens).unwrap_err().kind, ErrorKind::OutOfRange, "starts past the size");
+        let release = Request::ReleaseSegment { target: t, segment: SegmentIndex(7) };
+        assert_eq!(s.authorize(&release, 10, &gens).unwrap_err().kind, ErrorKind::OutOfRange);
+    }
+
+    #[test]
+    fn a_capability_opens_only_on_its_holders_session() {
+        let key = slate_protocol::capability::generate_signing_key();
+        let holder = Holder([1; 32]);
+        let cap = Capability {
+            volume: VolumeId(1),
+            generation: Generation(1),
+            rights: Rights::READ,
+            expires_unix_secs: 2_000,
+            nodes: vec![NodeId(1)],
+            holder,
+            ..Default::default()
+        }
+        .sign(&key);
+        let vk = key.verifying_key();
+        assert!(open(PROTOCOL_VERSION, &cap, &vk, NodeId(1), 10, Some(holder)).is_ok());
+        let e = open(PROTOCOL_VERSION, &cap, &vk, NodeId(1), 10, Some(Holder([2; 32]))).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotHolder);
     }
 
     #[tokio::test]

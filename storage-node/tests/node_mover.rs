@@ -49,6 +49,7 @@ fn cap(key: &SigningKey, generation: u64, rights: Rights, nodes: &[u64]) -> Sign
         rights,
         expires_unix_secs: slate_protocol::now_unix_secs() + 3600,
         nodes: nodes.iter().map(|n| NodeId(*n)).collect(),
+        ..Default::default()
     }
     .sign(key)
 }

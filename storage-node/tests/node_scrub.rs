@@ -56,6 +56,7 @@ fn cap(key: &SigningKey, rights: Rights, nodes: &[u64]) -> SignedCapability {
         rights,
         expires_unix_secs: slate_protocol::now_unix_secs() + 3600,
         nodes: nodes.iter().map(|n| NodeId(*n)).collect(),
+        ..Default::default()
     }
     .sign(key)
 }
@@ -188,6 +189,7 @@ async fn scrub_finds_and_repairs_exactly_the_flipped_blocks() {
         rate_bytes_per_sec: 0,
         state_path: Some(state.clone()),
         metrics: Some(a.node.metrics().clone()),
+        connector: slate_node::tls::Connector::plaintext(),
     };
     let scrubber = Scrubber::with_link(a.node.engine().clone(), NodeId(1), stub.clone(), opts.clone());
     scrubber.offer(None);

@@ -108,6 +108,41 @@ impl Default for UpOptions {
 }
 
 /// A running `slate up`, stopped with SIGTERM on drop.
+/// A test's data-plane client certificate (self-signed, as a host's is).
+#[derive(Debug, Clone)]
+pub struct DataPlaneIdentity {
+    pub cert: PathBuf,
+    /// 0600.
+    pub key: PathBuf,
+    /// What capabilities for this certificate are bound to.
+    pub holder: slate_protocol::Holder,
+}
+
+impl DataPlaneIdentity {
+    fn create(dir: &Path) -> Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        let key = rcgen::KeyPair::generate().expect("a key pair");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("certificate params");
+        params.distinguished_name.push(rcgen::DnType::CommonName, "slate test client");
+        let cert = params.self_signed(&key).expect("a self-signed certificate");
+        let me = Self {
+            cert: dir.join("test-client-cert.pem"),
+            key: dir.join("test-client-key.pem"),
+            holder: slate_protocol::Holder::of_certificate(cert.der()),
+        };
+        std::fs::write(&me.cert, cert.pem()).expect("write the test certificate");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&me.key)
+            .expect("write the test key");
+        std::io::Write::write_all(&mut f, key.serialize_pem().as_bytes()).expect("write the test key");
+        me
+    }
+}
+
 #[derive(Debug)]
 pub struct Cluster {
     dir: PathBuf,
@@ -115,6 +150,8 @@ pub struct Cluster {
     up: Option<ProcessGuard>,
     info: Option<ClusterJson>,
     opts: UpOptions,
+    /// The test's own data-plane identity (see [`Cluster::data_plane_identity`]).
+    identity: std::sync::OnceLock<DataPlaneIdentity>,
 }
 
 impl Cluster {
@@ -122,7 +159,8 @@ impl Cluster {
     pub fn start(prefix: &str, opts: UpOptions) -> Self {
         let scratch = scratch_dir(prefix);
         let dir = scratch.path().join("slate-data");
-        let mut c = Self { dir, scratch: Some(scratch), up: None, info: None, opts };
+        let mut c =
+            Self { dir, scratch: Some(scratch), up: None, info: None, opts, identity: std::sync::OnceLock::new() };
         c.launch();
         c
     }
@@ -353,7 +391,15 @@ impl Cluster {
         self.slate_json(&["volume", "show", name])
     }
 
+    /// The test's own data-plane certificate and key (PEM files, made once): the
+    /// capabilities [`Cluster::api`] hands the test are bound to it, so a test
+    /// reaches storage nodes with `slate_node::tls::Connector::tls(ca, identity)`.
+    pub fn data_plane_identity(&self) -> &DataPlaneIdentity {
+        self.identity.get_or_init(|| DataPlaneIdentity::create(self.scratch()))
+    }
+
     /// Calls the management API with `curl` (the token is passed in a header file, never on the command line).
+    /// Capabilities in the reply are bound to the test's data-plane certificate ([`Cluster::data_plane`]).
     /// Returns the HTTP status and the parsed body (`Value::Null` if empty or not JSON).
     pub fn api(&self, method: &str, path: &str, body: Option<&Value>, token_file: &Path) -> (u16, Value) {
         let info = self.info();
@@ -379,6 +425,8 @@ impl Cluster {
             .arg(&info.ca)
             .arg("-H")
             .arg(format!("@{}", header.display()))
+            .arg("-H")
+            .arg(format!("{}: {}", slate_protocol::capability::HOLDER_HEADER, self.data_plane_identity().holder))
             .arg("-X")
             .arg(method)
             .arg("-w")

@@ -10,6 +10,7 @@
 pub mod acked;
 pub mod cluster;
 pub mod disk;
+pub mod pcap;
 pub mod s3;
 
 use rustix::process::{kill_process, Pid, Signal};

@@ -151,13 +151,14 @@ fn no_grant_no_attach_and_capabilities_are_per_volume() {
     let b_cap = SignedCapability::from_token(&b_token).expect("capability");
     eprintln!("A's capability: {:?}; B on nodes {b_nodes:?}", a_cap.claims);
 
+    let dp = e2e_support::data_plane(&cluster);
     let rt = runtime();
     rt.block_on(async {
         let mut refused = 0;
         for (node, addr) in &all_nodes {
             let sa: SocketAddr = addr.parse().unwrap();
             let in_scope = a_cap.claims.nodes.iter().any(|n| n.0 == *node);
-            match NodeClient::connect(sa, a_cap.clone()).await {
+            match NodeClient::connect_with(&dp, sa, a_cap.clone()).await {
                 Err(e) => {
                     assert!(!in_scope, "node-{node} refused A's capability: {e}");
                     assert_eq!(e.kind(), Some(ErrorKind::WrongNode), "node-{node} out of scope: {e}");
@@ -186,13 +187,13 @@ fn no_grant_no_attach_and_capabilities_are_per_volume() {
             let mut forged = a_cap.clone();
             forged.claims.volume = VolumeId(b_id);
             forged.claims.nodes = all_nodes.iter().map(|(n, _)| slate_protocol::NodeId(*n)).collect();
-            let e = NodeClient::connect(sa, forged).await.expect_err("a forged capability was accepted");
+            let e = NodeClient::connect_with(&dp, sa, forged).await.expect_err("a forged capability was accepted");
             assert_eq!(e.kind(), Some(ErrorKind::Forged), "node-{node}: {e}");
         }
         assert!(refused > 0, "no node holding A was asked for B's blocks");
         // Positive control: B's own capability reads the block from B's replicas.
         for (node, addr) in &b_nodes {
-            let c = NodeClient::connect(addr.parse().unwrap(), b_cap.clone()).await.expect("B's capability");
+            let c = NodeClient::connect_with(&dp, addr.parse().unwrap(), b_cap.clone()).await.expect("B's capability");
             match c.request(Request::Read { target: b_target, start: BlockIndex(0), count: 1 }).await {
                 Ok(Reply::Data { written, .. }) => {
                     assert!(slate_protocol::message::bit(&written, 0), "node-{node}: B's block 0 is not written");

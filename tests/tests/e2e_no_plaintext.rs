@@ -1,4 +1,5 @@
-//! Acceptance 4 (issue 5): no plaintext at rest or in flight.
+//! Acceptance 4 (issue 5): no plaintext at rest or in flight; and (issue 10)
+//! the data plane carries TLS records only.
 //!
 //! The whole demo volume is filled with a known text (with `nbdcopy`, over
 //! NBD), flushed and read back (so we know the plaintext really went through
@@ -94,7 +95,18 @@ fn no_plaintext_at_rest_or_in_flight() {
         "the capture holds {captured} bytes, less than two copies of the {size} bytes written: it missed traffic"
     );
 
-    // In flight.
+    // In flight: every byte on the data plane is inside a TLS record (issue 10), and the
+    // application data records carry at least both replicas' writes.
+    let streams = slate_tests::pcap::tcp_streams(&pcap).expect("the capture reassembles");
+    let mut app_bytes = 0;
+    for ((from, to), bytes) in &streams {
+        let st = slate_tests::pcap::tls_records_only(bytes)
+            .unwrap_or_else(|e| panic!("{from} -> {to} carries something other than TLS records: {e}"));
+        app_bytes += st.application_bytes;
+    }
+    eprintln!("{} TCP directions on the data plane, all TLS records; {} MiB of application data", streams.len(), app_bytes >> 20);
+    assert!(streams.len() >= 4, "the capture holds {} directions, fewer than two connections", streams.len());
+    assert!(app_bytes >= 2 * size, "TLS application data {app_bytes} is less than two copies of {size} bytes");
     let t = Instant::now();
     let (found, _) = grep(&pcap);
     eprintln!("scanned the capture in {:.1} s", t.elapsed().as_secs_f64());

@@ -45,10 +45,15 @@ async fn a_segment_moves_to_a_new_node_under_writes_and_every_write_survives() {
         rights: Rights::READ_WRITE.union(Rights::ADMIN),
         expires_unix_secs: slate_protocol::now_unix_secs() + 3600,
         nodes: vec![NodeId(1), NodeId(2)],
+        ..Default::default()
     }
     .sign(&cluster.key);
     let info = AttachInfo { layout: layout.clone(), capability, dek: Dek::new(test_key_bytes()) };
-    let vol = Arc::new(Volume::attach(info, control.clone(), poll_config()).await.expect("attach"));
+    let vol = Arc::new(
+        Volume::attach(info, control.clone(), slate_node::tls::Connector::plaintext(), poll_config())
+            .await
+            .expect("attach"),
+    );
     let blocks = 2 * SEGMENT_BLOCKS;
     for start in (0..blocks).step_by(128) {
         let data: Vec<u8> = (start..start + 128).flat_map(|x| block_text(x, 0)).collect();
@@ -135,7 +140,9 @@ async fn a_removed_replica_receives_no_more_writes() {
     let layout = cluster.layout(1);
     let control = cluster.control(&layout, &[]);
     let info = cluster.attach_info(&layout);
-    let vol = Volume::attach(info, control.clone(), poll_config()).await.expect("attach");
+    let vol = Volume::attach(info, control.clone(), slate_node::tls::Connector::plaintext(), poll_config())
+        .await
+        .expect("attach");
     let data: Vec<u8> = (0..64).flat_map(|x| block_text(x, 1)).collect();
     vol.write_blocks(0, &data, false).await.unwrap();
 

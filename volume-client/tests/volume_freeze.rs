@@ -145,7 +145,16 @@ async fn a_snapshot_frozen_under_writes_holds_exactly_the_writes_around_the_free
     // Freezing needs the admin right, as slate-meta grants a read-write attachment.
     let mut info = cluster.attach_info(&layout);
     info.capability = cluster.capability(1, Rights::READ_WRITE.union(Rights::ADMIN));
-    let vol = Arc::new(Volume::attach(info, Arc::clone(&control) as Arc<dyn ControlPlane>, cfg).await.expect("attach"));
+    let vol = Arc::new(
+        Volume::attach(
+            info,
+            Arc::clone(&control) as Arc<dyn ControlPlane>,
+            slate_node::tls::Connector::plaintext(),
+            cfg,
+        )
+        .await
+        .expect("attach"),
+    );
     let blocks = SEGMENT_BLOCKS * placement.len() as u64;
     for start in (0..blocks).step_by(256) {
         let data: Vec<u8> = (start..start + 256).flat_map(|x| block_text(x, 0)).collect();

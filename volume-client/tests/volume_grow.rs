@@ -43,10 +43,15 @@ async fn a_volume_grows_under_writes_and_serves_its_new_end() {
         rights: Rights::READ_WRITE.union(Rights::ADMIN),
         expires_unix_secs: slate_protocol::now_unix_secs() + 3600,
         nodes: vec![NodeId(1), NodeId(2)],
+        ..Default::default()
     }
     .sign(&cluster.key);
     let info = AttachInfo { layout: layout.clone(), capability, dek: Dek::new(test_key_bytes()) };
-    let vol = Arc::new(Volume::attach(info, control.clone(), poll_config()).await.expect("attach"));
+    let vol = Arc::new(
+        Volume::attach(info, control.clone(), slate_node::tls::Connector::plaintext(), poll_config())
+            .await
+            .expect("attach"),
+    );
     assert_eq!(vol.size_now(), old_blocks * BS);
     assert_eq!(
         vol.write_blocks(old_blocks, &block_text(old_blocks, 1), false).await,

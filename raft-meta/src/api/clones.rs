@@ -38,9 +38,13 @@ pub struct ParentAttach {
 }
 
 /// Signs the parent part of an attach or refresh.
-pub(super) fn sign_parent(s: &ApiState, grant: Option<ParentGrant>) -> Result<Option<ParentAttach>, ApiError> {
+pub(super) fn sign_parent(
+    s: &ApiState,
+    grant: Option<ParentGrant>,
+    holder: slate_protocol::Holder,
+) -> Result<Option<ParentAttach>, ApiError> {
     let Some(g) = grant else { return Ok(None) };
-    let capability = sign(s, &g.claims)?;
+    let capability = sign(s, &g.claims, holder)?;
     Ok(Some(ParentAttach {
         volume: g.volume,
         snapshot: g.snapshot,

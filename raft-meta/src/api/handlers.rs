@@ -4,6 +4,7 @@
 
 #![allow(clippy::wildcard_imports)]
 
+use super::holder::HolderOf;
 use super::{format_token, now_ms, ApiError, ApiJson, ApiPath, ApiQuery, ApiState, Caller, ErrorBody, Reply};
 use crate::keys::{generate_token_secret, hash_secret, WrappedKey};
 use crate::state::apply::{
@@ -18,7 +19,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use slate_protocol::capability::MAX_SCOPE_NODES;
-use slate_protocol::{Capability, Generation, NodeId, Rights, VolumeId};
+use slate_protocol::{Capability, Generation, Holder, NodeId, Rights, VolumeId};
 use std::sync::Arc;
 use std::time::Instant;
 use utoipa::{IntoParams, OpenApi, ToSchema};
@@ -374,9 +375,9 @@ async fn get_node(State(s): S, caller: Caller, ApiPath(id): ApiPath<u64>) -> Jso
 #[utoipa::path(post, path = "/v1/nodes/{id}/heartbeat", tag = "nodes", security(("bearer" = [])), params(("id" = u64, Path)),
     description = "Marks the storage node alive (operators or hosts). A node silent longer than the heartbeat timeout is marked down and its replicas are re-placed.",
     responses((status = 200), (status = "4XX", body = ErrorBody)))]
-async fn heartbeat(State(s): S, caller: Caller, ApiPath(id): ApiPath<u64>) -> JsonResult {
+async fn heartbeat(State(s): S, caller: Caller, HolderOf(holder): HolderOf, ApiPath(id): ApiPath<u64>) -> JsonResult {
     let mut body = s.call(&caller, Command::Heartbeat { node: id }).await?.body;
-    super::operations::sign_copy_tasks(&s, id, &mut body)?;
+    super::operations::sign_copy_tasks(&s, id, holder, &mut body)?;
     Ok(Json(body))
 }
 
@@ -552,7 +553,8 @@ impl std::fmt::Debug for AttachReply {
     }
 }
 
-pub(super) fn sign(s: &ApiState, c: &CapabilityClaims) -> Result<CapabilityView, ApiError> {
+/// Signs `c` for `holder`: valid from now (nodes allow for clock skew) until the TTL runs out.
+pub(super) fn sign(s: &ApiState, c: &CapabilityClaims, holder: Holder) -> Result<CapabilityView, ApiError> {
     if c.nodes.is_empty() || c.nodes.len() > MAX_SCOPE_NODES {
         return Err(ApiError::new(
             ErrorCode::Unsatisfiable,
@@ -560,8 +562,13 @@ pub(super) fn sign(s: &ApiState, c: &CapabilityClaims) -> Result<CapabilityView,
         ));
     }
     let rights = Rights::from_bits(c.rights).ok_or_else(|| ApiError::new(ErrorCode::Internal, "bad rights"))?;
-    let expires_unix_secs = now_ms() / 1000 + c.ttl_secs;
+    let now = now_ms() / 1000;
+    let expires_unix_secs = now + c.ttl_secs;
     let cap = Capability {
+        not_before_unix_secs: now,
+        size_blocks: c.size_blocks,
+        segments: c.segments,
+        holder,
         volume: VolumeId(c.volume),
         generation: Generation(c.generation),
         rights,
@@ -586,6 +593,7 @@ pub(super) fn sign(s: &ApiState, c: &CapabilityClaims) -> Result<CapabilityView,
 async fn attach(
     State(s): S,
     caller: Caller,
+    HolderOf(holder): HolderOf,
     ApiPath(id): ApiPath<u64>,
     ApiJson(req): ApiJson<AttachRequest>,
 ) -> JsonResult {
@@ -594,14 +602,14 @@ async fn attach(
     let dek = r.dek_hex.ok_or_else(|| ApiError::new(ErrorCode::Internal, "attach reply without key"))?;
     let grant: AttachGrant =
         serde_json::from_value(r.body).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
-    let capability = sign(&s, &grant.claims)?;
+    let capability = sign(&s, &grant.claims, holder)?;
     let reply = AttachReply {
         attachment: grant.attachment,
         volume: grant.volume,
         capability,
         dek_hex: dek.to_string(),
         verifying_key_hex: hex::encode(s.signing_key.verifying_key().as_bytes()),
-        parent: super::clones::sign_parent(&s, grant.parent)?,
+        parent: super::clones::sign_parent(&s, grant.parent, holder)?,
     };
     s.metrics.attach_latency.observe(started.elapsed().as_secs_f64());
     Ok(Json(serde_json::to_value(reply).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?))
@@ -623,13 +631,18 @@ async fn detach(
     params(("id" = u64, Path), ("aid" = u64, Path)),
     description = "A fresh capability for a live attachment (same generation, current node scope); for a clone, with `parent` renewed as in the attach reply.",
     responses((status = 200, body = CapabilityView), (status = "4XX", body = ErrorBody)))]
-async fn refresh_capability(State(s): S, caller: Caller, ApiPath((id, aid)): ApiPath<(u64, u64)>) -> JsonResult {
+async fn refresh_capability(
+    State(s): S,
+    caller: Caller,
+    HolderOf(holder): HolderOf,
+    ApiPath((id, aid)): ApiPath<(u64, u64)>,
+) -> JsonResult {
     let r = s.call(&caller, Command::RefreshCapability { volume: id, attachment: aid }).await?;
     let grant: crate::state::clones::RefreshGrant =
         serde_json::from_value(r.body).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
-    let cap = sign(&s, &grant.claims)?;
+    let cap = sign(&s, &grant.claims, holder)?;
     let mut body = serde_json::to_value(cap).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
-    if let Some(p) = super::clones::sign_parent(&s, grant.parent)? {
+    if let Some(p) = super::clones::sign_parent(&s, grant.parent, holder)? {
         body["parent"] = serde_json::to_value(p).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
     }
     Ok(Json(body))
@@ -651,13 +664,14 @@ pub struct ReconfigureReply {
 async fn report_failure(
     State(s): S,
     caller: Caller,
+    HolderOf(holder): HolderOf,
     ApiPath(id): ApiPath<u64>,
     ApiJson(req): ApiJson<ReportFailureRequest>,
 ) -> JsonResult {
     let r = s.call(&caller, Command::ReportFailure { volume: id, req }).await?;
     let res: ReconfigureResult =
         serde_json::from_value(r.body).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
-    let capability = res.claims.as_ref().map(|c| sign(&s, c)).transpose()?;
+    let capability = res.claims.as_ref().map(|c| sign(&s, c, holder)).transpose()?;
     let reply = ReconfigureReply { replaced: res.replaced, new_node: res.new_node, segment: res.segment, capability };
     Ok(Json(serde_json::to_value(reply).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?))
 }

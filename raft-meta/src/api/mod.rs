@@ -17,6 +17,7 @@ mod backups;
 mod clones;
 mod erasure;
 mod handlers;
+mod holder;
 mod operations;
 
 use crate::consensus::{ConsensusError, ConsensusHandle};

@@ -2,6 +2,7 @@
 //! scrub, and the reports storage nodes and clients send while these run.
 
 use super::handlers::sign;
+use super::holder::HolderOf;
 use super::{ApiError, ApiJson, ApiPath, ApiState, Caller, ErrorBody};
 use crate::state::command::{Command, ErrorCode, RebuildProgressRequest, SnapshotFrozenRequest};
 use crate::state::view::{CapabilityClaims, DecommissionView, DrainView};
@@ -9,7 +10,7 @@ use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use slate_protocol::ops::{DecommissionReport, MoveReport, RepairSourceRequest, ScrubReport};
-use slate_protocol::Rights;
+use slate_protocol::{Holder, Rights};
 use std::sync::Arc;
 use utoipa::OpenApi;
 
@@ -40,7 +41,12 @@ async fn call(s: &ApiState, caller: &Caller, cmd: Command) -> JsonResult {
 
 /// Fills in the capability of every copy task in a heartbeat reply: read and write
 /// on the volume, at the generation the task names, on the source and this node.
-pub(super) fn sign_copy_tasks(s: &ApiState, node: u64, body: &mut serde_json::Value) -> Result<(), ApiError> {
+pub(super) fn sign_copy_tasks(
+    s: &ApiState,
+    node: u64,
+    holder: Holder,
+    body: &mut serde_json::Value,
+) -> Result<(), ApiError> {
     let Some(copies) = body.pointer_mut("/work/copies").and_then(|c| c.as_array_mut()) else { return Ok(()) };
     for c in copies {
         let get = |k: &str| c[k].as_u64().ok_or_else(|| ApiError::new(ErrorCode::Internal, format!("copy task {k}")));
@@ -50,8 +56,10 @@ pub(super) fn sign_copy_tasks(s: &ApiState, node: u64, body: &mut serde_json::Va
             rights: Rights::READ_WRITE.union(Rights::ADMIN).bits(),
             nodes: vec![get("source_node")?, node],
             ttl_secs: MOVER_CAPABILITY_SECS,
+            size_blocks: u64::MAX,
+            segments: u64::MAX,
         };
-        c["capability"] = serde_json::Value::String(sign(s, &claims)?.token);
+        c["capability"] = serde_json::Value::String(sign(s, &claims, holder)?.token);
     }
     Ok(())
 }
@@ -169,6 +177,7 @@ async fn report_scrub(
 async fn repair_source(
     State(s): S,
     caller: Caller,
+    HolderOf(holder): HolderOf,
     ApiPath(id): ApiPath<u64>,
     ApiJson(req): ApiJson<RepairSourceRequest>,
 ) -> JsonResult {
@@ -181,8 +190,10 @@ async fn repair_source(
             rights: Rights::READ.bits(),
             nodes: peers,
             ttl_secs: MOVER_CAPABILITY_SECS,
+            size_blocks: u64::MAX,
+            segments: u64::MAX,
         };
-        body["capability"] = serde_json::Value::String(sign(&s, &claims)?.token);
+        body["capability"] = serde_json::Value::String(sign(&s, &claims, holder)?.token);
     }
     Ok(Json(body))
 }

@@ -1561,7 +1561,10 @@ impl MetaState {
             rights: rights.bits(),
             nodes: nodes.into_iter().collect(),
             ttl_secs: self.settings.capability_ttl_secs,
+            size_blocks: 0,
+            segments: 0,
         }
+        .scoped_to(v.size_bytes, v.segments.len())
     }
 
     fn tenant_view(&self, id: u64) -> Result<TenantView, Refusal> {

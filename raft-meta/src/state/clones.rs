@@ -397,7 +397,10 @@ impl MetaState {
                 rights: Rights::READ.bits(),
                 nodes: nodes.into_iter().collect(),
                 ttl_secs: self.settings.capability_ttl_secs,
-            },
+                size_blocks: 0,
+                segments: 0,
+            }
+            .scoped_to(pv.size_bytes, pv.segments.len()),
         })
     }
 }

@@ -193,6 +193,25 @@ pub struct CapabilityClaims {
     pub rights: u8,
     pub nodes: Vec<u64>,
     pub ttl_secs: u64,
+    /// The volume's size in blocks (bounds the segments a node may be told to hold).
+    #[serde(default = "unbounded")]
+    pub size_blocks: u64,
+    /// The volume's segment count.
+    #[serde(default = "unbounded")]
+    pub segments: u64,
+}
+
+fn unbounded() -> u64 {
+    u64::MAX
+}
+
+impl CapabilityClaims {
+    /// The scope of volume `v` (size and segments) filled in.
+    pub fn scoped_to(mut self, size_bytes: u64, segments: usize) -> Self {
+        self.size_blocks = size_bytes / slate_protocol::BLOCK_SIZE_BYTES_U64;
+        self.segments = segments as u64;
+        self
+    }
 }
 
 /// The committed part of an attach (the API adds the signed capability and the key).

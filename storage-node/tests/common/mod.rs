@@ -125,6 +125,7 @@ pub fn cap_with(
         rights,
         expires_unix_secs: expires,
         nodes,
+        ..Default::default()
     }
     .sign(key)
 }

@@ -98,7 +98,7 @@ pub fn compare_replicas(cluster: &Cluster, name: &str) -> Comparison {
             let mut clients = Vec::new();
             for (node, addr, _, _) in &s.replicas {
                 let a: SocketAddr = addr.parse().expect("node address");
-                let c = NodeClient::connect(a, cap.clone())
+                let c = NodeClient::connect_with(&data_plane(cluster), a, cap.clone())
                     .await
                     .unwrap_or_else(|e| panic!("connect to node {node} at {addr}: {e}"));
                 clients.push((*node, c));
@@ -141,4 +141,11 @@ pub fn compare_replicas(cluster: &Cluster, name: &str) -> Comparison {
     });
     cluster.detach(volume_id, attachment);
     result
+}
+
+/// TLS to the cluster's storage nodes as the test's own certificate (see `Cluster::data_plane_identity`).
+pub fn data_plane(cluster: &Cluster) -> slate_node::tls::Connector {
+    let id = cluster.data_plane_identity();
+    let identity = slate_node::tls::Identity::from_pem_files(&id.cert, &id.key).expect("the test identity");
+    slate_node::tls::Connector::tls(&cluster.info().ca, &identity).expect("a data-plane connector")
 }

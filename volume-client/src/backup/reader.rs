@@ -34,11 +34,17 @@ pub struct SnapshotReader {
     capability: SignedCapability,
     epoch: Epoch,
     clients: Mutex<HashMap<NodeId, Arc<NodeClient>>>,
+    data_plane: slate_node::tls::Connector,
 }
 
 impl SnapshotReader {
-    pub fn new(layout: VolumeLayout, capability: SignedCapability, epoch: Epoch) -> Self {
-        Self { layout, capability, epoch, clients: Mutex::new(HashMap::new()) }
+    pub fn new(
+        layout: VolumeLayout,
+        capability: SignedCapability,
+        epoch: Epoch,
+        data_plane: slate_node::tls::Connector,
+    ) -> Self {
+        Self { layout, capability, epoch, clients: Mutex::new(HashMap::new()), data_plane }
     }
 
     fn target(&self) -> Target {
@@ -57,7 +63,7 @@ impl SnapshotReader {
         }
         let sock = addr.parse().map_err(|e| anyhow!("node {node} address {addr}: {e}"))?;
         let c = Arc::new(
-            NodeClient::connect(sock, self.capability.clone())
+            NodeClient::connect_with(&self.data_plane, sock, self.capability.clone())
                 .await
                 .map_err(|e| anyhow!("connecting to node {node} ({addr}): {e}"))?,
         );

@@ -25,6 +25,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use slate_node::tls::{Connector, Identity};
+use slate_protocol::capability::HOLDER_HEADER;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -51,6 +53,9 @@ pub struct ApiClient {
     token: Arc<Zeroizing<String>>,
     /// `Some(window)`: retry rounds for up to `window` (see the module doc).
     patience: Option<Duration>,
+    /// How this process reaches storage nodes: TLS as an ephemeral certificate
+    /// made at start, which every capability it is handed is bound to.
+    data_plane: Connector,
 }
 
 impl std::fmt::Debug for ApiClient {
@@ -122,7 +127,16 @@ impl ApiClient {
     pub fn with_token(bases: Vec<String>, ca_pem: &Path, token: Zeroizing<String>) -> Result<Self> {
         let pem = std::fs::read(ca_pem).with_context(|| format!("reading the CA {}", ca_pem.display()))?;
         let ca = reqwest::Certificate::from_pem(&pem).context("the CA file is not a PEM certificate")?;
+        // The cluster CA issues the storage nodes' certificates too.
+        let identity = Identity::ephemeral()?;
+        let data_plane = Connector::tls(ca_pem, &identity)?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            HOLDER_HEADER,
+            reqwest::header::HeaderValue::from_str(&identity.holder().to_hex()).context("holder header")?,
+        );
         let http = reqwest::Client::builder()
+            .default_headers(headers)
             .use_rustls_tls()
             .tls_built_in_root_certs(false)
             .add_root_certificate(ca)
@@ -145,7 +159,13 @@ impl ApiClient {
             preferred: Arc::new(AtomicUsize::new(0)),
             token: Arc::new(token),
             patience: None,
+            data_plane,
         })
+    }
+
+    /// How this process reaches storage nodes (TLS, as the certificate its capabilities are bound to).
+    pub fn data_plane(&self) -> &Connector {
+        &self.data_plane
     }
 
     /// The same client, retrying unavailable-service errors for up to `window`

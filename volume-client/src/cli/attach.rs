@@ -76,6 +76,7 @@ pub struct AttachArgs {
 
 /// Tells the nodes of `set` that they hold the segment (idempotent).
 pub(super) async fn assign(
+    data_plane: &slate_node::tls::Connector,
     set: &SegmentReplicas,
     cap: &SignedCapability,
     segment_blocks: u64,
@@ -83,7 +84,7 @@ pub(super) async fn assign(
     let target = Target { volume: cap.claims.volume, generation: cap.claims.generation };
     for r in &set.replicas {
         let addr = r.addr.parse().map_err(|e| ControlError(format!("node address {}: {e}", r.addr)))?;
-        let client = NodeClient::connect(addr, cap.clone())
+        let client = NodeClient::connect_with(data_plane, addr, cap.clone())
             .await
             .map_err(|e| ControlError(format!("connecting to {} ({}): {e}", r.node, r.addr)))?;
         let req = Request::AssignSegment { target, segment: set.segment, segment_blocks };
@@ -173,7 +174,7 @@ impl ControlPlane for MetaControl {
             epoch: set.epoch,
             replicas: set.replicas.iter().filter(|r| r.role == ReplicaRole::Rebuilding).cloned().collect(),
         };
-        assign(&fresh, &cap, self.segment_blocks).await?;
+        assign(self.api.data_plane(), &fresh, &cap, self.segment_blocks).await?;
         info!(volume = %volume, %segment, failed = %node, new = ?reply["new_node"], "replica replaced");
         Ok(ReplicaUpdate { set, capability })
     }
@@ -203,7 +204,7 @@ impl ControlPlane for MetaControl {
         set: &SegmentReplicas,
         capability: &SignedCapability,
     ) -> Result<(), ControlError> {
-        assign(set, capability, self.segment_blocks).await
+        assign(self.api.data_plane(), set, capability, self.segment_blocks).await
     }
 
     async fn report_rebuilt(&self, volume: VolumeId, segment: SegmentIndex, node: NodeId) -> Result<(), ControlError> {
@@ -262,7 +263,9 @@ pub async fn open_volume(quick_api: &ApiClient, api: &ApiClient, opened: open::A
     let open::Attached { id, snapshot, attachment, generation, layout, capability, dek, parent, .. } = opened;
     if capability.claims.rights.contains(slate_protocol::Rights::WRITE) {
         for s in &layout.segments {
-            assign(s, &capability, layout.segment_blocks).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            assign(api.data_plane(), s, &capability, layout.segment_blocks)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
     }
     let control = Arc::new(MetaControl::new(
@@ -283,7 +286,7 @@ pub async fn open_volume(quick_api: &ApiClient, api: &ApiClient, opened: open::A
         None => None,
     };
     let vcfg = VolumeConfig { read_epoch: snapshot.map(|s| s.epoch), ..VolumeConfig::default() };
-    let mut volume = Volume::attach(AttachInfo { layout, capability, dek }, control, vcfg)
+    let mut volume = Volume::attach(AttachInfo { layout, capability, dek }, control, api.data_plane().clone(), vcfg)
         .await
         .context("opening the volume on its storage nodes")?;
     if let Some(p) = parent {

@@ -264,7 +264,12 @@ async fn create(
             },
             base_epoch: rec.parent_epoch.unwrap_or(0),
         };
-        let reader = Arc::new(SnapshotReader::new(opened.layout.clone(), opened.capability.clone(), s.epoch));
+        let reader = Arc::new(SnapshotReader::new(
+            opened.layout.clone(),
+            opened.capability.clone(),
+            s.epoch,
+            api.data_plane().clone(),
+        ));
         let t = Instant::now();
         let pb = bar(json_out, 1, "blocks");
         let (manifest, resumed) = create::run(reader, &store, &header, parallel, now_ms(), |d, total| {

@@ -100,7 +100,7 @@ impl ParentLink {
     async fn open_volume(&self, p: AttachedParent) -> Result<Volume, VolumeError> {
         let cfg = VolumeConfig { read_epoch: Some(p.epoch), ..VolumeConfig::default() };
         let info = AttachInfo { layout: p.layout, capability: p.capability, dek: self.dek.clone() };
-        Volume::attach(info, Arc::new(self.clone()), cfg).await
+        Volume::attach(info, Arc::new(self.clone()), self.api.data_plane().clone(), cfg).await
     }
 }
 

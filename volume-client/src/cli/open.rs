@@ -346,6 +346,7 @@ mod tests {
                 rights: slate_protocol::Rights::READ,
                 expires_unix_secs: u64::MAX,
                 nodes: vec![NodeId(1), NodeId(2)],
+                ..Default::default()
             }
             .sign(&key)
             .to_token()

@@ -187,6 +187,40 @@ fn nbd_client_dir(dir: &Path) -> PathBuf {
     dir.join("nbd-client")
 }
 
+/// Issues (once) storage node `id`'s data-plane certificate for 127.0.0.1 from
+/// the cluster CA, into `<node dir>/tls/` (0700; the key 0600).
+fn node_tls(id: u64, nd: &Path, layout: &MetaLayout) -> Result<slate_node::config::TlsFiles> {
+    use slate_meta::tls::{write_private, LocalCa, LOCAL_CA_NAME};
+    use std::os::unix::fs::DirBuilderExt;
+    let tls_dir = nd.join("tls");
+    let files = slate_node::config::TlsFiles {
+        cert: tls_dir.join("cert.pem"),
+        key: tls_dir.join("key.pem"),
+        ca: layout.ca_path(),
+    };
+    if files.cert.exists() && files.key.exists() {
+        return Ok(files);
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&tls_dir)
+        .with_context(|| format!("creating {}", tls_dir.display()))?;
+    let key_pem = zeroize::Zeroizing::new(
+        std::fs::read_to_string(layout.ca_key_path())
+            .context("reading the cluster CA's key to issue node certificates")?,
+    );
+    let ca = LocalCa::from_key_pem(LOCAL_CA_NAME, &key_pem)?;
+    let (cert, key) = ca.issue(&format!("slate storage node {id}"), &["127.0.0.1".to_owned()])?;
+    let key = zeroize::Zeroizing::new(key);
+    for f in [&files.cert, &files.key] {
+        let _ = std::fs::remove_file(f);
+    }
+    std::fs::write(&files.cert, cert)?;
+    write_private(&files.key, key.as_bytes())?;
+    Ok(files)
+}
+
 fn node_dir(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("node-{id}"))
 }
@@ -367,7 +401,8 @@ fn stop_in_order(procs: &mut Vec<Proc>) -> Vec<(String, bool)> {
 fn node_config_toml(n: &NodeMember, disk: &Path, nd: &Path, vk: &str, layout: &MetaLayout) -> Result<String> {
     let key = slate_protocol::capability::verifying_key_from_hex(vk)
         .context("the metadata service's verifying key is not a valid ed25519 key")?;
-    let mut cfg = NodeConfig::new(NodeId(n.id), format!("127.0.0.1:{}", n.port).parse()?, disk.to_owned(), &key);
+    let mut cfg = NodeConfig::new(NodeId(n.id), format!("127.0.0.1:{}", n.port).parse()?, disk.to_owned(), &key)
+        .with_tls(node_tls(n.id, nd, layout)?);
     cfg.metrics_listen = Some(format!("127.0.0.1:{}", n.metrics_port).parse()?);
     cfg.admin_socket = Some(nd.join("admin.sock"));
     cfg.meta = Some(metactl::node_meta_link(layout));

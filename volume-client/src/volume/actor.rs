@@ -332,6 +332,8 @@ pub(super) fn classify(result: Result<Reply, LinkError>) -> Outcome {
         | ErrorKind::NoRight
         | ErrorKind::NoSession
         | ErrorKind::Version
+        | ErrorKind::NotHolder
+        | ErrorKind::NotYetValid
         | ErrorKind::Malformed => Outcome::Fatal(VolumeError::Denied(e.to_string())),
         ErrorKind::Corrupt => Outcome::Corrupt(e.block),
         // NoSuchLayer: this replica lacks the snapshot a `ReadAt` asked for; another may have it.
@@ -2002,12 +2004,14 @@ async fn poll_layout(ctx: PollCtx, tx: &mpsc::UnboundedSender<Event>) -> Result<
     if sets.is_empty() && !grows {
         return Ok(LayoutPoll { sets: Vec::new(), capability: None, links: Vec::new(), snapshots, grown: None });
     }
-    // A capability whose node scope covers every new member (slate-meta signs from the current layout).
-    let uncovered = sets
-        .iter()
-        .flat_map(|(_, f)| f)
-        .chain(added.iter().flat_map(|s| &s.replicas))
-        .any(|r| !ctx.capability.claims.nodes.contains(&r.node));
+    // A capability whose node scope covers every new member (slate-meta signs from the current layout),
+    // and, when the volume grew, whose size and segment scope cover the new segments.
+    let uncovered = grows
+        || sets
+            .iter()
+            .flat_map(|(_, f)| f)
+            .chain(added.iter().flat_map(|s| &s.replicas))
+            .any(|r| !ctx.capability.claims.nodes.contains(&r.node));
     let renewed = if uncovered {
         let c = ctx.control.renew_capability(volume, ctx.target.generation).await.map_err(|e| e.to_string())?;
         if c.claims.volume != volume || c.claims.generation != ctx.target.generation {

@@ -336,6 +336,7 @@ impl ControlPlane for FakeControl {
             rights: slate_protocol::Rights::READ_WRITE,
             expires_unix_secs: slate_protocol::now_unix_secs() + secs,
             nodes: nodes.clone(),
+            ..Default::default()
         }
         .sign(key))
     }

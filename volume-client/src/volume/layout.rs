@@ -270,6 +270,7 @@ mod tests {
             rights: Rights::READ_WRITE,
             expires_unix_secs: u64::MAX,
             nodes: vec![NodeId(1), NodeId(2)],
+            ..Default::default()
         }
         .sign(&key);
         let dek_hex = "ab".repeat(32) + &"cd".repeat(32);

@@ -172,13 +172,14 @@ impl std::fmt::Debug for Volume {
 }
 
 impl Volume {
-    /// Opens an attachment over real storage nodes (`NodeClient` sessions).
+    /// Opens an attachment over real storage nodes (`NodeClient` sessions through `data_plane`).
     pub async fn attach(
         info: AttachInfo,
         control: Arc<dyn ControlPlane>,
+        data_plane: slate_node::tls::Connector,
         cfg: VolumeConfig,
     ) -> Result<Self, VolumeError> {
-        Self::open(info, control, Arc::new(NodeClientConnector), cfg).await
+        Self::open(info, control, Arc::new(NodeClientConnector(data_plane)), cfg).await
     }
 
     /// Opens an attachment: connects to every node of the layout, reconciles

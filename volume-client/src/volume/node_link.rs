@@ -1,5 +1,5 @@
 //! The engine's link traits over the storage node's own client,
-//! `slate_node::client::NodeClient` (one pipelined TCP session per node;
+//! `slate_node::client::NodeClient` (one pipelined TLS session per node;
 //! `start` enqueues the frame before returning, so requests leave in the
 //! order the engine issued them).
 
@@ -40,9 +40,10 @@ impl NodeLink for NodeClientLink {
     }
 }
 
-/// Opens `NodeClient` sessions; checks that the node is the one the layout names.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NodeClientConnector;
+/// Opens `NodeClient` sessions through a data-plane connector (TLS as this
+/// client); checks that the node is the one the layout names.
+#[derive(Debug, Clone, Default)]
+pub struct NodeClientConnector(pub slate_node::tls::Connector);
 
 impl Connector for NodeClientConnector {
     fn connect(
@@ -53,13 +54,14 @@ impl Connector for NodeClientConnector {
     ) -> BoxFuture<Result<Arc<dyn NodeLink>, LinkError>> {
         let addr = addr.to_string();
         let capability = capability.clone();
+        let data_plane = self.0.clone();
         Box::pin(async move {
             let sock = tokio::net::lookup_host(&addr)
                 .await
                 .map_err(|e| LinkError::Closed(format!("resolve {addr}: {e}")))?
                 .next()
                 .ok_or_else(|| LinkError::Closed(format!("{addr} resolves to nothing")))?;
-            let client = NodeClient::connect(sock, capability).await.map_err(link_error)?;
+            let client = NodeClient::connect_with(&data_plane, sock, capability).await.map_err(link_error)?;
             if client.node() != node {
                 return Err(LinkError::Protocol(format!("{addr} is {}, not {node}", client.node())));
             }

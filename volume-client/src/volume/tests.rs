@@ -35,6 +35,7 @@ fn info_with(
         rights,
         expires_unix_secs,
         nodes: nodes.iter().map(|n| NodeId(*n)).collect(),
+        ..Default::default()
     }
     .sign(signing);
     AttachInfo { layout: l.clone(), capability, dek: key() }

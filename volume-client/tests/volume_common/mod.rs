@@ -198,6 +198,7 @@ impl Cluster {
             rights,
             expires_unix_secs: slate_protocol::now_unix_secs() + 3600,
             nodes: self.nodes.iter().map(|n| n.id).collect(),
+            ..Default::default()
         }
         .sign(&self.key)
     }
@@ -361,6 +362,7 @@ impl ControlPlane for TestControl {
             rights: Rights::READ_WRITE.union(Rights::ADMIN),
             expires_unix_secs: slate_protocol::now_unix_secs() + 3600,
             nodes,
+            ..Default::default()
         }
         .sign(&self.signer))
     }

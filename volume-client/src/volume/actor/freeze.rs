@@ -440,6 +440,7 @@ mod tests {
             rights: Rights::READ_WRITE.union(Rights::ADMIN),
             expires_unix_secs: u64::MAX,
             nodes: vec![NodeId(1), NodeId(2)],
+            ..Default::default()
         }
         .sign(&slate_protocol::capability::generate_signing_key());
         let info = AttachInfo { layout: l.clone(), capability, dek: Dek::new(std::array::from_fn(|i| i as u8)) };

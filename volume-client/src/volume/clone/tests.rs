@@ -63,6 +63,7 @@ impl Side {
             rights,
             expires_unix_secs: u64::MAX,
             nodes: self.nodes.iter().map(|n| n.id).collect(),
+            ..Default::default()
         }
         .sign(&slate_protocol::capability::generate_signing_key());
         let info = AttachInfo { layout: l, capability, dek: key() };
