@@ -177,7 +177,7 @@ async fn rotate_root(cfg: &Config, token_file: &std::path::Path) -> anyhow::Resu
     let token = zeroize::Zeroizing::new(
         std::fs::read_to_string(token_file).with_context(|| format!("reading {}", token_file.display()))?,
     );
-    let mut b = reqwest::Client::builder().use_rustls_tls().timeout(std::time::Duration::from_secs(60));
+    let mut b = reqwest::Client::builder().use_rustls_tls().timeout(std::time::Duration::from_mins(1));
     if let Some(ca) = &cfg.ca_cert {
         let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
         b = b.tls_built_in_root_certs(false).add_root_certificate(reqwest::Certificate::from_pem(&pem)?);

@@ -344,12 +344,19 @@ pub fn try_unwrap_dek(
     let root = FileRootKeyProvider::new(root_key_file).load()?;
     // The copy's Raft log too: entries after its state file (replayed onto it), and any
     // wrapped key in an entry, are tried as well as the state file itself.
-    let log = crate::consensus::read_log_entries(data_dir).map_err(|e| anyhow::anyhow!(e))?;
+    let log = crate::consensus::read_log_entries(&data_dir.join("raft")).map_err(|e| anyhow::anyhow!(e))?;
     let (replayed, seen) = replay_log(&target, &log, &root, volume);
     let Some(tenant) =
         target.volumes.get(&volume).or_else(|| replayed.volumes.get(&volume)).map(|v| v.tenant).or(seen.tenant)
     else {
-        return Ok(Err(format!("volume {volume} is in neither the state nor the Raft log of {}", data_dir.display())));
+        return Ok(Err(format!(
+            "volume {volume} is in neither the state (applied index {}) nor the Raft log ({} entries, indexes {:?}..{:?}) of {}",
+            target.applied_index,
+            log.len(),
+            log.first().map(|e| e.0),
+            log.last().map(|e| e.0),
+            data_dir.display()
+        )));
     };
     let mut deks: Vec<WrappedKey> = target.volumes.get(&volume).map(|v| v.wrapped_dek.clone()).into_iter().collect();
     deks.extend(seen.deks);

@@ -322,7 +322,7 @@ async fn rotate_root_rekeys_every_voter_with_fresh_randomness() {
     assert_eq!(rep["root_epoch"], 1);
     c.wait_caught_up().await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    for i in 0..3 {
+    for (i, old_root) in old_roots.iter().enumerate() {
         loop {
             let s = c.status(i).await.unwrap();
             if s["root_key_epoch"] == 1 && s["root_generation"] == 1 {
@@ -332,7 +332,7 @@ async fn rotate_root_rekeys_every_voter_with_fresh_randomness() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let now = std::fs::read_to_string(c.root_key_file(i)).unwrap();
-        let before = std::fs::read_to_string(&old_roots[i]).unwrap();
+        let before = std::fs::read_to_string(old_root).unwrap();
         assert_ne!(now, before, "node {i}'s root key file did not change");
         assert!(now.contains("epoch 1"));
     }

@@ -43,7 +43,7 @@ impl Fencer {
                     tracing::info!(%volume, %generation, "generation fenced by slate-meta (grant revoked)");
                 }
                 Err(e) => {
-                    tracing::warn!(%volume, %generation, error = %e, "applying a generation fence failed; will retry")
+                    tracing::warn!(%volume, %generation, error = %e, "applying a generation fence failed; will retry");
                 }
             }
         }

@@ -934,7 +934,7 @@ impl MetaState {
             Command::MarkInSync { volume, req } => {
                 let v = self.volume_for(ctx, *volume)?;
                 self.check_volume(&ctx.actor, v, Need::Reconfigure)?;
-                self.require_current_writer(&ctx.actor, v)?;
+                Self::require_current_writer(&ctx.actor, v)?;
                 let seg = v
                     .segments
                     .get(req.segment as usize)
@@ -1272,7 +1272,7 @@ impl MetaState {
     fn report_failure(&mut self, ctx: &mut Ctx, volume: u64, segment: u32, node: u64) -> Res {
         let v = self.volume_for(ctx, volume)?;
         self.check_volume(&ctx.actor, v, Need::Reconfigure)?;
-        self.require_current_writer(&ctx.actor, v)?;
+        Self::require_current_writer(&ctx.actor, v)?;
         let seg = v
             .segments
             .get(segment as usize)

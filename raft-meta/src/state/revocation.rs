@@ -72,7 +72,7 @@ impl MetaState {
     /// Reconfiguration (report-failure, mark-in-sync) is the current writer's: the caller
     /// must hold a read-write attachment at the volume's current generation. Operators
     /// may act without one (their calls are audited).
-    pub(super) fn require_current_writer(&self, actor: &Actor, v: &Volume) -> Result<(), Refusal> {
+    pub(super) fn require_current_writer(actor: &Actor, v: &Volume) -> Result<(), Refusal> {
         if actor.is_operator() {
             return Ok(());
         }
