@@ -110,6 +110,18 @@ pub struct NodeWork {
     /// Snapshots of detached volumes to freeze here.
     #[serde(default)]
     pub freezes: Vec<FreezeTask>,
+    /// Generations the node must refuse below, per volume: set when a grant revocation
+    /// ended a live read-write attachment, so its sessions stop at their next request.
+    #[serde(default)]
+    pub fences: Vec<VolumeFence>,
+}
+
+/// Refuse every request of `volume` below `generation` (raise the node's generation table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeFence {
+    pub volume: u64,
+    pub generation: u64,
 }
 
 /// A heartbeat's reply.

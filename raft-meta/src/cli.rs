@@ -72,6 +72,16 @@ enum Cmd {
         #[arg(long)]
         volume: u64,
     },
+    /// Re-key the root with fresh randomness: every voter re-wraps every tenant key under a new
+    /// random root, stores it over its root key file and purges its Raft log past the rotation.
+    RotateRoot {
+        /// A node's `meta.toml` (its API address and CA are used).
+        #[arg(long)]
+        config: PathBuf,
+        /// The operator's token file.
+        #[arg(long)]
+        token_file: PathBuf,
+    },
     /// Print the wrapped (never plaintext) keys stored in a data directory, as JSON (for tests).
     #[command(hide = true)]
     DumpWrapped {
@@ -143,6 +153,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Cmd::RotateRoot { config, token_file } => {
+            let cfg = Config::load(&config)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let reply = rt.block_on(rotate_root(&cfg, &token_file))?;
+            println!("{}", serde_json::to_string_pretty(&reply)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::DumpWrapped { data_dir } => {
             let list: Vec<serde_json::Value> = machine::dump_wrapped(&data_dir)?
                 .into_iter()
@@ -152,6 +169,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `slate-meta rotate-root`: one API call to the node of `cfg` (which proposes it).
+async fn rotate_root(cfg: &Config, token_file: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    use anyhow::Context as _;
+    let token = zeroize::Zeroizing::new(
+        std::fs::read_to_string(token_file).with_context(|| format!("reading {}", token_file.display()))?,
+    );
+    let mut b = reqwest::Client::builder().use_rustls_tls().timeout(std::time::Duration::from_mins(1));
+    if let Some(ca) = &cfg.ca_cert {
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        b = b.tls_built_in_root_certs(false).add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+    }
+    let mut addr = cfg.api_addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let resp = b
+        .build()?
+        .post(format!("https://{addr}/v1/cluster/rotate-root"))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .with_context(|| format!("calling {addr}"))?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
+    anyhow::ensure!(status.is_success(), "rotate-root refused ({status}): {}", body["error"]);
+    Ok(body)
 }
 
 /// Resolves at the first SIGTERM or SIGINT; the handlers are installed when this is called.
@@ -242,6 +287,7 @@ fn init(
             data_dir: nd.join("data"),
             root_key_file: Some(keys.join("root.key")),
             root_key_env: None,
+            insecure_test_root_key: false,
             signing_key_file: keys.join("signing.key"),
             tls_cert: tlsd.join("node.crt"),
             tls_key: tlsd.join("node.key"),

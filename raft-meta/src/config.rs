@@ -63,8 +63,14 @@ pub struct Config {
     #[serde(default)]
     pub root_key_file: Option<PathBuf>,
     /// Take the root key from this environment variable instead (read-only: no ratchet).
+    /// Test-only: refused unless `insecure_test_root_key = true`.
     #[serde(default)]
     pub root_key_env: Option<String>,
+    /// Accept `root_key_env`. The environment value never changes, so a shred cannot
+    /// destroy the old root and `rotate-root` cannot store a new one: an old copy of a
+    /// data directory stays readable by whoever holds the value. Tests only.
+    #[serde(default)]
+    pub insecure_test_root_key: bool,
     /// ed25519 capability signing key (hex seed), same on every node.
     pub signing_key_file: PathBuf,
     /// This node's certificate and key: served by the API and, with `ca_cert`, used for mutual TLS
@@ -116,6 +122,12 @@ impl Config {
         anyhow::ensure!(
             self.root_key_file.is_some() || self.root_key_env.is_some(),
             "set root_key_file or root_key_env"
+        );
+        anyhow::ensure!(
+            self.root_key_env.is_none() || self.insecure_test_root_key,
+            "root_key_env is for tests only: an environment variable cannot be ratcheted or re-keyed, so a \
+             crypto-shred would not protect old copies of the data directory; use root_key_file (or a KMS), \
+             or set insecure_test_root_key = true in a test configuration"
         );
         if let Some(k) = &self.root_key_file {
             let data = self.data_dir.canonicalize().unwrap_or_else(|_| self.data_dir.clone());

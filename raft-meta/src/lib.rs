@@ -12,6 +12,7 @@ pub mod api;
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod fsutil;
 pub mod keys;
 pub mod machine;
 pub mod metrics;

@@ -25,10 +25,11 @@ use crate::consensus::StateMachine;
 use crate::keys::{Dek, FileRootKeyProvider, KeyError, RootKey, RootKeyProvider, TenantKey, WrappedKey};
 use crate::state::command::Response;
 use crate::state::MetaState;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use zeroize::Zeroize;
 
 /// Name of the state file under `<data_dir>/state/`.
 pub const STATE_FILE: &str = "state.json";
@@ -46,6 +47,7 @@ pub struct SlateMachine {
     dir: PathBuf,
     purge: bool,
     root_store_failed: bool,
+    dek_unwraps: u64,
 }
 
 impl std::fmt::Debug for SlateMachine {
@@ -69,10 +71,11 @@ pub fn load_state(data_dir: &Path) -> anyhow::Result<MetaState> {
 }
 
 fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    fs::create_dir_all(dir)?;
+    crate::fsutil::create_private_dir(dir)?;
     let tmp = dir.join(format!("{name}.tmp"));
     {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        // Wrapped keys, principals and the audit chain: owner only.
+        let mut f = crate::fsutil::create_private_file(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -87,7 +90,14 @@ impl SlateMachine {
         let mut root = provider.load()?;
         if root.epoch() < state.root_epoch {
             // Crash after persisting a shredded state but before storing the ratcheted key.
-            root = root.ratchet_to(state.root_epoch).expect("forward ratchet");
+            root = root.advance_to(state.root_epoch, state.root_rotation.as_ref()).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the root key (epoch {}) cannot reach the state's epoch {}: a root rotation on the way is \
+                     no longer recorded; start this node with an empty data directory to resync",
+                    root.epoch(),
+                    state.root_epoch
+                )
+            })?;
             match provider.store(&root) {
                 Ok(()) => tracing::warn!(epoch = root.epoch(), "root key was behind the state; ratcheted it forward"),
                 // A read-only provider (environment variable): keep the ratcheted key in memory only.
@@ -113,7 +123,15 @@ impl SlateMachine {
                 })?;
             }
         }
-        Ok(Self { state, root, provider, dir: state_dir(data_dir), purge: false, root_store_failed: false })
+        Ok(Self {
+            state,
+            root,
+            provider,
+            dir: state_dir(data_dir),
+            purge: false,
+            root_store_failed: false,
+            dek_unwraps: 0,
+        })
     }
 
     /// The state, for reads.
@@ -136,6 +154,18 @@ impl SlateMachine {
     pub fn wrap_fresh_tenant_key(&self) -> (WrappedKey, u64) {
         let k = TenantKey::generate();
         (self.root.wrap_tenant_key(&k), self.root.epoch())
+    }
+
+    /// A fresh root key from the OS CSPRNG, wrapped under the current root, with the
+    /// current epoch: the proposer's part of `slate-meta rotate-root`.
+    pub fn wrap_fresh_root(&self) -> (WrappedKey, u64) {
+        let next = self.root.fresh_successor();
+        (self.root.wrap_successor(&next), self.root.epoch())
+    }
+
+    /// How many times the root was re-keyed with fresh randomness.
+    pub fn root_generation(&self) -> u64 {
+        self.state.root_generation
     }
 
     /// A fresh DEK wrapped under `tenant`'s current key, with the key version; `None` when the tenant is unknown.
@@ -170,14 +200,55 @@ impl SlateMachine {
     }
 }
 
+impl SlateMachine {
+    /// How many DEKs this node unwrapped for a reply (attach, restore): only for
+    /// commands it proposed itself, never for those it merely replicated.
+    pub fn dek_unwraps(&self) -> u64 {
+        self.dek_unwraps
+    }
+
+    /// Opens a key release for the proposer (outside `MetaState::apply`, after it,
+    /// with the root key of that moment), or drops it on every other replica.
+    fn settle_release(&mut self, response: &mut Response, proposed_here: bool) {
+        let Response::Ok { dek_hex, release, .. } = response else { return };
+        let Some(r) = release.take() else { return };
+        if !proposed_here {
+            return;
+        }
+        match r.open(&self.root) {
+            Ok(dek) => {
+                self.dek_unwraps += 1;
+                *dek_hex = Some(dek.to_hex().to_string());
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "opening the key release for the caller failed");
+                *response = Response::Err(crate::state::command::Refusal::new(
+                    crate::state::command::ErrorCode::Internal,
+                    "the volume key could not be opened for this reply",
+                ));
+            }
+        }
+    }
+}
+
 impl StateMachine for SlateMachine {
     fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8> {
-        let applied = self.state.apply_bytes(index, command, &mut self.root);
+        self.apply_proposed(index, command, false)
+    }
+
+    fn apply_proposed(&mut self, index: u64, command: &[u8], proposed_here: bool) -> Vec<u8> {
+        let mut applied = self.state.apply_bytes(index, command, &mut self.root);
         if applied.shredded {
             self.commit_shred();
             self.purge = true;
         }
-        serde_json::to_vec(&applied.response).unwrap_or_else(|_| b"{\"err\":{\"code\":\"internal\"}}".to_vec())
+        self.settle_release(&mut applied.response, proposed_here);
+        let out =
+            serde_json::to_vec(&applied.response).unwrap_or_else(|_| b"{\"err\":{\"code\":\"internal\"}}".to_vec());
+        if let Response::Ok { dek_hex: Some(h), .. } = &mut applied.response {
+            h.zeroize();
+        }
+        out
     }
 
     fn applied_index(&self) -> u64 {
@@ -192,7 +263,7 @@ impl StateMachine for SlateMachine {
         let mut state: MetaState =
             serde_json::from_slice(snapshot).map_err(|e| format!("snapshot does not decode: {e}"))?;
         state.applied_index = index;
-        let root = self.root.ratchet_to(state.root_epoch).ok_or_else(|| {
+        let root = self.root.advance_to(state.root_epoch, state.root_rotation.as_ref()).ok_or_else(|| {
             format!(
                 "snapshot is at root epoch {} but this node's root key is at {}: cannot go back",
                 state.root_epoch,
@@ -270,41 +341,142 @@ pub fn try_unwrap_dek(
     volume: u64,
 ) -> anyhow::Result<Result<String, String>> {
     let target = load_state(data_dir)?;
-    let Some(v) = target.volumes.get(&volume) else {
-        return Ok(Err(format!("volume {volume} is not in {}", data_dir.display())));
-    };
     let root = FileRootKeyProvider::new(root_key_file).load()?;
+    // The copy's Raft log too: entries after its state file (replayed onto it), and any
+    // wrapped key in an entry, are tried as well as the state file itself.
+    let log = crate::consensus::read_log_entries(&data_dir.join("raft")).map_err(|e| anyhow::anyhow!(e))?;
+    let (replayed, seen) = replay_log(&target, &log, &root, volume);
+    let Some(tenant) =
+        target.volumes.get(&volume).or_else(|| replayed.volumes.get(&volume)).map(|v| v.tenant).or(seen.tenant)
+    else {
+        return Ok(Err(format!(
+            "volume {volume} is in neither the state (applied index {}) nor the Raft log ({} entries, indexes {:?}..{:?}) of {}",
+            target.applied_index,
+            log.len(),
+            log.first().map(|e| e.0),
+            log.last().map(|e| e.0),
+            data_dir.display()
+        )));
+    };
+    let mut deks: Vec<WrappedKey> = target.volumes.get(&volume).map(|v| v.wrapped_dek.clone()).into_iter().collect();
+    deks.extend(seen.deks);
+    deks.extend(log_wrapped_keys(&log, crate::keys::DEK_BYTES + 8));
     let mut attempts = Vec::new();
     let mut tenant_keys: Vec<(String, TenantKey)> = Vec::new();
-    let mut states = vec![(data_dir.to_path_buf(), target.clone())];
+    let mut states = vec![(data_dir.display().to_string(), target.clone())];
+    states.push((format!("{} (state replayed from its Raft log)", data_dir.display()), replayed));
     for d in key_dirs {
-        states.push((d.clone(), load_state(d)?));
+        states.push((d.display().to_string(), load_state(d)?));
     }
+    let mut wrapped_tenant_keys: Vec<(String, u64, WrappedKey)> = Vec::new();
     for (dir, s) in &states {
-        let Some(t) = s.tenants.get(&v.tenant) else {
-            attempts.push(format!("{}: tenant {} absent", dir.display(), v.tenant));
-            continue;
-        };
-        match root.ratchet_to(s.root_epoch) {
+        match s.tenants.get(&tenant) {
+            Some(t) => wrapped_tenant_keys.push((dir.clone(), s.root_epoch, t.wrapped_key.clone())),
+            None => attempts.push(format!("{dir}: tenant {tenant} absent")),
+        }
+    }
+    for (i, (epoch, w)) in seen.tenant_keys.into_iter().enumerate() {
+        wrapped_tenant_keys.push((format!("tenant key {i} seen in the Raft log"), epoch, w));
+    }
+    for w in log_wrapped_keys(&log, crate::keys::TENANT_KEY_BYTES + 8) {
+        wrapped_tenant_keys.push(("a Raft log entry".into(), root.epoch(), w));
+    }
+    for (from, epoch, w) in &wrapped_tenant_keys {
+        match root.ratchet_to(*epoch) {
             None => attempts.push(format!(
-                "{}: state at root epoch {} but the root key is at {} (older keys destroyed)",
-                dir.display(),
-                s.root_epoch,
+                "{from}: wrapped at root epoch {epoch} but the root key is at {} (older keys destroyed)",
                 root.epoch()
             )),
-            Some(r) => match r.unwrap_tenant_key(&t.wrapped_key) {
-                Ok(k) => tenant_keys.push((dir.display().to_string(), k)),
-                Err(e) => attempts.push(format!("{}: {e}", dir.display())),
+            Some(r) => match r.unwrap_tenant_key(w) {
+                Ok(k) => tenant_keys.push((from.clone(), k)),
+                Err(e) => attempts.push(format!("{from}: {e}")),
             },
         }
     }
+    let mut replayed_found = false;
     for (from, k) in &tenant_keys {
-        match k.unwrap_dek(&v.wrapped_dek) {
-            Ok(dek) => return Ok(Ok(dek.fingerprint())),
-            Err(e) => attempts.push(format!("tenant key from {from}: {e}")),
+        for w in &deks {
+            if let Ok(dek) = k.unwrap_dek(w) {
+                // A log value that is not this volume's could open too (another volume of
+                // the tenant): only a key the state or the replay attributes to it counts.
+                if seen.attributed.contains(w) || target.volumes.get(&volume).is_some_and(|v| v.wrapped_dek == *w) {
+                    return Ok(Ok(dek.fingerprint()));
+                }
+                replayed_found = true;
+            }
         }
+        attempts.push(format!("tenant key from {from}: opens none of the volume's wrapped keys"));
+    }
+    if replayed_found {
+        attempts.push("some other volume key in the log opened (not this volume's)".into());
     }
     Ok(Err(attempts.join("; ")))
+}
+
+/// What replaying a copy's Raft log showed about one volume.
+#[derive(Default)]
+struct Seen {
+    tenant: Option<u64>,
+    /// Every wrapped form of the volume's DEK the replay produced.
+    deks: Vec<WrappedKey>,
+    attributed: Vec<WrappedKey>,
+    /// Every wrapped form of its tenant's key, with the root epoch it was under.
+    tenant_keys: Vec<(u64, WrappedKey)>,
+}
+
+/// Applies the log entries after the state's applied index onto a copy of the state
+/// (with the given root key moved to the state's epoch, if it can be), recording every
+/// wrapped form of `volume`'s DEK and of its tenant's key along the way.
+fn replay_log(state: &MetaState, log: &[(u64, Vec<u8>)], root: &RootKey, volume: u64) -> (MetaState, Seen) {
+    let mut s = state.clone();
+    let mut seen = Seen::default();
+    let Some(mut r) = root.ratchet_to(s.root_epoch) else { return (s, seen) };
+    for (index, data) in log {
+        if *index <= s.applied_index {
+            continue;
+        }
+        let _ = s.apply_bytes(*index, data, &mut r);
+        if let Some(v) = s.volumes.get(&volume) {
+            seen.tenant = Some(v.tenant);
+            if !seen.deks.contains(&v.wrapped_dek) {
+                seen.deks.push(v.wrapped_dek.clone());
+                seen.attributed.push(v.wrapped_dek.clone());
+            }
+            if let Some(t) = s.tenants.get(&v.tenant) {
+                let e = (s.root_epoch, t.wrapped_key.clone());
+                if !seen.tenant_keys.contains(&e) {
+                    seen.tenant_keys.push(e);
+                }
+            }
+        }
+    }
+    (s, seen)
+}
+
+/// Every string in the log's commands that decodes from hex to `len` bytes (a wrapped key's size).
+fn log_wrapped_keys(log: &[(u64, Vec<u8>)], len: usize) -> Vec<WrappedKey> {
+    fn walk(v: &serde_json::Value, len: usize, out: &mut Vec<WrappedKey>) {
+        match v {
+            serde_json::Value::String(s) if s.len() == 2 * len => {
+                if let Ok(b) = hex::decode(s) {
+                    let w = WrappedKey(b);
+                    if !out.contains(&w) {
+                        out.push(w);
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, len, out)),
+            serde_json::Value::Object(o) => o.values().for_each(|x| walk(x, len, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for (_, data) in log {
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
+            walk(&v, len, &mut out);
+        }
+    }
+    out
 }
 
 impl Drop for SlateMachine {

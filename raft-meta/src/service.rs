@@ -44,7 +44,7 @@ pub fn root_provider(cfg: &Config) -> anyhow::Result<Arc<dyn RootKeyProvider>> {
 /// Runs a node until `shutdown` resolves, then stops it cleanly.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     tls::install_crypto_provider();
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    crate::fsutil::create_private_dir(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let provider = root_provider(&cfg)?;
     let sm = SlateMachine::open(&cfg.data_dir, provider)?;
     let signing_key = load_signing_key(&cfg.signing_key_file)?;

@@ -265,6 +265,7 @@ async fn serve(cfg: NodeConfig, config_path: &Path) -> anyhow::Result<()> {
                 },
             ),
             decommission: decommission_tx,
+            fencer: node.fencer(),
         };
         crate::heartbeat::spawn(m, work, stop_heartbeat.clone())
     });

@@ -3,6 +3,7 @@
 
 pub mod engine;
 pub mod erase;
+pub mod fence;
 
 // Data-plane server side: sessions and capability checks, the TCP server, the
 // reusable client, metrics, local admin, configuration, and the node assembly.

@@ -54,6 +54,7 @@ pub struct RunningNode {
     engine: Option<Engine>,
     handle: EngineHandle,
     metrics: Arc<Metrics>,
+    gens: Arc<crate::session::GenerationTable>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -120,6 +121,7 @@ impl RunningNode {
             .await
             .with_context(|| format!("binding data plane on {}", cfg.listen))?;
         let addr = server.local_addr()?;
+        let gens = server.generations();
         tasks.push(tokio::spawn(server.run(shutdown_rx.clone())));
 
         let metrics_addr = match cfg.metrics_listen {
@@ -141,12 +143,17 @@ impl RunningNode {
             tasks.push(tokio::spawn(crate::admin::serve(l, path.clone(), handle.clone(), shutdown_rx.clone())));
         }
         info!(%addr, metrics = ?metrics_addr, "storage node serving");
-        Ok(Self { addr, metrics_addr, engine: Some(engine), handle, metrics, shutdown, tasks })
+        Ok(Self { addr, metrics_addr, engine: Some(engine), handle, metrics, gens, shutdown, tasks })
     }
 
     /// The engine, for in-process callers (the demo, tests).
     pub fn engine(&self) -> &EngineHandle {
         &self.handle
+    }
+
+    /// Applies generation fences from slate-meta to this node (`fence.rs`).
+    pub fn fencer(&self) -> crate::fence::Fencer {
+        crate::fence::Fencer::new(Arc::clone(&self.gens), self.handle.clone())
     }
 
     /// The node's metrics.

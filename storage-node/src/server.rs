@@ -68,7 +68,7 @@ struct Ctx {
     opts: ServerOptions,
     engine: EngineHandle,
     metrics: Arc<Metrics>,
-    gens: GenerationTable,
+    gens: Arc<GenerationTable>,
 }
 
 /// A bound data-plane listener, ready to serve.
@@ -96,7 +96,13 @@ impl Server {
             "in-flight budget must hold one largest request and its reply"
         );
         let listener = TcpListener::bind(addr).await?;
-        Ok(Self { listener, ctx: Arc::new(Ctx { opts, engine, metrics, gens: GenerationTable::default() }) })
+        let gens = Arc::new(GenerationTable::default());
+        Ok(Self { listener, ctx: Arc::new(Ctx { opts, engine, metrics, gens }) })
+    }
+
+    /// The node's generation table, shared with the heartbeat's fence applier (`fence.rs`).
+    pub fn generations(&self) -> Arc<GenerationTable> {
+        Arc::clone(&self.ctx.gens)
     }
 
     /// The address actually bound (useful with port 0).

@@ -19,6 +19,8 @@ pub struct Dispatcher {
     pub scrubber: Scrubber,
     /// Set once slate-meta asks for the disk's decommission; the node's main task watches it.
     pub decommission: watch::Sender<Option<DecommissionTask>>,
+    /// Raises generations that a grant revocation fenced.
+    pub fencer: crate::fence::Fencer,
 }
 
 impl Dispatcher {
@@ -40,6 +42,8 @@ impl Dispatcher {
     /// Acts on one heartbeat's work. Never blocks on long work: copies and scrubs run
     /// in their own tasks, and the decommission is the main task's.
     pub async fn dispatch(&self, meta: &MetaClient, work: &NodeWork) {
+        // Fences first: a revoked writer must stop before anything slower runs.
+        self.fencer.apply(&work.fences).await;
         self.releaser.run(meta, work).await;
         for f in &work.freezes {
             self.freeze(meta, f).await;

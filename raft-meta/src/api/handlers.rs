@@ -86,6 +86,7 @@ async fn simple(s: &ApiState, caller: &Caller, cmd: Command) -> JsonResult {
 async fn openapi_json() -> impl IntoResponse {
     let mut doc = super::ApiDoc::openapi();
     doc.merge(super::erasure::ErasureDoc::openapi());
+    doc.merge(super::keys::KeysDoc::openapi());
     doc.merge(super::backups::BackupsDoc::openapi());
     doc.merge(super::clones::ClonesDoc::openapi());
     doc.merge(super::operations::OperationsDoc::openapi());
@@ -152,6 +153,16 @@ pub struct StatusView {
     pub members: Vec<MemberView>,
     pub bootstrapped: bool,
     pub root_epoch: u64,
+    /// The epoch of the root key this node holds (after a shred it equals `root_epoch`
+    /// once the node has ratcheted; `slate status` shows it per metadata node).
+    #[serde(default)]
+    pub root_key_epoch: u64,
+    /// The root key generation: bumped by `slate-meta rotate-root` (fresh randomness).
+    #[serde(default)]
+    pub root_generation: u64,
+    /// DEKs this node unwrapped for replies to calls it proposed (never for replicated ones).
+    #[serde(default)]
+    pub dek_unwraps: u64,
     pub snapshot_index: u64,
     pub first_log_index: u64,
     pub last_log_index: u64,
@@ -166,7 +177,13 @@ pub struct MemberView {
 #[utoipa::path(get, path = "/v1/status", tag = "cluster", responses((status = 200, body = StatusView)))]
 async fn status(State(s): S) -> Result<Json<StatusView>, ApiError> {
     let st = s.handle.status();
-    let (bootstrapped, root_epoch) = s.handle.read(|sm| (sm.state().bootstrapped, sm.state().root_epoch)).await?;
+    let (bootstrapped, root_epoch, root_key_epoch, root_generation, dek_unwraps) = s
+        .handle
+        .read(|sm| {
+            let st = sm.state();
+            (st.bootstrapped, st.root_epoch, sm.root_epoch(), sm.root_generation(), sm.dek_unwraps())
+        })
+        .await?;
     Ok(Json(StatusView {
         node_id: s.node_id,
         role: st.role.as_str().into(),
@@ -178,6 +195,9 @@ async fn status(State(s): S) -> Result<Json<StatusView>, ApiError> {
         members: st.peers.iter().map(|(id, a)| MemberView { id: *id, raft_addr: a.map(|a| a.to_string()) }).collect(),
         bootstrapped,
         root_epoch,
+        root_key_epoch,
+        root_generation,
+        dek_unwraps,
         snapshot_index: st.snapshot_index,
         first_log_index: st.first_index,
         last_log_index: st.last_index,

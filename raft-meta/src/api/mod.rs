@@ -18,6 +18,7 @@ mod clones;
 mod erasure;
 mod handlers;
 mod holder;
+mod keys;
 mod operations;
 
 use crate::consensus::{ConsensusError, ConsensusHandle};
@@ -65,6 +66,7 @@ impl std::fmt::Debug for ApiState {
 pub fn router(state: Arc<ApiState>, max_body_bytes: usize) -> axum::Router {
     handlers::routes()
         .merge(erasure::routes())
+        .merge(keys::routes())
         .merge(backups::routes())
         .merge(clones::routes())
         .merge(operations::routes())
@@ -277,7 +279,7 @@ impl ApiState {
         let decoded = decode_response(&out);
         out.zeroize();
         match decoded.map_err(|e| ApiError::new(ErrorCode::Internal, e))? {
-            SmResponse::Ok { body, dek_hex } => Ok(Reply { body, dek_hex: dek_hex.map(Zeroizing::new) }),
+            SmResponse::Ok { body, dek_hex, .. } => Ok(Reply { body, dek_hex: dek_hex.map(Zeroizing::new) }),
             SmResponse::Err(r) => Err(ApiError(r)),
         }
     }

@@ -19,6 +19,7 @@ mod node;
 mod slog_bridge;
 mod snapshot;
 mod storage;
+pub use storage::read_log_entries;
 mod transport;
 
 use std::net::SocketAddr;
@@ -36,6 +37,13 @@ pub trait StateMachine: Send + 'static {
     /// Deterministic: same commands in the same order -> same state and same response on every node.
     /// Returns the response bytes handed back to the proposer.
     fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8>;
+    /// As [`StateMachine::apply`], told whether this node proposed the entry (its caller waits
+    /// here for the response). The state change must not depend on it; only the response may
+    /// (e.g. key material opened for the proposer alone).
+    fn apply_proposed(&mut self, index: u64, command: &[u8], proposed_here: bool) -> Vec<u8> {
+        let _ = proposed_here;
+        self.apply(index, command)
+    }
     /// The index of the last applied entry, as durably persisted with the state (passed to raft `Config.applied`
     /// on restart).
     fn applied_index(&self) -> u64;

@@ -611,7 +611,8 @@ impl<S: StateMachine> Node<S> {
                 EntryType::EntryNormal => {
                     // Empty entries are the leaders' no-ops (or conf changes raft refused).
                     if !e.data.is_empty() && e.index > self.sm.applied_index() {
-                        let response = self.sm.apply(e.index, &e.data);
+                        let mine = self.own_request(&e.context).is_some_and(|r| self.proposals.contains_key(&r));
+                        let response = self.sm.apply_proposed(e.index, &e.data, mine);
                         if self.sm.take_purge_request() {
                             self.purge_pending = true;
                         }

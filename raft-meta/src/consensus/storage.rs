@@ -370,3 +370,50 @@ fn encode_peers(peers: &BTreeMap<u64, SocketAddr>) -> Vec<u8> {
 fn decode_peers(b: &[u8]) -> BTreeMap<u64, SocketAddr> {
     super::codec::decode_snapshot_data(b).map(|(p, _)| p).unwrap_or_default()
 }
+
+/// Every normal entry's `(index, data)` still in the Raft log under `data_dir`, read
+/// from a private copy of its `raft-log` directory (the original is not touched, so
+/// this works on an old copy kept as evidence). For offline tools (`try-unwrap`).
+pub fn read_log_entries(data_dir: &Path) -> Result<Vec<(u64, Vec<u8>)>, String> {
+    let src = data_dir.join("raft-log");
+    if !src.is_dir() {
+        return Ok(Vec::new());
+    }
+    let scratch = std::env::temp_dir().join(format!("slate-log-read-{}-{}", std::process::id(), nanos()));
+    let copy = scratch.join("raft-log");
+    let result = (|| {
+        crate::fsutil::create_private_dir(&copy).map_err(se)?;
+        for e in std::fs::read_dir(&src).map_err(se)? {
+            let e = e.map_err(se)?;
+            if e.file_type().map_err(se)?.is_file() {
+                std::fs::copy(e.path(), copy.join(e.file_name())).map_err(se)?;
+            }
+        }
+        let store = LogStore::open(&scratch)?;
+        // Raw bounds: entries compacted but not yet purged from the files count too.
+        let region = store.entry_region;
+        let (Some(first), Some(last)) = (store.engine.first_index(region), store.engine.last_index(region)) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        if last >= first {
+            let mut ents = Vec::new();
+            store
+                .engine
+                .fetch_entries_to::<EntryExt>(region, first, last + 1, None, &mut ents)
+                .map_err(|e| format!("reading entries {first}..={last}: {e}"))?;
+            for e in ents {
+                if e.get_entry_type() == raft::eraftpb::EntryType::EntryNormal && !e.data.is_empty() {
+                    out.push((e.index, e.data.to_vec()));
+                }
+            }
+        }
+        Ok(out)
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+fn nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+}

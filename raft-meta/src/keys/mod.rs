@@ -39,6 +39,7 @@ const INFO_RATCHET: &[u8] = b"slate root ratchet";
 const INFO_TENANT_KEK: &[u8] = b"slate tenant-key wrap";
 const INFO_DEK_KEK: &[u8] = b"slate dek wrap";
 const INFO_TENANT_SHRED: &[u8] = b"slate tenant-key shred rotate";
+const INFO_ROOT_ROTATE: &[u8] = b"slate root rotate";
 
 /// Why a key operation failed. Never carries key material.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +122,47 @@ impl RootKey {
             k = k.ratchet();
         }
         Some(k)
+    }
+
+    /// A successor at the next epoch made of fresh OS randomness (`slate-meta rotate-root`):
+    /// unlike [`RootKey::ratchet`], nothing derives it from this key.
+    pub fn fresh_successor(&self) -> Self {
+        let mut k = Self::generate();
+        k.epoch = self.epoch + 1;
+        k
+    }
+
+    fn rotate_kek(&self) -> KekAes256 {
+        kek(&hkdf32(self.key.as_ref(), &[INFO_ROOT_ROTATE, &self.epoch.to_be_bytes()]))
+    }
+
+    /// Wraps a successor root under this one: how a rotation travels through the Raft log
+    /// (every voter opens it with the root it holds, then destroys that root).
+    pub fn wrap_successor(&self, next: &RootKey) -> WrappedKey {
+        WrappedKey(self.rotate_kek().wrap_vec(next.key.as_ref()).expect("32-byte key wraps"))
+    }
+
+    /// Opens a successor wrapped by [`RootKey::wrap_successor`]; it is at the next epoch.
+    pub fn open_successor(&self, wrapped: &WrappedKey) -> Result<Self, KeyError> {
+        let mut out = Zeroizing::new([0u8; ROOT_KEY_BYTES]);
+        if wrapped.0.len() != ROOT_KEY_BYTES + 8 {
+            return Err(KeyError::Unwrap { what: "root key" });
+        }
+        self.rotate_kek().unwrap(&wrapped.0, out.as_mut()).map_err(|_| KeyError::Unwrap { what: "root key" })?;
+        Ok(Self { epoch: self.epoch + 1, key: out })
+    }
+
+    /// Moves forward to `epoch`, by ratchet steps, and through the one random rotation
+    /// `rotation` if it lies on the way. `None` when `epoch` is in the past, or when a
+    /// rotation on the way is unknown or does not open (the node must resync).
+    pub fn advance_to(&self, epoch: u64, rotation: Option<&RootRotation>) -> Option<Self> {
+        match rotation {
+            Some(r) if self.epoch < r.epoch && r.epoch <= epoch => {
+                let before = self.ratchet_to(r.epoch - 1)?;
+                before.open_successor(&r.wrapped_root).ok()?.ratchet_to(epoch)
+            }
+            _ => self.ratchet_to(epoch),
+        }
     }
 
     fn tenant_kek(&self) -> KekAes256 {
@@ -240,6 +282,43 @@ impl WrappedKey {
     /// Lowercase hex: how it appears in state files and the Raft log.
     pub fn to_hex(&self) -> String {
         hex::encode(&self.0)
+    }
+}
+
+/// The last random root rotation, kept in the replicated state until every voter
+/// has stored its new root: the new root wrapped under the previous epoch's root,
+/// so a voter that was down (or crashed mid-rotation) can still move across it.
+/// Cleared once every voter reports the epoch, since a stolen old root file plus
+/// this record would give the new root.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootRotation {
+    /// The epoch the rotated root has.
+    pub epoch: u64,
+    pub wrapped_root: WrappedKey,
+}
+
+/// What `apply` hands back instead of a plaintext DEK (attach, restore): the
+/// wrapped forms and the root epoch they open under. Only the node that proposed
+/// the command unwraps it ([`KeyRelease::open`]), once, after `apply`; every other
+/// replica drops it unopened. Wrapped keys are not secrets on their own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRelease {
+    pub root_epoch: u64,
+    pub wrapped_tenant_key: WrappedKey,
+    pub wrapped_dek: WrappedKey,
+}
+
+impl KeyRelease {
+    /// Unwraps the DEK with `root`, which must be at the release's epoch.
+    pub fn open(&self, root: &RootKey) -> Result<Dek, KeyError> {
+        if root.epoch() != self.root_epoch {
+            return Err(KeyError::Epoch {
+                file: root.epoch(),
+                state: self.root_epoch,
+                hint: "the root key moved between apply and the release",
+            });
+        }
+        root.unwrap_tenant_key(&self.wrapped_tenant_key)?.unwrap_dek(&self.wrapped_dek)
     }
 }
 

@@ -20,7 +20,7 @@ use super::view::{
 };
 use super::{take, Applied, MetaState};
 use crate::audit::{self, AuditEntry};
-use crate::keys::{RootKey, WrappedKey};
+use crate::keys::{KeyRelease, RootKey, WrappedKey};
 use crate::placement::{self, Candidate, DomainLevel};
 use serde::Serialize;
 use slate_protocol::ops::ReleaseReason;
@@ -71,8 +71,16 @@ pub(super) struct Ctx {
     pub(super) object: String,
     pub(super) object_tenant: Option<u64>,
     shredded: bool,
-    pub(super) dek_hex: Option<String>,
+    /// The wrapped DEK an attach or restore hands to its proposer (opened there, once).
+    pub(super) release: Option<KeyRelease>,
     pub(super) skip_audit: bool,
+}
+
+impl Ctx {
+    /// The command destroyed or replaced key material: persist, store the root, purge the log.
+    pub(super) fn set_shredded(&mut self) {
+        self.shredded = true;
+    }
 }
 
 pub(super) type Res = Result<serde_json::Value, Refusal>;
@@ -285,7 +293,7 @@ impl MetaState {
             object: object_hint(cmd),
             object_tenant: None,
             shredded: false,
-            dek_hex: None,
+            release: None,
             skip_audit: false,
         };
         let result = self.execute(&mut ctx, cmd, root);
@@ -308,7 +316,7 @@ impl MetaState {
             });
         }
         let response = match result {
-            Ok(body) => Response::Ok { body, dek_hex: ctx.dek_hex.take() },
+            Ok(body) => Response::Ok { body, dek_hex: None, release: ctx.release.take() },
             Err(r) => Response::Err(r),
         };
         Applied { response, shredded: ctx.shredded }
@@ -321,7 +329,7 @@ impl MetaState {
             object: object_hint(cmd),
             object_tenant: None,
             shredded: false,
-            dek_hex: None,
+            release: None,
             skip_audit: true,
         };
         let result = match cmd {
@@ -333,7 +341,11 @@ impl MetaState {
                 Ok(serde_json::Value::Null)
             }
             Command::ReportPurge { meta_node, root_epoch, voters } => {
-                self.report_purge(now, *meta_node, *root_epoch, voters)
+                let r = self.report_purge(now, *meta_node, *root_epoch, voters);
+                if r.is_ok() && self.settle_root_rotation() {
+                    ctx.shredded = true;
+                }
+                r
             }
             Command::DrainStep => {
                 self.drain_step(now);
@@ -343,7 +355,7 @@ impl MetaState {
             _ => Err(Refusal::forbidden("only bootstrap and liveness sweeps run as the system")),
         };
         let response = match result {
-            Ok(body) => Response::Ok { body, dek_hex: None },
+            Ok(body) => Response::Ok { body, dek_hex: None, release: None },
             Err(r) => Response::Err(r),
         };
         Applied { response, shredded: ctx.shredded }
@@ -452,6 +464,7 @@ impl MetaState {
             Command::Bootstrap { .. } | Command::Tick | Command::ReportPurge { .. } | Command::DrainStep => {
                 Err(Refusal::forbidden("system command"))
             }
+            Command::RotateRoot { wrapped_root, root_epoch } => self.rotate_root(ctx, root, wrapped_root, *root_epoch),
             Command::WhoAmI => {
                 let id = ctx.actor.principal.ok_or_else(|| Refusal::forbidden("no principal"))?;
                 ctx.object = format!("principal:{id}");
@@ -741,8 +754,10 @@ impl MetaState {
                 if !(ctx.actor.is_operator() || vt.is_some_and(|t| ctx.actor.is_admin_of(t))) {
                     return Err(Refusal::forbidden("deleting a grant needs the volume's tenant admin"));
                 }
+                let (principal, volume) = (g.principal, g.volume);
                 self.grants.remove(grant);
-                json(&serde_json::json!({"deleted": grant}))
+                let (ended, fence) = self.revoke_attachments(ctx, principal, volume);
+                json(&serde_json::json!({"deleted": grant, "attachments_ended": ended, "fenced_generation": fence}))
             }
             Command::RegisterNode(req) => {
                 require_operator(&ctx.actor)?;
@@ -829,6 +844,7 @@ impl MetaState {
                 work.decommission = self.decommission_task(*node);
                 work.scrub = self.scrub_request(*node);
                 work.freezes = self.freeze_tasks(*node);
+                work.fences = self.fences_for(*node);
                 json(&serde_json::json!({"node": node, "state": state, "work": work}))
             }
             Command::SetNodeState { node, req } => {
@@ -889,7 +905,7 @@ impl MetaState {
                     volumes_shredded: 1,
                 })
             }
-            Command::Attach { volume, req } => self.attach(ctx, root, *volume, req),
+            Command::Attach { volume, req } => self.attach(ctx, *volume, req),
             Command::Detach { volume, req } => {
                 let v = self.volume_for(ctx, *volume)?;
                 let a = v
@@ -918,6 +934,7 @@ impl MetaState {
             Command::MarkInSync { volume, req } => {
                 let v = self.volume_for(ctx, *volume)?;
                 self.check_volume(&ctx.actor, v, Need::Reconfigure)?;
+                Self::require_current_writer(&ctx.actor, v)?;
                 let seg = v
                     .segments
                     .get(req.segment as usize)
@@ -928,6 +945,7 @@ impl MetaState {
                         req.node, req.segment
                     )));
                 }
+                Self::require_rebuilding(v, req.segment, req.node)?;
                 ctx.object = format!("volume:vol-{volume} segment:{} node:{}", req.segment, req.node);
                 let v = self.volumes.get_mut(volume).expect("checked");
                 let seg = &mut v.segments[req.segment as usize];
@@ -1173,7 +1191,7 @@ impl MetaState {
         json(&self.volume_view(&self.volumes[&volume], ctx.now))
     }
 
-    fn attach(&mut self, ctx: &mut Ctx, root: &RootKey, volume: u64, req: &AttachRequest) -> Res {
+    fn attach(&mut self, ctx: &mut Ctx, volume: u64, req: &AttachRequest) -> Res {
         validate_host(&req.host)?;
         let v = self.volume_for(ctx, volume)?;
         let need = match req.mode {
@@ -1200,8 +1218,12 @@ impl MetaState {
             }
         }
         let t = self.tenants.get(&v.tenant).ok_or_else(|| internal("volume's tenant is missing"))?;
-        let tk = root.unwrap_tenant_key(&t.wrapped_key).map_err(|e| internal(e.to_string()))?;
-        let dek = tk.unwrap_dek(&v.wrapped_dek).map_err(|e| internal(e.to_string()))?;
+        // Not unwrapped here: every replica applies this; only the proposer opens the release.
+        let release = KeyRelease {
+            root_epoch: self.root_epoch,
+            wrapped_tenant_key: t.wrapped_key.clone(),
+            wrapped_dek: v.wrapped_dek.clone(),
+        };
         let aid = take(&mut self.next.attachment);
         let principal = ctx.actor.principal.unwrap_or(0);
         let v = self.volumes.get_mut(&volume).expect("checked");
@@ -1228,7 +1250,7 @@ impl MetaState {
                 a.generation
             )
         };
-        ctx.dek_hex = Some(dek.to_hex().to_string());
+        ctx.release = Some(release);
         if req.insecure_plaintext_nbd {
             // The operator chose to serve the decrypted volume over TCP without TLS.
             ctx.object.push_str(" nbd:insecure-plaintext-tcp");
@@ -1250,6 +1272,7 @@ impl MetaState {
     fn report_failure(&mut self, ctx: &mut Ctx, volume: u64, segment: u32, node: u64) -> Res {
         let v = self.volume_for(ctx, volume)?;
         self.check_volume(&ctx.actor, v, Need::Reconfigure)?;
+        Self::require_current_writer(&ctx.actor, v)?;
         let seg = v
             .segments
             .get(segment as usize)

@@ -22,7 +22,7 @@ use super::command::{
 };
 use super::types::SnapshotState;
 use super::{take, MetaState};
-use crate::keys::{RootKey, WrappedKey};
+use crate::keys::{KeyRelease, RootKey, WrappedKey};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use utoipa::ToSchema;
@@ -231,7 +231,7 @@ impl MetaState {
 
     /// Creates the volume a backup restores into, under a fresh key of its own
     /// (`wrapped_dek`, made by the proposer), and hands the restorer the backed-up
-    /// volume's key (`ctx.dek_hex`, like an attach) to decrypt the backup with.
+    /// volume's key (`ctx.release`, opened by the proposer like an attach's) to decrypt the backup with.
     pub(super) fn restore_volume(
         &mut self,
         ctx: &mut Ctx,
@@ -260,7 +260,14 @@ impl MetaState {
         }
         let src_tenant = self.tenants.get(&src.tenant).ok_or_else(|| internal("volume without tenant"))?;
         let stk = root.unwrap_tenant_key(&src_tenant.wrapped_key).map_err(|e| internal(e.to_string()))?;
+        // Checked on every replica (the refusal must be deterministic); the key itself is
+        // handed out only as a release the proposer opens.
         let dek = stk.unwrap_dek(&src.wrapped_dek).map_err(|e| internal(e.to_string()))?;
+        let release = KeyRelease {
+            root_epoch: self.root_epoch,
+            wrapped_tenant_key: src_tenant.wrapped_key.clone(),
+            wrapped_dek: src.wrapped_dek.clone(),
+        };
         if dek.fingerprint() != b.key_fingerprint {
             return Err(Refusal::conflict(format!(
                 "key destroyed: the key of vol-{} is no longer the one backup {} was taken under",
@@ -275,7 +282,7 @@ impl MetaState {
             ctx.skip_audit = true;
             let mut view = json(&self.volume_view(v, ctx.now))?;
             view["restore"] = json(r)?;
-            ctx.dek_hex = Some(dek.to_hex().to_string());
+            ctx.release = Some(release);
             return Ok(view);
         }
         let tenant = req.tenant.unwrap_or(src.tenant);
@@ -293,7 +300,7 @@ impl MetaState {
         let r = Restore { volume: id, backup: b.id, done_manifests: 0, done_chunks: 0, started_ms: ctx.now };
         view["restore"] = json(&r)?;
         self.restores.insert(id, r);
-        ctx.dek_hex = Some(dek.to_hex().to_string());
+        ctx.release = Some(release);
         Ok(view)
     }
 

@@ -532,6 +532,12 @@ pub enum Command {
         node: u64,
         req: RepairSourceRequest,
     },
+    /// Re-keys the root with fresh randomness (operators): `wrapped_root` is the new root,
+    /// made by the proposer, wrapped under the root at `root_epoch` (keyring.rs).
+    RotateRoot {
+        wrapped_root: crate::keys::WrappedKey,
+        root_epoch: u64,
+    },
     /// A metadata voter purged its Raft log past the current root epoch's shred (system only).
     ReportPurge {
         meta_node: u64,
@@ -604,6 +610,7 @@ impl Command {
             Self::ListErasures => "erasure.list",
             Self::GetErasure { .. } => "erasure.show",
             Self::ReportPurge { .. } => "cluster.purge_report",
+            Self::RotateRoot { .. } => "cluster.rotate_root",
             Self::DrainNode { .. } => "node.drain",
             Self::DrainDisk { .. } => "disk.drain",
             Self::GetDrain { .. } => "node.drain_show",
@@ -706,11 +713,15 @@ impl Refusal {
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {
-    /// The JSON body of the reply. `dek_hex` is set only by an attach.
+    /// The JSON body of the reply. `apply` sets `release` for an attach or a
+    /// restore (wrapped forms only); the proposing node's machine opens it after
+    /// `apply` into `dek_hex` and drops `release`. No other replica unwraps it.
     Ok {
         body: serde_json::Value,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         dek_hex: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        release: Option<crate::keys::KeyRelease>,
     },
     Err(Refusal),
 }
@@ -718,10 +729,11 @@ pub enum Response {
 impl std::fmt::Debug for Response {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Ok { body, dek_hex } => f
+            Self::Ok { body, dek_hex, release } => f
                 .debug_struct("Ok")
                 .field("body", body)
                 .field("dek_hex", &dek_hex.as_ref().map(|_| "<redacted>"))
+                .field("release", release)
                 .finish(),
             Self::Err(r) => f.debug_tuple("Err").field(r).finish(),
         }

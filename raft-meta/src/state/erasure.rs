@@ -257,7 +257,7 @@ impl MetaState {
         let releases: Vec<ReleaseView> =
             self.releases.values().filter(|r| r.volume == e.volume).map(|r| self.release_view(r)).collect();
         let current: BTreeSet<u64> = self.meta_voters.iter().copied().collect();
-        let meta_voters = self
+        let meta_voters: Vec<VoterPurgeView> = self
             .voters_for(e)
             .into_iter()
             .map(|id| {
@@ -270,7 +270,17 @@ impl MetaState {
                 }
             })
             .collect();
+        let pending: Vec<String> =
+            meta_voters.iter().filter(|m: &&VoterPurgeView| !m.purged).map(|m| m.id.to_string()).collect();
+        let key_shred = if meta_voters.is_empty() {
+            "pending: no metadata voter has reported yet".to_string()
+        } else if pending.is_empty() {
+            "done on every voter".to_string()
+        } else {
+            format!("pending on node {}", pending.join(", "))
+        };
         ErasureView {
+            key_shred,
             volume: e.volume,
             name: e.name.clone(),
             tenant: e.tenant,

@@ -19,7 +19,9 @@ pub mod backups;
 pub mod clones;
 pub mod command;
 mod erasure;
+mod keyring;
 mod operations;
+mod revocation;
 mod snapshots;
 pub mod types;
 pub mod view;
@@ -132,6 +134,16 @@ pub struct MetaState {
     /// their snapshots (`clones.rs`); released when the last of those clones goes.
     #[serde(default)]
     pub retained: BTreeMap<u64, Volume>,
+    /// How many times the root key was re-keyed with fresh randomness (`slate-meta rotate-root`).
+    #[serde(default)]
+    pub root_generation: u64,
+    /// The last random root rotation, until every voter has stored its new root (keys.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_rotation: Option<crate::keys::RootRotation>,
+    /// Generation fences from grant revocations, by volume (revocation.rs): storage
+    /// nodes holding the volume learn them with their heartbeat reply.
+    #[serde(default)]
+    pub fences: BTreeMap<u64, u64>,
 }
 
 /// The result of applying one command.

@@ -213,8 +213,10 @@ fn attach_is_exclusive_and_takeover_bumps_generation() {
         req: AttachRequest { mode: AttachMode::ReadWrite, host: "h".into(), force, insecure_plaintext_nbd: false },
     };
     let r = h.run(tok(h1t, "s1"), attach(false));
-    let Response::Ok { body, dek_hex } = r else { panic!("attach refused") };
-    assert_eq!(dek_hex.unwrap(), hex::encode(dek.expose()));
+    let Response::Ok { body, dek_hex, release } = r else { panic!("attach refused") };
+    assert!(dek_hex.is_none(), "apply (on every replica) must not unwrap the DEK");
+    let opened = release.expect("a key release").open(h.root()).unwrap();
+    assert_eq!(opened.expose(), dek.expose());
     assert_eq!(body["claims"]["generation"], 1);
     assert_eq!(body["claims"]["nodes"].as_array().unwrap().len(), 2);
     let e = h.err(tok(h2t, "s2"), attach(false));
@@ -773,8 +775,9 @@ fn backups_resume_complete_and_restore_with_the_source_key_until_it_is_shredded(
             },
         )
     };
-    let Response::Ok { body: r, dek_hex } = restore(&mut h, "r1") else { panic!("restore refused") };
-    assert_eq!(dek_hex.as_deref().map(ToString::to_string), Some(hex::encode(dek.expose())), "the source's key");
+    let Response::Ok { body: r, dek_hex, release } = restore(&mut h, "r1") else { panic!("restore refused") };
+    assert!(dek_hex.is_none(), "apply must not unwrap the source's key");
+    assert_eq!(release.unwrap().open(h.root()).unwrap().expose(), dek.expose(), "the source's key");
     let rid = r["id"].as_u64().unwrap();
     let tk = h.root().unwrap_tenant_key(&h.state().tenants[&t].wrapped_key).unwrap();
     let restored = tk.unwrap_dek(&h.state().volumes[&rid].wrapped_dek).unwrap();
@@ -833,3 +836,4 @@ fn the_backup_right_snapshots_and_reads_but_never_writes() {
 }
 
 mod clones;
+mod keys_and_grants;

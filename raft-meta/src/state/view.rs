@@ -327,6 +327,10 @@ pub struct ErasureView {
     pub extents_failed: u64,
     pub releases: Vec<ReleaseView>,
     pub meta_voters: Vec<VoterPurgeView>,
+    /// The key shred as a sentence: `done on every voter`, or `pending on node N[, M]` while
+    /// a metadata voter has not yet ratcheted its root key and purged its log.
+    #[serde(default)]
+    pub key_shred: String,
 }
 
 /// One replica move of a drain.

@@ -221,9 +221,12 @@ pub fn render(v: &Value) -> String {
             r["extents_verified"],
         );
     }
+    if let Some(k) = v["key_shred"].as_str().filter(|k| !k.is_empty()) {
+        let _ = writeln!(s, "  key shred:   {k}");
+    }
     let _ = writeln!(s, "  metadata voters (key shredded at root epoch {}):", v["root_epoch"]);
     for m in v["meta_voters"].as_array().into_iter().flatten() {
-        let what = if m["purged"] == true { "purged" } else { "pending" };
+        let what = if m["purged"] == true { "purged".to_string() } else { format!("pending on node {}", m["id"]) };
         let gone = if m["current"] == true { "" } else { " (no longer a voter)" };
         let _ = writeln!(s, "    meta-{}: {what}{gone}", m["id"]);
     }

@@ -38,7 +38,10 @@ fn attach(h: &mut Harness, c: Credential, vid: u64, mode: AttachMode) -> (Value,
             req: AttachRequest { mode, host: "h".into(), force: false, insecure_plaintext_nbd: false },
         },
     ) {
-        Response::Ok { body, dek_hex } => (body, dek_hex.unwrap()),
+        Response::Ok { body, dek_hex, release } => {
+            assert!(dek_hex.is_none(), "apply must not unwrap the DEK");
+            (body, hex::encode(release.unwrap().open(h.root()).unwrap().expose()))
+        }
         Response::Err(r) => panic!("attach refused: {r:?}"),
     }
 }
