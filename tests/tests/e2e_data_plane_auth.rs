@@ -75,7 +75,8 @@ fn capabilities_are_bound_to_their_holder_and_scoped_to_the_volume() {
         assert!(e.kind().is_none(), "a plaintext hello got as far as a node reply: {e}");
 
         // A client that does not trust the cluster CA does not talk to the node.
-        let e = NodeClient::connect_with(&untrusting, sa, cap.clone()).await.expect_err("an untrusted node was accepted");
+        let e =
+            NodeClient::connect_with(&untrusting, sa, cap.clone()).await.expect_err("an untrusted node was accepted");
         assert!(matches!(e, slate_node::client::ClientError::Connect { .. }), "{e}");
         eprintln!("client with another CA: {e}");
 

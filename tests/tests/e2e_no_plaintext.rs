@@ -104,7 +104,11 @@ fn no_plaintext_at_rest_or_in_flight() {
             .unwrap_or_else(|e| panic!("{from} -> {to} carries something other than TLS records: {e}"));
         app_bytes += st.application_bytes;
     }
-    eprintln!("{} TCP directions on the data plane, all TLS records; {} MiB of application data", streams.len(), app_bytes >> 20);
+    eprintln!(
+        "{} TCP directions on the data plane, all TLS records; {} MiB of application data",
+        streams.len(),
+        app_bytes >> 20
+    );
     assert!(streams.len() >= 4, "the capture holds {} directions, fewer than two connections", streams.len());
     assert!(app_bytes >= 2 * size, "TLS application data {app_bytes} is less than two copies of {size} bytes");
     let t = Instant::now();
