@@ -252,7 +252,7 @@ impl MetaState {
         if matches!(env.credential, Credential::System) {
             return self.apply_system(now, cmd);
         }
-        if matches!(cmd, Command::Bootstrap { .. } | Command::Tick | Command::ReportPurge { .. } | Command::DrainStep) {
+        if cmd.is_system() {
             return Applied {
                 response: Response::Err(Refusal::forbidden("system command from a client")),
                 shredded: false,
@@ -325,11 +325,20 @@ impl MetaState {
             skip_audit: true,
         };
         let result = match cmd {
-            Command::Bootstrap { operator_name, token_secret_sha256 } => {
-                self.bootstrap(now, operator_name, token_secret_sha256)
+            Command::Bootstrap { operator_name, token_secret_sha256, token_id } => {
+                self.bootstrap(now, operator_name, token_secret_sha256, *token_id)
             }
             Command::Tick => {
                 self.sweep(&mut ctx);
+                Ok(serde_json::Value::Null)
+            }
+            Command::Sweep { liveness_ms } => {
+                self.merge_liveness(liveness_ms);
+                self.sweep(&mut ctx);
+                Ok(serde_json::Value::Null)
+            }
+            Command::SecurityEvents { events } => {
+                self.record_security_events(now, events);
                 Ok(serde_json::Value::Null)
             }
             Command::ReportPurge { meta_node, root_epoch, voters } => {
@@ -349,7 +358,13 @@ impl MetaState {
         Applied { response, shredded: ctx.shredded }
     }
 
-    fn bootstrap(&mut self, now: u64, name: &str, hash: &str) -> Result<serde_json::Value, Refusal> {
+    fn bootstrap(
+        &mut self,
+        now: u64,
+        name: &str,
+        hash: &str,
+        token_id: Option<u64>,
+    ) -> Result<serde_json::Value, Refusal> {
         if self.bootstrapped {
             return Ok(serde_json::json!({"bootstrapped": false}));
         }
@@ -357,6 +372,7 @@ impl MetaState {
         if !valid_hash(hash) {
             return Err(Refusal::bad("bootstrap token hash must be 64 lowercase hex digits"));
         }
+        let tid = self.new_token_id(token_id)?;
         let pid = take(&mut self.next.principal);
         self.principals.insert(
             pid,
@@ -372,7 +388,6 @@ impl MetaState {
                 locked_until_ms: None,
             },
         );
-        let tid = take(&mut self.next.token);
         self.tokens.insert(
             tid,
             Token { id: tid, principal: pid, secret_sha256: hash.into(), created_ms: now, expires_ms: None },
@@ -449,9 +464,12 @@ impl MetaState {
 
     fn execute(&mut self, ctx: &mut Ctx, cmd: &Command, root: &mut RootKey) -> Res {
         match cmd {
-            Command::Bootstrap { .. } | Command::Tick | Command::ReportPurge { .. } | Command::DrainStep => {
-                Err(Refusal::forbidden("system command"))
-            }
+            Command::Bootstrap { .. }
+            | Command::Tick
+            | Command::Sweep { .. }
+            | Command::SecurityEvents { .. }
+            | Command::ReportPurge { .. }
+            | Command::DrainStep => Err(Refusal::forbidden("system command")),
             Command::WhoAmI => {
                 let id = ctx.actor.principal.ok_or_else(|| Refusal::forbidden("no principal"))?;
                 ctx.object = format!("principal:{id}");
@@ -568,7 +586,7 @@ impl MetaState {
                 }
                 json(&self.tenant_view(*tenant)?)
             }
-            Command::CreatePrincipal { req, token_secret_sha256 } => {
+            Command::CreatePrincipal { req, token_secret_sha256, token_id } => {
                 validate_principal(req)?;
                 if !valid_hash(token_secret_sha256) {
                     return Err(Refusal::bad("token hash must be 64 lowercase hex digits"));
@@ -589,6 +607,7 @@ impl MetaState {
                 if self.principals.values().any(|p| p.name == req.name) {
                     return Err(Refusal::conflict(format!("a principal named {:?} exists", req.name)));
                 }
+                let tid = self.new_token_id(*token_id)?;
                 let pid = take(&mut self.next.principal);
                 ctx.object = format!("principal:{pid}({})", req.name);
                 self.principals.insert(
@@ -605,7 +624,6 @@ impl MetaState {
                         locked_until_ms: None,
                     },
                 );
-                let tid = take(&mut self.next.token);
                 self.tokens.insert(
                     tid,
                     Token {
@@ -648,12 +666,12 @@ impl MetaState {
                 p.locked_until_ms = None;
                 json(&self.principal_view(*principal)?)
             }
-            Command::CreateToken { principal, req, secret_sha256 } => {
+            Command::CreateToken { principal, req, secret_sha256, token_id } => {
                 self.may_manage_principal(ctx, *principal, true)?;
                 if !valid_hash(secret_sha256) {
                     return Err(Refusal::bad("token hash must be 64 lowercase hex digits"));
                 }
-                let tid = take(&mut self.next.token);
+                let tid = self.new_token_id(*token_id)?;
                 self.tokens.insert(
                     tid,
                     Token {
@@ -823,13 +841,7 @@ impl MetaState {
                 } else {
                     ctx.skip_audit = true;
                 }
-                let state = n.state;
-                let mut work = self.node_work(*node);
-                work.copies = self.copy_tasks(*node);
-                work.decommission = self.decommission_task(*node);
-                work.scrub = self.scrub_request(*node);
-                work.freezes = self.freeze_tasks(*node);
-                json(&serde_json::json!({"node": node, "state": state, "work": work}))
+                self.heartbeat_reply(*node)
             }
             Command::SetNodeState { node, req } => {
                 require_operator(&ctx.actor)?;
@@ -1075,6 +1087,7 @@ impl MetaState {
             Command::RestoreProgress { volume, req } => self.restore_progress(ctx, *volume, req),
             Command::CreateClone { volume, req } => self.create_clone(ctx, root, *volume, req),
             Command::CloneFlattened { volume, req } => self.clone_flattened(ctx, *volume, req),
+            Command::ReportSecurityEvent { .. } => Self::report_security_event(ctx),
             Command::ChangeMembership { req, add } => {
                 require_operator(&ctx.actor)?;
                 if *add && req.addr.as_deref().and_then(|a| a.parse::<std::net::SocketAddr>().ok()).is_none() {

@@ -20,6 +20,7 @@ pub mod clones;
 pub mod command;
 mod erasure;
 mod operations;
+pub mod security;
 mod snapshots;
 pub mod types;
 pub mod view;
