@@ -96,7 +96,10 @@ impl GuardConfig {
             "guard.backoff_base_ms must be 1..=backoff_max_ms"
         );
         anyhow::ensure!(self.backoff_max_ms <= 86_400_000, "guard.backoff_max_ms is at most a day");
-        anyhow::ensure!(self.failure_forget_ms >= self.backoff_max_ms, "guard.failure_forget_ms must be >= backoff_max_ms");
+        anyhow::ensure!(
+            self.failure_forget_ms >= self.backoff_max_ms,
+            "guard.failure_forget_ms must be >= backoff_max_ms"
+        );
         anyhow::ensure!((100..=600_000).contains(&self.event_flush_ms), "guard.event_flush_ms must be 100..600000");
         anyhow::ensure!((16..=10_000_000).contains(&self.max_tracked), "guard.max_tracked must be 16..10000000");
         Ok(())

@@ -147,10 +147,8 @@ async fn leader_duties(state: Arc<ApiState>, bootstrap: Option<(String, Option<u
             leading = true;
             state.leader_since_ms.store(api::now_ms(), std::sync::atomic::Ordering::Relaxed);
         }
-        let Ok((bootstrapped, nodes, drain_due)) = state
-            .handle
-            .read(|sm| (sm.state().bootstrapped, sm.state().liveness(), sm.state().drain_due()))
-            .await
+        let Ok((bootstrapped, nodes, drain_due)) =
+            state.handle.read(|sm| (sm.state().bootstrapped, sm.state().liveness(), sm.state().drain_due())).await
         else {
             continue;
         };

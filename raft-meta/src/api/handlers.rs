@@ -481,9 +481,7 @@ async fn get_volume(State(s): S, caller: Caller, ApiPath(id): ApiPath<u64>) -> J
         let now = super::now_ms();
         let view = s
             .handle
-            .linearizable_read(move |sm| {
-                sm.state().attached_layout(a.principal, &a.name, a.role, a.tenant, id, now)
-            })
+            .linearizable_read(move |sm| sm.state().attached_layout(a.principal, &a.name, a.role, a.tenant, id, now))
             .await?;
         if let Some(v) = view {
             return Ok(Json(serde_json::to_value(v).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?));

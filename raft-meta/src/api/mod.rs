@@ -275,8 +275,8 @@ pub fn format_token(id: u64, secret: &[u8; 32]) -> Zeroizing<String> {
 
 /// A fresh public token id: random, so that ids cannot be guessed or enumerated.
 pub fn random_token_id() -> u64 {
-    use rand::Rng;
     use crate::state::security::{RANDOM_TOKEN_ID_MAX, RANDOM_TOKEN_ID_MIN};
+    use rand::Rng;
     rand::rngs::OsRng.gen_range(RANDOM_TOKEN_ID_MIN..RANDOM_TOKEN_ID_MAX)
 }
 
@@ -344,7 +344,8 @@ impl ApiState {
             return Ok(None);
         }
         if self.handle.status().role != crate::consensus::Role::Leader {
-            let hint = self.leader_api().map_or_else(|| "no leader known yet".to_string(), |a| format!("leader at {a}"));
+            let hint =
+                self.leader_api().map_or_else(|| "no leader known yet".to_string(), |a| format!("leader at {a}"));
             return Err(ApiError::new(
                 ErrorCode::Unavailable,
                 format!("heartbeats are kept by the leader; this node is not the leader ({hint})"),
@@ -368,7 +369,10 @@ impl ApiState {
 
     /// The leader's view of each active or draining node's last sign of life: its last
     /// heartbeat in memory, but never earlier than this node's accession to leadership.
-    pub fn liveness_view(&self, nodes: &[crate::state::security::NodeLiveness]) -> std::collections::BTreeMap<u64, u64> {
+    pub fn liveness_view(
+        &self,
+        nodes: &[crate::state::security::NodeLiveness],
+    ) -> std::collections::BTreeMap<u64, u64> {
         use crate::state::types::NodeState;
         let since = self.leader_since_ms.load(Ordering::Relaxed);
         let mem = self.liveness.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

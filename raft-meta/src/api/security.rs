@@ -63,7 +63,8 @@ async fn report(
     let Some(ip) = source_ip(&req.source) else {
         return Err(ApiError::new(ErrorCode::BadRequest, "source must be IP:port or IP"));
     };
-    if req.detail.chars().count() > MAX_DETAIL_CHARS || !req.detail.chars().all(|c| c.is_ascii() && !c.is_ascii_control())
+    if req.detail.chars().count() > MAX_DETAIL_CHARS
+        || !req.detail.chars().all(|c| c.is_ascii() && !c.is_ascii_control())
     {
         return Err(ApiError::new(
             ErrorCode::BadRequest,
