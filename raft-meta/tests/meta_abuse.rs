@@ -420,6 +420,21 @@ async fn rate_limits_security_events_and_their_alarms() {
         let series = format!("slate_meta_security_events_total{{kind=\"{kind}\",source=\"{source}\"}}");
         assert!(sample(&text, &series) >= 1.0, "{series} missing");
     }
+    // The shipped alert rules name only series this node exports.
+    let rules =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prometheus/slate-alerts.yml")).unwrap();
+    let mut named = 0;
+    for word in rules.split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_')) {
+        if let Some(name) = word.strip_prefix("slate_meta_") {
+            let base = name.trim_end_matches("_bucket");
+            assert!(
+                text.contains(&format!("\nslate_meta_{base}")),
+                "alert rules use slate_meta_{name}, which is not exported"
+            );
+            named += 1;
+        }
+    }
+    assert!(named >= 8, "the rules reference the security metrics");
     let forged = sample(&text, "slate_meta_security_events_total{kind=\"forged-capability\",source=\"10.9.8.7\"}");
     // ... and its audit record naming the source, aggregated with a count.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -442,4 +457,27 @@ async fn rate_limits_security_events_and_their_alarms() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     c.stop_all();
+}
+
+/// The shipped alert rules are valid: `promtool check rules` when it is installed (Debian:
+/// `prometheus`), else a YAML parse.
+#[test]
+fn alert_rules_are_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prometheus/slate-alerts.yml");
+    if let Ok(out) = std::process::Command::new("promtool").args(["check", "rules", path]).output() {
+        println!("{}", String::from_utf8_lossy(&out.stdout));
+        assert!(out.status.success(), "promtool: {}", String::from_utf8_lossy(&out.stderr));
+        return;
+    }
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, yaml; d = yaml.safe_load(open(sys.argv[1])); print(sum(len(g['rules']) for g in d['groups']))",
+            path,
+        ])
+        .output()
+        .expect("neither promtool nor python3 is available to check the alert rules");
+    assert!(out.status.success(), "YAML: {}", String::from_utf8_lossy(&out.stderr));
+    let rules: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(rules >= 8, "{rules} rules");
 }
