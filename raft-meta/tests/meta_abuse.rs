@@ -26,15 +26,15 @@ async fn metrics(c: &Cluster, i: usize) -> String {
 }
 
 /// The value of one sample (`name{labels}` exactly as exposed), or 0 when absent.
-fn sample(text: &str, series: &str) -> f64 {
+fn sample(text: &str, series: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
+        .map_or(0, |v| v.trim().parse().unwrap())
 }
 
 /// The smallest histogram bucket bound holding `q` of the observations.
-fn quantile_bound(text: &str, histogram: &str, q: f64) -> (f64, u64) {
-    let count = sample(text, &format!("{histogram}_count")) as u64;
+fn quantile_bound(text: &str, histogram: &str, percent: u64) -> (f64, u64) {
+    let count = sample(text, &format!("{histogram}_count"));
     let mut buckets: Vec<(f64, u64)> = text
         .lines()
         .filter_map(|l| l.strip_prefix(&format!("{histogram}_bucket{{le=\"")))
@@ -44,7 +44,7 @@ fn quantile_bound(text: &str, histogram: &str, q: f64) -> (f64, u64) {
         })
         .collect();
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let need = (count as f64 * q).ceil() as u64;
+    let need = (count * percent).div_ceil(100);
     (buckets.iter().find(|(_, n)| *n >= need).map_or(f64::INFINITY, |b| b.0), count)
 }
 
@@ -54,7 +54,7 @@ async fn index_and_audit(c: &Cluster, i: usize) -> (u64, u64) {
     let m = metrics(c, i).await;
     (
         s["commit_index"].as_u64().or_else(|| s["commit"].as_u64()).expect("commit index in status"),
-        sample(&m, "slate_meta_audit_records") as u64,
+        sample(&m, "slate_meta_audit_records"),
     )
 }
 
@@ -217,24 +217,24 @@ async fn idle_cluster_log_stays_still_and_a_flood_of_random_tokens_costs_nothing
     let flood = started.elapsed();
     let (flood_index1, flood_audit1) = index_and_audit(&c, leader).await;
     lat.sort();
-    let pct = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];
+    let pct = |percent: usize| lat[(lat.len() * percent / 100).min(lat.len() - 1)];
     let text = metrics(&c, leader).await;
-    let (p99_bound, observed) = quantile_bound(&text, "slate_meta_auth_refusal_seconds", 0.99);
-    let (p50_bound, _) = quantile_bound(&text, "slate_meta_auth_refusal_seconds", 0.50);
+    let (p99_bound, observed) = quantile_bound(&text, "slate_meta_auth_refusal_seconds", 99);
+    let (p50_bound, _) = quantile_bound(&text, "slate_meta_auth_refusal_seconds", 50);
     println!(
         "flood of {} random tokens in {flood:?}: server-side refusal p50 <= {:.0} us, p99 <= {:.0} us ({observed} observed); client round trip p50 {:?} p99 {:?}",
         lat.len(),
         p50_bound * 1e6,
         p99_bound * 1e6,
-        pct(0.50),
-        pct(0.99)
+        pct(50),
+        pct(99)
     );
     println!(
         "flood: raft commit index {flood_index0} -> {flood_index1}, audit records {flood_audit0} -> {flood_audit1}"
     );
     assert_eq!(observed, 10_000, "every refusal was timed");
     assert!(p99_bound <= 0.001, "p99 of the server-side refusal is under 1 ms (bucket bound {p99_bound} s)");
-    assert!(pct(0.99) < Duration::from_millis(250), "generous client-side bound: {:?}", pct(0.99));
+    assert!(pct(99) < Duration::from_millis(250), "generous client-side bound: {:?}", pct(99));
     // Same interval without the flood appended `idle_per_sec * flood` entries (zero); the flood
     // may add only the aggregated security records: one proposal per flush interval (10 s).
     let flushes = flood.as_secs() / 10 + 2;
@@ -243,11 +243,8 @@ async fn idle_cluster_log_stays_still_and_a_flood_of_random_tokens_costs_nothing
     assert!(flood_audit1 - flood_audit0 <= 2 * flushes, "audit records: {flood_audit0} -> {flood_audit1}");
 
     // The metric counts every one, by kind and source; the audit has them aggregated.
-    assert_eq!(
-        sample(&text, "slate_meta_security_events_total{kind=\"unknown-token\",source=\"127.0.0.1\"}"),
-        10_000.0
-    );
-    assert!(sample(&text, "slate_meta_security_events_total{kind=\"lockout\",source=\"127.0.0.1\"}") >= 1.0);
+    assert_eq!(sample(&text, "slate_meta_security_events_total{kind=\"unknown-token\",source=\"127.0.0.1\"}"), 10_000);
+    assert!(sample(&text, "slate_meta_security_events_total{kind=\"lockout\",source=\"127.0.0.1\"}") >= 1);
     let deadline = Instant::now() + Duration::from_secs(30);
     let records = loop {
         let r = audit(&c).await;
@@ -290,7 +287,7 @@ async fn idle_cluster_log_stays_still_and_a_flood_of_random_tokens_costs_nothing
         }
     }
     let text = metrics(&c, leader).await;
-    assert!(sample(&text, "slate_meta_security_events_total{kind=\"bad-secret\",source=\"127.0.0.1\"}") >= 600.0);
+    assert!(sample(&text, "slate_meta_security_events_total{kind=\"bad-secret\",source=\"127.0.0.1\"}") >= 600);
 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (beats, polls) = traffic.await.unwrap();
@@ -418,7 +415,7 @@ async fn rate_limits_security_events_and_their_alarms() {
         ("nbd-certificate-refused", "192.0.2.5"),
     ] {
         let series = format!("slate_meta_security_events_total{{kind=\"{kind}\",source=\"{source}\"}}");
-        assert!(sample(&text, &series) >= 1.0, "{series} missing");
+        assert!(sample(&text, &series) >= 1, "{series} missing");
     }
     // The shipped alert rules name only series this node exports.
     let rules =
@@ -440,7 +437,7 @@ async fn rate_limits_security_events_and_their_alarms() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let records = audit(&c).await;
-        let ok = security_count(&records, "forged-capability", "10.9.8.7") as f64 == forged
+        let ok = security_count(&records, "forged-capability", "10.9.8.7") == forged
             && security_count(&records, "nbd-certificate-refused", "192.0.2.5") == 1
             && security_count(&records, "rate-limited", "127.0.0.1") >= 1
             && security_count(&records, "missing-credential", "127.0.0.1") >= 1

@@ -35,7 +35,8 @@ fn idle_log_is_still_and_security_events_are_listed_with_their_source() {
         let (status, body) = c.api("GET", "/v1/volumes", None, &bad);
         assert!(status == 401 || status == 429, "{status}: {body}");
     }
-    let report = serde_json::json!({"kind": "nbd-certificate-refused", "source": "203.0.113.9:5555", "detail": "unknown CA"});
+    let report =
+        serde_json::json!({"kind": "nbd-certificate-refused", "source": "203.0.113.9:5555", "detail": "unknown CA"});
     let (status, body) = c.api("POST", "/v1/security-events", Some(&report), &c.host_token_file());
     assert_eq!(status, 202, "{body}");
 
@@ -45,7 +46,9 @@ fn idle_log_is_still_and_security_events_are_listed_with_their_source() {
         let v = c.slate_json(&["audit", "list", "--security"]);
         let records = v.as_array().expect("a list");
         let find = |action: &str, source: &str| {
-            records.iter().find(|r| r["action"] == action && r["client"].as_str().is_some_and(|s| s.starts_with(source)))
+            records
+                .iter()
+                .find(|r| r["action"] == action && r["client"].as_str().is_some_and(|s| s.starts_with(source)))
         };
         if let (Some(refused), Some(nbd)) =
             (find("security.unknown-token", "127.0.0.1"), find("security.nbd-certificate-refused", "203.0.113.9"))

@@ -373,7 +373,7 @@ impl Guard {
         let mut ev = self.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut key = (what.to_owned(), source.to_owned(), reporter.to_owned());
         if !ev.contains_key(&key) && ev.len() >= MAX_AGGREGATES {
-            key.1 = "other".to_owned();
+            "other".clone_into(&mut key.1);
         }
         let a = ev.entry(key).or_default();
         if a.count == 0 {

@@ -377,15 +377,14 @@ async fn get_node(State(s): S, caller: Caller, ApiPath(id): ApiPath<u64>) -> Jso
     description = "Marks the storage node alive (operators or hosts) and returns its work. Served by the leader from memory (no Raft entry) unless the node was down; a follower answers 503 naming the leader. A node silent longer than the heartbeat timeout is marked down and its replicas are re-placed.",
     responses((status = 200), (status = "4XX", body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn heartbeat(State(s): S, caller: Caller, ApiPath(id): ApiPath<u64>) -> JsonResult {
-    let mut body = match s.heartbeat_in_memory(&caller, id).await? {
-        Some(body) => body,
-        None => {
-            // Down -> active, an unknown node, or a caller without the right: through the log
-            // (the change, or the refusal, is audited).
-            let body = s.call(&caller, Command::Heartbeat { node: id }).await?.body;
-            s.record_heartbeat(id);
-            body
-        }
+    let mut body = if let Some(body) = s.heartbeat_in_memory(&caller, id).await? {
+        body
+    } else {
+        // Down -> active, an unknown node, or a caller without the right: through the log
+        // (the change, or the refusal, is audited).
+        let body = s.call(&caller, Command::Heartbeat { node: id }).await?.body;
+        s.record_heartbeat(id);
+        body
     };
     super::operations::sign_copy_tasks(&s, id, &mut body)?;
     Ok(Json(body))

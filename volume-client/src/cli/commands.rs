@@ -201,12 +201,18 @@ pub(super) fn bytes_h(n: u64) -> String {
 async fn security_events(api: &ApiClient) -> Result<Value> {
     let mut out = Vec::new();
     let mut after = 0u64;
+    // Each page read is itself audited: stop at the chain's end as of the first page.
+    let mut end = None;
     loop {
         let page: Value = api.get(&format!("/v1/audit?after={after}&limit=10000")).await?;
+        let end = *end.get_or_insert(page["last_seq"].as_u64().unwrap_or(0));
         let records = page["records"].as_array().cloned().unwrap_or_default();
         let Some(last) = records.last().and_then(|r| r["seq"].as_u64()) else { break };
         after = last;
         out.extend(records.into_iter().filter(|r| r["action"].as_str().is_some_and(|a| a.starts_with("security."))));
+        if after >= end {
+            break;
+        }
     }
     Ok(Value::Array(out))
 }
