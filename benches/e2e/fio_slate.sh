@@ -21,12 +21,13 @@ cleanup() {
   rm -rf "$dir"
 }
 trap cleanup EXIT
+uri=
 for _ in $(seq 1 240); do
-  [[ -S $(jq -r '.volumes[0].nbd_unix // empty' "$dir/data/cluster.json" 2>/dev/null || true) ]] && break
+  uri=$(jq -r '.volumes[0].nbd_unix // empty' "$dir/data/cluster.json" 2>/dev/null || true)
+  [[ -n $uri && -S ${uri#*socket=} ]] && break
   kill -0 "$up" 2>/dev/null || { cat "$log"; exit 1; }
   sleep 0.5
 done
-sock=$(jq -r '.volumes[0].nbd_unix' "$dir/data/cluster.json")
 metrics=$(jq -r '.processes[] | select(.role == "node") | .metrics' "$dir/data/cluster.json")
 # Wait for the fresh disks' zeroing to end (no extent dirty or zeroing on any node).
 for _ in $(seq 1 600); do
@@ -38,10 +39,9 @@ for _ in $(seq 1 600); do
   [[ $busy -eq 0 ]] && break
   sleep 1
 done
-uri="nbd+unix:///demo?socket=$sock"
 job() { # name rw bs iodepth
   fio --name="$1" --ioengine=nbd --uri="$uri" --rw="$2" --bs="$3" --iodepth="$4" --size=2G \
-    --time_based --runtime="$runtime" --ramp_time=2 --output-format=json 2>/dev/null |
+    --time_based --runtime="$runtime" --ramp_time=2 --output-format=json 2>/dev/null | sed -n '/^{/,$p' |
     jq -r --arg n "$1" '.jobs[0] | (if .write.io_bytes > 0 then .write else .read end) as $d |
       "\($n) iops=\($d.iops | floor) MBps=\($d.bw_bytes / 1e6 | floor) p50us=\($d.clat_ns.percentile["50.000000"] / 1000 | floor) p99us=\($d.clat_ns.percentile["99.000000"] / 1000 | floor)"'
 }

@@ -258,9 +258,11 @@ fn init(
     let signing_hex = zeroize::Zeroizing::new(hex::encode(signing.to_bytes()));
     std::fs::write(dir.join("verifying.key"), format!("{}\n", hex::encode(signing.verifying_key().as_bytes())))?;
 
-    // The first operator token: id 1 (the bootstrap creates token 1).
+    // The first operator token, under a random public id that the bootstrap gives it (so that
+    // no token id is guessable, this one included).
     let secret = generate_token_secret();
-    let token = format_token(1, &secret);
+    let token_id = crate::api::random_token_id();
+    let token = format_token(token_id, &secret);
     write_private(&dir.join("operator.token"), format!("{}\n", token.as_str()).as_bytes())?;
     let hash = hex::encode(hash_secret(secret.as_ref()));
 
@@ -274,7 +276,7 @@ fn init(
         // Same root key on every node; each node's copy ratchets on its own as shreds apply.
         FileRootKeyProvider::new(keys.join("root.key")).store(&root)?;
         write_private(&keys.join("signing.key"), format!("{}\n", signing_hex.as_str()).as_bytes())?;
-        std::fs::write(keys.join("bootstrap.sha256"), format!("{hash}\n"))?;
+        std::fs::write(keys.join("bootstrap.sha256"), format!("{hash} {token_id}\n"))?;
         let (cert, key) = ca.issue(&format!("slate-meta-{}", p.id), &[host.to_string(), "localhost".to_string()])?;
         std::fs::write(tlsd.join("node.crt"), cert)?;
         write_private(&tlsd.join("node.key"), key.as_bytes())?;
@@ -296,6 +298,7 @@ fn init(
             max_body_bytes: 64 * 1024,
             sweep_interval_ms: 5_000,
             raft: RaftTuning { tick_ms, snapshot_every_entries: snapshot_every, ..RaftTuning::default() },
+            guard: crate::config::GuardConfig::default(),
         };
         cfg.validate()?;
         std::fs::write(nd.join("meta.toml"), toml::to_string(&cfg).context("encoding config")?)?;

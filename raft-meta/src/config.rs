@@ -42,6 +42,70 @@ impl Default for RaftTuning {
     }
 }
 
+/// The API guard: rate limits, failed-credential backoff, security-event aggregation
+/// (design/api-security.md). The defaults are far above the cluster's own traffic.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardConfig {
+    /// Requests per second one source IP may make (token bucket), and its burst.
+    pub per_source_rps: u32,
+    pub per_source_burst: u32,
+    /// Authenticated requests per second one principal may make, and its burst.
+    pub per_principal_rps: u32,
+    pub per_principal_burst: u32,
+    /// Failed credentials a source (or token id) may present before backoff starts.
+    pub free_failures: u32,
+    /// First backoff window; each further failure after a window doubles it, up to the max.
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    /// A source (or token id) without a failure for this long starts again from zero.
+    pub failure_forget_ms: u64,
+    /// How often aggregated security events become audit records (one per source and kind).
+    pub event_flush_ms: u64,
+    /// Most sources, principals and token ids tracked at once (memory bound).
+    pub max_tracked: usize,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        Self {
+            per_source_rps: 5_000,
+            per_source_burst: 10_000,
+            per_principal_rps: 5_000,
+            per_principal_burst: 10_000,
+            free_failures: 10,
+            backoff_base_ms: 250,
+            backoff_max_ms: 60_000,
+            failure_forget_ms: 300_000,
+            event_flush_ms: 10_000,
+            max_tracked: 65_536,
+        }
+    }
+}
+
+impl GuardConfig {
+    /// Checks the relations between fields.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.per_source_rps >= 1 && self.per_principal_rps >= 1, "rate limits must be at least 1/s");
+        anyhow::ensure!(
+            self.per_source_burst >= 1 && self.per_principal_burst >= 1,
+            "rate-limit bursts must be at least 1"
+        );
+        anyhow::ensure!(
+            (1..=self.backoff_max_ms).contains(&self.backoff_base_ms),
+            "guard.backoff_base_ms must be 1..=backoff_max_ms"
+        );
+        anyhow::ensure!(self.backoff_max_ms <= 86_400_000, "guard.backoff_max_ms is at most a day");
+        anyhow::ensure!(
+            self.failure_forget_ms >= self.backoff_max_ms,
+            "guard.failure_forget_ms must be >= backoff_max_ms"
+        );
+        anyhow::ensure!((100..=600_000).contains(&self.event_flush_ms), "guard.event_flush_ms must be 100..600000");
+        anyhow::ensure!((16..=10_000_000).contains(&self.max_tracked), "guard.max_tracked must be 16..10000000");
+        Ok(())
+    }
+}
+
 /// A node's configuration.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -92,6 +156,8 @@ pub struct Config {
     pub sweep_interval_ms: u64,
     #[serde(default)]
     pub raft: RaftTuning,
+    #[serde(default)]
+    pub guard: GuardConfig,
 }
 
 fn default_max_body() -> usize {
@@ -139,7 +205,7 @@ impl Config {
         }
         anyhow::ensure!((1024..=16 << 20).contains(&self.max_body_bytes), "max_body_bytes must be 1 KiB..16 MiB");
         anyhow::ensure!(self.sweep_interval_ms >= 100, "sweep_interval_ms must be at least 100");
-        Ok(())
+        self.guard.validate()
     }
 
     /// The API address of a peer.

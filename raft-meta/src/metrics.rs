@@ -17,6 +17,13 @@ pub struct StateLabel {
     pub state: String,
 }
 
+/// A security event: its kind and the source address (`other` past a bounded number of sources).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SecurityLabel {
+    pub kind: String,
+    pub source: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabel {
     pub status: u16,
@@ -41,6 +48,8 @@ pub struct Metrics {
     pub attach_latency: Histogram,
     pub create_volume_latency: Histogram,
     pub requests: Family<StatusLabel, Counter>,
+    pub security_events: Family<SecurityLabel, Counter>,
+    pub auth_refusal_latency: Histogram,
 }
 
 impl Default for Metrics {
@@ -69,6 +78,9 @@ impl Metrics {
             attach_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             create_volume_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             requests: Family::default(),
+            security_events: Family::default(),
+            // 10 us .. ~1.3 s: a refusal is a hash lookup, so the interesting part is below 1 ms.
+            auth_refusal_latency: Histogram::new(exponential_buckets(0.000_01, 2.0, 18)),
         };
         registry.register("raft_term", "Current Raft term", m.term.clone());
         registry.register("raft_commit_index", "Raft commit index", m.commit_index.clone());
@@ -89,6 +101,16 @@ impl Metrics {
             m.create_volume_latency.clone(),
         );
         registry.register("api_requests", "API responses by HTTP status", m.requests.clone());
+        registry.register(
+            "security_events",
+            "Security events (refused credentials, lockouts, rate limits, reported capability and certificate refusals) by kind and source",
+            m.security_events.clone(),
+        );
+        registry.register(
+            "auth_refusal_seconds",
+            "Time to refuse a request at the credential check (before anything is proposed)",
+            m.auth_refusal_latency.clone(),
+        );
         Self { registry, ..m }
     }
 

@@ -3,8 +3,12 @@
 //!
 //! Leader duties are proposals like any other (so they are ordered, replicated
 //! and audited): the one-time bootstrap of the first operator, and the
-//! periodic liveness sweep that carries the leader's clock into the state
-//! (`apply` never reads a clock).
+//! liveness sweep that carries the leader's clock and its in-memory view of
+//! heartbeats into the state (`apply` never reads a clock). The sweep is
+//! proposed only when a node is overdue (or a segment sits on a down node),
+//! so an idle healthy cluster appends nothing. Every node also flushes its
+//! aggregated security events (api/guard.rs) as at most one proposal per
+//! interval.
 
 use crate::api::{self, ApiState};
 use crate::config::Config;
@@ -49,9 +53,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyh
     let sm = SlateMachine::open(&cfg.data_dir, provider)?;
     let signing_key = load_signing_key(&cfg.signing_key_file)?;
     let tls_config = tls::server_config(&cfg.tls_cert, &cfg.tls_key)?;
-    let bootstrap_hash = match &cfg.bootstrap_token_hash_file {
+    // `HASH [TOKEN_ID]`: files written before token ids were random hold the hash alone.
+    let bootstrap = match &cfg.bootstrap_token_hash_file {
         Some(p) => {
-            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.trim().to_string())
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let mut words = text.split_whitespace();
+            let hash = words.next().unwrap_or_default().to_string();
+            let id = match words.next() {
+                Some(w) => Some(w.parse::<u64>().with_context(|| format!("{}: bad token id", p.display()))?),
+                None => None,
+            };
+            Some((hash, id))
         }
         None => None,
     };
@@ -76,12 +88,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyh
     }
     let (consensus, handle) = Consensus::start(ccfg, sm).context("starting consensus")?;
 
+    let metrics = Arc::new(Metrics::new());
     let state = Arc::new(ApiState {
         handle: handle.clone(),
         signing_key,
-        metrics: Arc::new(Metrics::new()),
+        metrics: Arc::clone(&metrics),
         node_id: cfg.node_id,
         peer_apis: cfg.peers.iter().map(|p| (p.id, p.api_addr)).collect(),
+        guard: api::guard::Guard::new(cfg.guard.clone(), metrics),
+        liveness: std::sync::Mutex::new(std::collections::HashMap::new()),
+        leader_since_ms: std::sync::atomic::AtomicU64::new(0),
     });
     let app = api::router(Arc::clone(&state), cfg.max_body_bytes);
     let server_handle = axum_server::Handle::new();
@@ -90,7 +106,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyh
         .serve(app.into_make_service_with_connect_info::<SocketAddr>());
     let mut server_task = tokio::spawn(server);
     let purge_reports = tokio::spawn(report_purges(Arc::clone(&state)));
-    let duties = tokio::spawn(leader_duties(state, bootstrap_hash, Duration::from_millis(cfg.sweep_interval_ms)));
+    let flushes = tokio::spawn(flush_security_events(Arc::clone(&state)));
+    let duties = tokio::spawn(leader_duties(state, bootstrap, Duration::from_millis(cfg.sweep_interval_ms)));
     tracing::info!(node = cfg.node_id, api = %cfg.api_addr, raft = %cfg.raft_addr, "slate-meta serving");
 
     let result = tokio::select! {
@@ -104,6 +121,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyh
     tracing::info!("slate-meta stopping");
     duties.abort();
     purge_reports.abort();
+    flushes.abort();
     server_handle.graceful_shutdown(Some(Duration::from_secs(3)));
     let _ = tokio::time::timeout(Duration::from_secs(5), server_task).await;
     consensus.shutdown().await;
@@ -113,24 +131,36 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyh
 /// How often the leader pushes running drains along (start moves, finish moves).
 const DRAIN_STEP_EVERY: Duration = Duration::from_secs(2);
 
-async fn leader_duties(state: Arc<ApiState>, bootstrap_hash: Option<String>, sweep_every: Duration) {
+async fn leader_duties(state: Arc<ApiState>, bootstrap: Option<(String, Option<u64>)>, sweep_every: Duration) {
     let mut last_sweep = Instant::now();
     let mut last_drain = Instant::now();
+    let mut leading = false;
     loop {
         tokio::time::sleep(Duration::from_millis(300)).await;
         if state.handle.status().role != Role::Leader {
+            leading = false;
             continue;
         }
-        let Ok((bootstrapped, sweep_due, drain_due)) = state
-            .handle
-            .read(|sm| (sm.state().bootstrapped, sm.state().sweep_due(api::now_ms()), sm.state().drain_due()))
-            .await
+        if !leading {
+            // Nodes this leader has not heard from yet count as alive from now on: a new
+            // leader marks a silent node down one timeout after it took over, never earlier.
+            leading = true;
+            state.leader_since_ms.store(api::now_ms(), std::sync::atomic::Ordering::Relaxed);
+        }
+        let Ok((bootstrapped, nodes, drain_due)) =
+            state.handle.read(|sm| (sm.state().bootstrapped, sm.state().liveness(), sm.state().drain_due())).await
         else {
             continue;
         };
+        let liveness_ms = state.liveness_view(&nodes);
+        let now = api::now_ms();
+        let Ok(sweep_due) = state.handle.read(move |sm| sm.state().sweep_due_with(now, &liveness_ms)).await else {
+            continue;
+        };
         if !bootstrapped {
-            if let Some(hash) = &bootstrap_hash {
-                let cmd = Command::Bootstrap { operator_name: "operator".into(), token_secret_sha256: hash.clone() };
+            if let Some(hash) = &bootstrap {
+                let (hash, token_id) = hash.clone();
+                let cmd = Command::Bootstrap { operator_name: "operator".into(), token_secret_sha256: hash, token_id };
                 if let Err(e) = propose_system(&state, cmd).await {
                     tracing::warn!(error = %e, "bootstrap proposal failed; will retry");
                 }
@@ -145,9 +175,28 @@ async fn leader_duties(state: Arc<ApiState>, bootstrap_hash: Option<String>, swe
         }
         if sweep_due && last_sweep.elapsed() >= sweep_every {
             last_sweep = Instant::now();
-            if let Err(e) = propose_system(&state, Command::Tick).await {
+            let liveness_ms = state.liveness_view(&nodes);
+            if let Err(e) = propose_system(&state, Command::Sweep { liveness_ms }).await {
                 tracing::warn!(error = %e, "liveness sweep proposal failed");
             }
+        }
+    }
+}
+
+/// Every node's duty: its aggregated security events become audit records, at most one
+/// proposal per `event_flush_ms` (and none while nothing happened).
+async fn flush_security_events(state: Arc<ApiState>) {
+    let every = Duration::from_millis(state.guard.config().event_flush_ms);
+    loop {
+        tokio::time::sleep(every).await;
+        let events = state.guard.drain_events();
+        if events.is_empty() {
+            continue;
+        }
+        let cmd = Command::SecurityEvents { events: events.clone() };
+        if let Err(e) = propose_system(&state, cmd).await {
+            tracing::debug!(error = %e, "security events not recorded yet; will retry");
+            state.guard.restore_events(events);
         }
     }
 }

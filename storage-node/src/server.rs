@@ -185,7 +185,7 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<Ctx>, shutdown: watch::Rec
         return serve_session(rd, wr, None, ctx, shutdown).await;
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
-    let why = match tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(stream)).await {
+    let why = match tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(crate::tls::buffered(stream))).await {
         Ok(Ok(tls)) => {
             let peer = crate::tls::peer_holder(tls.get_ref().1);
             let (rd, wr) = tokio::io::split(tls);

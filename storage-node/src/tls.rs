@@ -21,6 +21,7 @@ use slate_protocol::Holder;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use tokio::io::BufStream;
 use tokio::net::TcpStream;
 
 /// The crypto provider of the data plane: ring, TLS 1.3 AES-GCM suites only.
@@ -139,11 +140,13 @@ impl ClientCertVerifier for ProofOfKey {
 pub fn server_config(identity: &Identity) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let provider = provider();
     let verifier = Arc::new(ProofOfKey { provider: provider.clone() });
-    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())
         .context("the node's data-plane certificate and key do not match")?;
+    // Sessions are long-lived and never resumed: no tickets.
+    cfg.send_tls13_tickets = 0;
     Ok(Arc::new(cfg))
 }
 
@@ -165,11 +168,24 @@ impl std::fmt::Debug for Connector {
     }
 }
 
+/// Buffer under TLS, each way. rustls reads the socket at most a record (about
+/// 4 to 16 KiB) at a time and writes each record separately; a buffer under it
+/// turns those into a few large syscalls per batch of frames.
+const SOCKET_BUFFER_BYTES: usize = 256 << 10;
+
+/// The TCP stream as TLS sees it: buffered each way (see [`SOCKET_BUFFER_BYTES`]).
+pub type Buffered = BufStream<TcpStream>;
+
+/// Wraps a connected socket for TLS.
+pub fn buffered(tcp: TcpStream) -> Buffered {
+    BufStream::with_capacity(SOCKET_BUFFER_BYTES, SOCKET_BUFFER_BYTES, tcp)
+}
+
 /// A connected data-plane stream: TLS, or plain TCP to a test listener.
 #[derive(Debug)]
 pub enum Stream {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Tls(Box<tokio_rustls::client::TlsStream<Buffered>>),
 }
 
 impl Connector {
@@ -205,7 +221,7 @@ impl Connector {
             None => Ok(Stream::Plain(tcp)),
             Some((cfg, _)) => {
                 let name = ServerName::IpAddress(addr.ip().into());
-                let tls = tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp).await?;
+                let tls = tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, buffered(tcp)).await?;
                 Ok(Stream::Tls(Box::new(tls)))
             }
         }

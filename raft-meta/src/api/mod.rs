@@ -1,9 +1,15 @@
 //! The management API: HTTP/JSON over TLS (axum + rustls), bearer tokens.
 //!
-//! Every call (except `/v1/status`, `/metrics` and `/openapi.json`, which
-//! reveal nothing secret) becomes one state-machine command proposed through
-//! Raft: authentication, authorization, the change and its audit record are
-//! decided in `apply`, identically on every node. This layer only parses and
+//! Every credential is first checked in memory by the [`guard`]: a missing,
+//! malformed, unknown or expired token, or a wrong secret, is refused there
+//! and never proposed (it is counted and aggregated into the audit instead).
+//! A call with a valid credential (except `/v1/status`, `/metrics` and
+//! `/openapi.json`, which reveal nothing secret) becomes one state-machine
+//! command proposed through Raft: authorization, the change and its audit
+//! record are decided in `apply`, identically on every node. Two routine reads
+//! skip the log (design/api-security.md): a storage node's heartbeat (the
+//! leader keeps liveness in memory) and an attached client's layout poll
+//! (answered after a read barrier). This layer only parses and
 //! validates input (so bad input is refused before anything is proposed and
 //! changes nothing), generates fresh secrets from the OS CSPRNG (tokens, keys:
 //! they enter the command only hashed or wrapped), signs capabilities after a
@@ -16,10 +22,12 @@
 mod backups;
 mod clones;
 mod erasure;
+pub mod guard;
 mod handlers;
 mod holder;
 mod keys;
 mod operations;
+mod security;
 
 use crate::consensus::{ConsensusError, ConsensusHandle};
 use crate::keys::hash_secret;
@@ -36,8 +44,11 @@ use axum::Json;
 use ed25519_dalek::SigningKey;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use utoipa::ToSchema;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -54,6 +65,14 @@ pub struct ApiState {
     pub node_id: u64,
     /// (raft id, API address) of every configured member, for leader hints.
     pub peer_apis: Vec<(u64, SocketAddr)>,
+    /// Credential checks, rate limits, backoff and security-event aggregation.
+    pub guard: guard::Guard,
+    /// The leader's view of storage-node liveness: node id -> last heartbeat (ms since the
+    /// epoch). Kept in memory only; a sweep carries it into the state when a node is overdue.
+    pub liveness: Mutex<HashMap<u64, u64>>,
+    /// When this node last became leader (ms since the epoch): nodes it has not heard from
+    /// yet count as alive from then on, so a new leader never marks a node down early.
+    pub leader_since_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -70,6 +89,7 @@ pub fn router(state: Arc<ApiState>, max_body_bytes: usize) -> axum::Router {
         .merge(backups::routes())
         .merge(clones::routes())
         .merge(operations::routes())
+        .merge(security::routes())
         .fallback(handlers::not_found)
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), count_status))
@@ -198,21 +218,26 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiQuer
     }
 }
 
-/// Who is calling: client address and the presented credential.
+/// Who is calling: client address, the presented credential, and (once the guard let it
+/// through) who it authenticated as. A caller that reaches a handler always holds a credential
+/// that was valid a moment ago; `apply` checks it again, authoritatively.
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub client: String,
+    pub ip: IpAddr,
     pub credential: Credential,
+    /// `None` only before the cluster is bootstrapped (the call then gets 503 from `apply`).
+    pub auth: Option<guard::AuthInfo>,
 }
 
 #[async_trait]
-impl<S: Send + Sync> FromRequestParts<S> for Caller {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
-        let client = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map_or_else(|| "unknown".to_string(), |c| c.0.to_string());
+impl FromRequestParts<Arc<ApiState>> for Caller {
+    type Rejection = guard::GuardRefusal;
+    async fn from_request_parts(parts: &mut Parts, s: &Arc<ApiState>) -> Result<Self, guard::GuardRefusal> {
+        let started = Instant::now();
+        let addr = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+        let client = addr.map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let ip = addr.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
         let credential = match parts.headers.get(header::AUTHORIZATION) {
             None => Credential::Missing,
             Some(v) => v
@@ -222,7 +247,22 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
                 .and_then(|t| parse_token(t.trim()))
                 .map_or(Credential::Malformed, |(token, secret_sha256)| Credential::Token { token, secret_sha256 }),
         };
-        Ok(Self { client, credential })
+        let checked = async {
+            s.guard.admit_source(ip)?;
+            match &credential {
+                Credential::Token { token, secret_sha256 } => s.guard.authenticate(s, ip, *token, secret_sha256).await,
+                Credential::Missing => Err(s.guard.refuse_credential(ip, true)),
+                Credential::Malformed | Credential::System => Err(s.guard.refuse_credential(ip, false)),
+            }
+        }
+        .await;
+        match checked {
+            Ok(auth) => Ok(Self { client, ip, credential, auth }),
+            Err(refusal) => {
+                s.guard.observe_refusal(started);
+                Err(refusal)
+            }
+        }
     }
 }
 
@@ -234,6 +274,13 @@ const TOKEN_PREFIX: &str = "slate_";
 pub fn format_token(id: u64, secret: &[u8; 32]) -> Zeroizing<String> {
     let hex = Zeroizing::new(hex::encode(secret));
     Zeroizing::new(format!("{TOKEN_PREFIX}{id}_{}", hex.as_str()))
+}
+
+/// A fresh public token id: random, so that ids cannot be guessed or enumerated.
+pub fn random_token_id() -> u64 {
+    use crate::state::security::{RANDOM_TOKEN_ID_MAX, RANDOM_TOKEN_ID_MIN};
+    use rand::Rng;
+    rand::rngs::OsRng.gen_range(RANDOM_TOKEN_ID_MIN..RANDOM_TOKEN_ID_MAX)
 }
 
 /// Parses a bearer token into its id and the hex SHA-256 of its secret.
@@ -282,6 +329,61 @@ impl ApiState {
             SmResponse::Ok { body, dek_hex, .. } => Ok(Reply { body, dek_hex: dek_hex.map(Zeroizing::new) }),
             SmResponse::Err(r) => Err(ApiError(r)),
         }
+    }
+
+    /// Records a storage node's heartbeat in this (leader) node's memory.
+    pub fn record_heartbeat(&self, node: u64) {
+        self.liveness.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(node, now_ms());
+    }
+
+    /// A heartbeat answered without a log entry: on the leader, for an allowed caller and a
+    /// node that is not down, liveness is renewed in memory and the reply (the node's work) is
+    /// read from the leader's state. `None`: the call must go through the log. A follower
+    /// answers 503 naming the leader, since only the leader's memory counts.
+    pub async fn heartbeat_in_memory(&self, caller: &Caller, node: u64) -> Result<Option<serde_json::Value>, ApiError> {
+        use crate::state::types::{NodeState, Role};
+        let Some(auth) = &caller.auth else { return Ok(None) };
+        if !matches!(auth.role, Role::Operator | Role::Host) {
+            return Ok(None);
+        }
+        if self.handle.status().role != crate::consensus::Role::Leader {
+            let hint =
+                self.leader_api().map_or_else(|| "no leader known yet".to_string(), |a| format!("leader at {a}"));
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                format!("heartbeats are kept by the leader; this node is not the leader ({hint})"),
+            ));
+        }
+        let reply = self
+            .handle
+            .read(move |sm| {
+                let st = sm.state();
+                match st.nodes.get(&node) {
+                    Some(n) if n.state != NodeState::Down => st.heartbeat_reply(node).ok(),
+                    _ => None,
+                }
+            })
+            .await?;
+        if reply.is_some() {
+            self.record_heartbeat(node);
+        }
+        Ok(reply)
+    }
+
+    /// The leader's view of each active or draining node's last sign of life: its last
+    /// heartbeat in memory, but never earlier than this node's accession to leadership.
+    pub fn liveness_view(
+        &self,
+        nodes: &[crate::state::security::NodeLiveness],
+    ) -> std::collections::BTreeMap<u64, u64> {
+        use crate::state::types::NodeState;
+        let since = self.leader_since_ms.load(Ordering::Relaxed);
+        let mem = self.liveness.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        nodes
+            .iter()
+            .filter(|n| matches!(n.state, NodeState::Active | NodeState::Draining))
+            .map(|n| (n.id, mem.get(&n.id).copied().unwrap_or(0).max(since)))
+            .collect()
     }
 
     /// The API address of the current leader, if known.

@@ -260,7 +260,7 @@ impl MetaState {
         if matches!(env.credential, Credential::System) {
             return self.apply_system(now, cmd);
         }
-        if matches!(cmd, Command::Bootstrap { .. } | Command::Tick | Command::ReportPurge { .. } | Command::DrainStep) {
+        if cmd.is_system() {
             return Applied {
                 response: Response::Err(Refusal::forbidden("system command from a client")),
                 shredded: false,
@@ -333,11 +333,20 @@ impl MetaState {
             skip_audit: true,
         };
         let result = match cmd {
-            Command::Bootstrap { operator_name, token_secret_sha256 } => {
-                self.bootstrap(now, operator_name, token_secret_sha256)
+            Command::Bootstrap { operator_name, token_secret_sha256, token_id } => {
+                self.bootstrap(now, operator_name, token_secret_sha256, *token_id)
             }
             Command::Tick => {
                 self.sweep(&mut ctx);
+                Ok(serde_json::Value::Null)
+            }
+            Command::Sweep { liveness_ms } => {
+                self.merge_liveness(liveness_ms);
+                self.sweep(&mut ctx);
+                Ok(serde_json::Value::Null)
+            }
+            Command::SecurityEvents { events } => {
+                self.record_security_events(now, events);
                 Ok(serde_json::Value::Null)
             }
             Command::ReportPurge { meta_node, root_epoch, voters } => {
@@ -361,7 +370,13 @@ impl MetaState {
         Applied { response, shredded: ctx.shredded }
     }
 
-    fn bootstrap(&mut self, now: u64, name: &str, hash: &str) -> Result<serde_json::Value, Refusal> {
+    fn bootstrap(
+        &mut self,
+        now: u64,
+        name: &str,
+        hash: &str,
+        token_id: Option<u64>,
+    ) -> Result<serde_json::Value, Refusal> {
         if self.bootstrapped {
             return Ok(serde_json::json!({"bootstrapped": false}));
         }
@@ -369,6 +384,7 @@ impl MetaState {
         if !valid_hash(hash) {
             return Err(Refusal::bad("bootstrap token hash must be 64 lowercase hex digits"));
         }
+        let tid = self.new_token_id(token_id)?;
         let pid = take(&mut self.next.principal);
         self.principals.insert(
             pid,
@@ -384,7 +400,6 @@ impl MetaState {
                 locked_until_ms: None,
             },
         );
-        let tid = take(&mut self.next.token);
         self.tokens.insert(
             tid,
             Token { id: tid, principal: pid, secret_sha256: hash.into(), created_ms: now, expires_ms: None },
@@ -461,9 +476,12 @@ impl MetaState {
 
     fn execute(&mut self, ctx: &mut Ctx, cmd: &Command, root: &mut RootKey) -> Res {
         match cmd {
-            Command::Bootstrap { .. } | Command::Tick | Command::ReportPurge { .. } | Command::DrainStep => {
-                Err(Refusal::forbidden("system command"))
-            }
+            Command::Bootstrap { .. }
+            | Command::Tick
+            | Command::Sweep { .. }
+            | Command::SecurityEvents { .. }
+            | Command::ReportPurge { .. }
+            | Command::DrainStep => Err(Refusal::forbidden("system command")),
             Command::RotateRoot { wrapped_root, root_epoch } => self.rotate_root(ctx, root, wrapped_root, *root_epoch),
             Command::WhoAmI => {
                 let id = ctx.actor.principal.ok_or_else(|| Refusal::forbidden("no principal"))?;
@@ -581,7 +599,7 @@ impl MetaState {
                 }
                 json(&self.tenant_view(*tenant)?)
             }
-            Command::CreatePrincipal { req, token_secret_sha256 } => {
+            Command::CreatePrincipal { req, token_secret_sha256, token_id } => {
                 validate_principal(req)?;
                 if !valid_hash(token_secret_sha256) {
                     return Err(Refusal::bad("token hash must be 64 lowercase hex digits"));
@@ -602,6 +620,7 @@ impl MetaState {
                 if self.principals.values().any(|p| p.name == req.name) {
                     return Err(Refusal::conflict(format!("a principal named {:?} exists", req.name)));
                 }
+                let tid = self.new_token_id(*token_id)?;
                 let pid = take(&mut self.next.principal);
                 ctx.object = format!("principal:{pid}({})", req.name);
                 self.principals.insert(
@@ -618,7 +637,6 @@ impl MetaState {
                         locked_until_ms: None,
                     },
                 );
-                let tid = take(&mut self.next.token);
                 self.tokens.insert(
                     tid,
                     Token {
@@ -661,12 +679,12 @@ impl MetaState {
                 p.locked_until_ms = None;
                 json(&self.principal_view(*principal)?)
             }
-            Command::CreateToken { principal, req, secret_sha256 } => {
+            Command::CreateToken { principal, req, secret_sha256, token_id } => {
                 self.may_manage_principal(ctx, *principal, true)?;
                 if !valid_hash(secret_sha256) {
                     return Err(Refusal::bad("token hash must be 64 lowercase hex digits"));
                 }
-                let tid = take(&mut self.next.token);
+                let tid = self.new_token_id(*token_id)?;
                 self.tokens.insert(
                     tid,
                     Token {
@@ -838,14 +856,7 @@ impl MetaState {
                 } else {
                     ctx.skip_audit = true;
                 }
-                let state = n.state;
-                let mut work = self.node_work(*node);
-                work.copies = self.copy_tasks(*node);
-                work.decommission = self.decommission_task(*node);
-                work.scrub = self.scrub_request(*node);
-                work.freezes = self.freeze_tasks(*node);
-                work.fences = self.fences_for(*node);
-                json(&serde_json::json!({"node": node, "state": state, "work": work}))
+                self.heartbeat_reply(*node)
             }
             Command::SetNodeState { node, req } => {
                 require_operator(&ctx.actor)?;
@@ -1093,6 +1104,7 @@ impl MetaState {
             Command::RestoreProgress { volume, req } => self.restore_progress(ctx, *volume, req),
             Command::CreateClone { volume, req } => self.create_clone(ctx, root, *volume, req),
             Command::CloneFlattened { volume, req } => self.clone_flattened(ctx, *volume, req),
+            Command::ReportSecurityEvent { .. } => Self::report_security_event(ctx),
             Command::ChangeMembership { req, add } => {
                 require_operator(&ctx.actor)?;
                 if *add && req.addr.as_deref().and_then(|a| a.parse::<std::net::SocketAddr>().ok()).is_none() {

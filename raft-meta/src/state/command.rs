@@ -301,6 +301,9 @@ pub enum Command {
     Bootstrap {
         operator_name: String,
         token_secret_sha256: String,
+        /// The operator token's public id (random, made by `slate-meta init`); absent: 1.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token_id: Option<u64>,
     },
     /// Liveness sweep at the proposer's time (system only).
     Tick,
@@ -329,6 +332,10 @@ pub enum Command {
     CreatePrincipal {
         req: CreatePrincipalRequest,
         token_secret_sha256: String,
+        /// The first token's public id, drawn at random by the proposer so that ids cannot be
+        /// guessed (`random_token_id`); absent in older log entries (then the next counter value).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token_id: Option<u64>,
     },
     ListPrincipals,
     GetPrincipal {
@@ -344,6 +351,9 @@ pub enum Command {
         principal: u64,
         req: CreateTokenRequest,
         secret_sha256: String,
+        /// As in `CreatePrincipal`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token_id: Option<u64>,
     },
     ListTokens {
         principal: u64,
@@ -544,6 +554,23 @@ pub enum Command {
         root_epoch: u64,
         voters: Vec<u64>,
     },
+    /// The leader's liveness sweep (system only): `liveness_ms` is the leader's in-memory view of
+    /// each storage node's last sign of life (its last heartbeat, or the leader's own start for a
+    /// node it has not heard from yet). Proposed only when a node is overdue or a segment sits on
+    /// a down node, so an idle healthy cluster proposes nothing (design/api-security.md).
+    Sweep {
+        liveness_ms: std::collections::BTreeMap<u64, u64>,
+    },
+    /// Security events aggregated by one API node over an interval (system only): one audit
+    /// record each, carrying the count (security.rs).
+    SecurityEvents {
+        events: Vec<SecurityEvent>,
+    },
+    /// A security event reported by a caller whose role may not report them: proposed only so
+    /// that the refusal is audited (allowed reports are aggregated in memory, security.rs).
+    ReportSecurityEvent {
+        kind: String,
+    },
     /// A writable clone of a ready snapshot of `volume` (clones.rs).
     CreateClone {
         volume: u64,
@@ -556,12 +583,46 @@ pub enum Command {
     },
 }
 
+/// One aggregated security event: `count` occurrences of `kind` from `source` (an IP address,
+/// or `other` when too many sources were seen) between `first_ms` and `last_ms`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityEvent {
+    pub kind: String,
+    pub source: String,
+    pub count: u64,
+    pub first_ms: u64,
+    pub last_ms: u64,
+    /// Who observed it: `api` (this service) or `principal:ID(name)` for a reported event.
+    pub reporter: String,
+    /// The last detail seen (bounded, printable ASCII, never a secret).
+    #[serde(default)]
+    pub detail: String,
+}
+
 impl Command {
+    /// True for the commands only the cluster itself proposes (leader duties, purge reports,
+    /// security-event flushes); `apply` refuses them from any client.
+    pub fn is_system(&self) -> bool {
+        matches!(
+            self,
+            Self::Bootstrap { .. }
+                | Self::Tick
+                | Self::Sweep { .. }
+                | Self::SecurityEvents { .. }
+                | Self::ReportPurge { .. }
+                | Self::DrainStep
+        )
+    }
+
     /// The audit action name.
     pub fn action(&self) -> &'static str {
         match self {
             Self::Bootstrap { .. } => "cluster.bootstrap",
             Self::Tick => "cluster.tick",
+            Self::Sweep { .. } => "cluster.sweep",
+            Self::SecurityEvents { .. } => "security.events",
+            Self::ReportSecurityEvent { .. } => "security.report",
             Self::WhoAmI => "principal.whoami",
             Self::GetSettings => "settings.show",
             Self::UpdateSettings(_) => "settings.update",
@@ -661,6 +722,8 @@ pub enum ErrorCode {
     UnsupportedMediaType,
     /// 422: valid request the cluster cannot satisfy (e.g. too few failure domains).
     Unsatisfiable,
+    /// 429: too many requests (rate limit, or failed-credential backoff); the reply says when to retry.
+    RateLimited,
     /// 503: no quorum, no leader, or not bootstrapped yet.
     Unavailable,
     /// 500.
@@ -678,6 +741,7 @@ impl ErrorCode {
             Self::PayloadTooLarge => 413,
             Self::UnsupportedMediaType => 415,
             Self::Unsatisfiable => 422,
+            Self::RateLimited => 429,
             Self::Unavailable => 503,
             Self::Internal => 500,
         }

@@ -22,6 +22,7 @@ mod erasure;
 mod keyring;
 mod operations;
 mod revocation;
+pub mod security;
 mod snapshots;
 pub mod types;
 pub mod view;

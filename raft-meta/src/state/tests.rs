@@ -44,7 +44,11 @@ impl Harness {
         };
         let r = h.run(
             Credential::System,
-            Command::Bootstrap { operator_name: "op".into(), token_secret_sha256: secret_hash("op-secret") },
+            Command::Bootstrap {
+                operator_name: "op".into(),
+                token_secret_sha256: secret_hash("op-secret"),
+                token_id: None,
+            },
         );
         assert!(matches!(r, Response::Ok { .. }));
         h
@@ -115,6 +119,7 @@ impl Harness {
                 token_expires_ms: None,
             },
             token_secret_sha256: secret_hash(secret),
+            token_id: None,
         });
         (v["principal"]["id"].as_u64().unwrap(), v["token_id"].as_u64().unwrap())
     }
@@ -302,6 +307,7 @@ fn tenants_are_isolated_and_refusals_audited() {
             token_expires_ms: None,
         },
         token_secret_sha256: secret_hash("sl"),
+        token_id: None,
     });
     let lt = v["token_id"].as_u64().unwrap();
     assert!(h.err(tok(lt, "sl"), Command::ListVolumes).message.contains("not valid yet"));
@@ -315,6 +321,7 @@ fn tenants_are_isolated_and_refusals_audited() {
             token_expires_ms: None,
         },
         token_secret_sha256: secret_hash("sg"),
+        token_id: None,
     });
     let gt = v["token_id"].as_u64().unwrap();
     assert!(h.err(tok(gt, "sg"), Command::ListVolumes).message.contains("expired"));

@@ -163,7 +163,13 @@ pub enum GrantCmd {
 #[derive(Subcommand, Debug)]
 pub enum AuditCmd {
     /// List audit records you may see.
-    List,
+    List {
+        /// Only security events (refused credentials, lockouts, rate limits, capability and
+        /// NBD certificate refusals reported by nodes and hosts), with their source address
+        /// and count. Operators see them all.
+        #[arg(long)]
+        security: bool,
+    },
     /// Walk the hash chain; names the first broken record.
     Verify,
 }
@@ -189,6 +195,26 @@ pub(super) fn bytes_h(n: u64) -> String {
     } else {
         format!("{x:.1} {}", U[i])
     }
+}
+
+/// Every `security.*` audit record the caller may read, oldest first, paging through the chain.
+async fn security_events(api: &ApiClient) -> Result<Value> {
+    let mut out = Vec::new();
+    let mut after = 0u64;
+    // Each page read is itself audited: stop at the chain's end as of the first page.
+    let mut end = None;
+    loop {
+        let page: Value = api.get(&format!("/v1/audit?after={after}&limit=10000")).await?;
+        let end = *end.get_or_insert(page["last_seq"].as_u64().unwrap_or(0));
+        let records = page["records"].as_array().cloned().unwrap_or_default();
+        let Some(last) = records.last().and_then(|r| r["seq"].as_u64()) else { break };
+        after = last;
+        out.extend(records.into_iter().filter(|r| r["action"].as_str().is_some_and(|a| a.starts_with("security."))));
+        if after >= end {
+            break;
+        }
+    }
+    Ok(Value::Array(out))
 }
 
 pub(super) fn table(rows: &Value, cols: &[(&str, &str)]) -> String {
@@ -369,7 +395,25 @@ pub async fn run(api: &ApiClient, cmd: Cmd, json_out: bool) -> Result<()> {
         Cmd::Erasure(c) => super::erasure::run(api, c, json_out).await,
         Cmd::Snapshot(c) => super::snapshot::run(api, c, json_out).await,
         Cmd::Clone(args) => super::clone::run(api, args, json_out).await,
-        Cmd::Audit(AuditCmd::List) => {
+        Cmd::Audit(AuditCmd::List { security: true }) => {
+            let v = security_events(api).await?;
+            print(json_out, &v, |v| {
+                table(
+                    v,
+                    &[
+                        ("SEQ", "seq"),
+                        ("TIME", "time_ms"),
+                        ("SOURCE", "client"),
+                        ("EVENT", "action"),
+                        ("COUNT", "object"),
+                        ("REPORTER", "actor"),
+                        ("RESULT", "result"),
+                    ],
+                )
+            });
+            Ok(())
+        }
+        Cmd::Audit(AuditCmd::List { security: false }) => {
             let v: Value = api.get("/v1/audit").await?;
             print(json_out, &v, |v| {
                 table(
