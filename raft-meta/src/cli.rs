@@ -8,6 +8,7 @@
 
 use crate::api::format_token;
 use crate::config::{Config, Peer, RaftTuning};
+use crate::fsutil::{create_private_dir, write_private_file};
 use crate::keys::{generate_token_secret, hash_secret, FileRootKeyProvider, RootKey, RootKeyProvider};
 use crate::machine;
 use crate::tls::{write_private, LocalCa};
@@ -237,7 +238,8 @@ fn init(
             dir.display()
         );
     }
-    std::fs::create_dir_all(dir)?;
+    // Keys, tokens and every node's data: owner only (docs/design/keys.md, file modes).
+    create_private_dir(dir)?;
     let dir = dir.canonicalize()?;
     let api = ports(api_ports, 7443, nodes, "api-ports")?;
     let raft = ports(raft_ports, 7100, nodes, "raft-ports")?;
@@ -250,13 +252,16 @@ fn init(
         .collect();
 
     let ca = LocalCa::generate(crate::tls::LOCAL_CA_NAME)?;
-    std::fs::write(dir.join("ca.crt"), ca.cert_pem())?;
+    write_private_file(&dir.join("ca.crt"), ca.cert_pem().as_bytes())?;
     write_private(&dir.join("ca.key"), ca.key_pem().as_bytes())?;
 
     let root = RootKey::generate();
     let signing = slate_protocol::capability::generate_signing_key();
     let signing_hex = zeroize::Zeroizing::new(hex::encode(signing.to_bytes()));
-    std::fs::write(dir.join("verifying.key"), format!("{}\n", hex::encode(signing.verifying_key().as_bytes())))?;
+    write_private_file(
+        &dir.join("verifying.key"),
+        format!("{}\n", hex::encode(signing.verifying_key().as_bytes())).as_bytes(),
+    )?;
 
     // The first operator token, under a random public id that the bootstrap gives it (so that
     // no token id is guessable, this one included).
@@ -270,15 +275,15 @@ fn init(
         let nd = dir.join(format!("node-{}", p.id));
         let keys = nd.join("keys");
         let tlsd = nd.join("tls");
-        std::fs::create_dir_all(&keys)?;
-        std::fs::create_dir_all(&tlsd)?;
-        std::fs::create_dir_all(nd.join("data"))?;
+        create_private_dir(&keys)?;
+        create_private_dir(&tlsd)?;
+        create_private_dir(&nd.join("data"))?;
         // Same root key on every node; each node's copy ratchets on its own as shreds apply.
         FileRootKeyProvider::new(keys.join("root.key")).store(&root)?;
         write_private(&keys.join("signing.key"), format!("{}\n", signing_hex.as_str()).as_bytes())?;
-        std::fs::write(keys.join("bootstrap.sha256"), format!("{hash} {token_id}\n"))?;
+        write_private_file(&keys.join("bootstrap.sha256"), format!("{hash} {token_id}\n").as_bytes())?;
         let (cert, key) = ca.issue(&format!("slate-meta-{}", p.id), &[host.to_string(), "localhost".to_string()])?;
-        std::fs::write(tlsd.join("node.crt"), cert)?;
+        write_private_file(&tlsd.join("node.crt"), cert.as_bytes())?;
         write_private(&tlsd.join("node.key"), key.as_bytes())?;
         let cfg = Config {
             node_id: p.id,
@@ -301,7 +306,7 @@ fn init(
             guard: crate::config::GuardConfig::default(),
         };
         cfg.validate()?;
-        std::fs::write(nd.join("meta.toml"), toml::to_string(&cfg).context("encoding config")?)?;
+        write_private_file(&nd.join("meta.toml"), toml::to_string(&cfg).context("encoding config")?.as_bytes())?;
     }
     println!("created a {nodes}-node slate-meta cluster in {}", dir.display());
     println!("  CA certificate:  {}", dir.join("ca.crt").display());

@@ -20,6 +20,7 @@ use crate::state::command::{Command, Credential, Envelope};
 use crate::tls;
 use anyhow::Context;
 use ed25519_dalek::SigningKey;
+use slate_secret::Secret;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -27,13 +28,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
-/// Reads the capability signing key (hex of the 32-byte seed).
-pub fn load_signing_key(path: &Path) -> anyhow::Result<SigningKey> {
+/// Reads the capability signing key (hex of the 32-byte seed) into a secret page
+/// (left out of core dumps, zeroized on drop).
+pub fn load_signing_key(path: &Path) -> anyhow::Result<Secret<SigningKey>> {
     let text = Zeroizing::new(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?);
     let mut seed = Zeroizing::new([0u8; 32]);
     hex::decode_to_slice(text.trim(), seed.as_mut())
         .map_err(|_| anyhow::anyhow!("{} must hold 64 hex digits", path.display()))?;
-    Ok(SigningKey::from_bytes(&seed))
+    Ok(Secret::new(SigningKey::from_bytes(&seed)))
 }
 
 /// The root key provider a config names.

@@ -174,7 +174,10 @@ impl Cluster {
         assert!(self.up.is_none(), "slate up is already running");
         std::fs::create_dir_all(&self.dir).expect("create the cluster dir");
         let log = self.dir.join("up.log");
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("open up.log");
+        // Inside the cluster directory, so owner-only like everything `slate up` writes there.
+        let out = std::os::unix::fs::OpenOptionsExt::mode(std::fs::OpenOptions::new().create(true).append(true), 0o600)
+            .open(&log)
+            .expect("open up.log");
         let err = out.try_clone().expect("dup up.log");
         let mut cmd = Command::new(Self::slate_bin());
         cmd.arg("up")

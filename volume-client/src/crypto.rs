@@ -19,6 +19,7 @@ use aes::cipher::inout::InOutBuf;
 use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
 use aes::Aes256;
 use rand::RngCore;
+use slate_secret::Secret;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 /// Length of an AES-256-XTS key: two AES-256 keys.
@@ -50,9 +51,10 @@ pub enum CryptoError {
     },
 }
 
-/// A volume data key (512 bits). Zeroized on drop; `Debug` shows nothing of it.
+/// A volume data key (512 bits). Kept in a [`Secret`] page (out of core dumps,
+/// zeroized on drop); `Debug` shows nothing of it.
 pub struct XtsKey {
-    bytes: Box<[u8; XTS_KEY_BYTES]>,
+    bytes: Secret<[u8; XTS_KEY_BYTES]>,
 }
 
 impl XtsKey {
@@ -65,14 +67,14 @@ impl XtsKey {
         if constant_time_eq(k1, k2) {
             return Err(CryptoError::EqualHalves);
         }
-        let mut key = Box::new([0u8; XTS_KEY_BYTES]);
+        let mut key = Secret::<[u8; XTS_KEY_BYTES]>::zeroed();
         key.copy_from_slice(bytes);
         Ok(Self { bytes: key })
     }
 
     /// A fresh key from the operating system's CSPRNG.
     pub fn generate() -> Self {
-        let mut key = Box::new([0u8; XTS_KEY_BYTES]);
+        let mut key = Secret::<[u8; XTS_KEY_BYTES]>::zeroed();
         loop {
             rand::rngs::OsRng.fill_bytes(&mut key[..]);
             let (k1, k2) = key.split_at(XTS_KEY_BYTES / 2);
@@ -85,12 +87,6 @@ impl XtsKey {
     /// The raw key, for wrapping under a key-encryption key. Never log it.
     pub fn expose_bytes(&self) -> &[u8; XTS_KEY_BYTES] {
         &self.bytes
-    }
-}
-
-impl Drop for XtsKey {
-    fn drop(&mut self) {
-        self.bytes.zeroize();
     }
 }
 
@@ -120,11 +116,17 @@ fn xor_block(block: &mut [u8], t: u128) {
     block.copy_from_slice(&(u128::from_le_bytes(b) ^ t).to_le_bytes());
 }
 
-/// Encrypts and decrypts the blocks of one volume. The AES key schedules are
-/// zeroized on drop (the `aes` crate's `zeroize` feature); `Debug` shows nothing.
-pub struct VolumeCipher {
+/// The two expanded AES-256 key schedules of an XTS key: K1 for the data, K2 for the tweak.
+struct Schedules {
     data: Aes256,
     tweak: Aes256,
+}
+
+/// Encrypts and decrypts the blocks of one volume. The AES key schedules live in a
+/// [`Secret`] page (out of core dumps) and are zeroized on drop (the `aes` crate's
+/// `zeroize` feature, then the page); `Debug` shows nothing.
+pub struct VolumeCipher {
+    keys: Secret<Schedules>,
 }
 
 impl fmt::Debug for VolumeCipher {
@@ -137,7 +139,13 @@ impl VolumeCipher {
     /// Expand the key's two halves into AES-256 key schedules.
     pub fn new(key: &XtsKey) -> Self {
         let (k1, k2) = key.bytes.split_at(XTS_KEY_BYTES / 2);
-        Self { data: Aes256::new(GenericArray::from_slice(k1)), tweak: Aes256::new(GenericArray::from_slice(k2)) }
+        // The schedules are built on the stack and moved into the page: that transient
+        // copy is the one this cannot wipe (see docs/design/keys.md).
+        let keys = Secret::new(Schedules {
+            data: Aes256::new(GenericArray::from_slice(k1)),
+            tweak: Aes256::new(GenericArray::from_slice(k2)),
+        });
+        Self { keys }
     }
 
     /// Encrypt `buf` in place: whole 4 KiB blocks, the first being block `first_block` of the volume.
@@ -184,7 +192,7 @@ impl VolumeCipher {
 
     fn one_unit(&self, index: u128, unit: &mut [u8], encrypt: bool) {
         let mut t = GenericArray::from(index.to_le_bytes());
-        self.tweak.encrypt_block(&mut t);
+        self.keys.tweak.encrypt_block(&mut t);
         let mut b = [0u8; AES_BLOCK];
         b.copy_from_slice(&t);
         let mut tweak = u128::from_le_bytes(b);
@@ -197,9 +205,9 @@ impl VolumeCipher {
             }
             let (blocks, _tail) = InOutBuf::from(&mut *run).into_chunks::<U16>();
             if encrypt {
-                self.data.encrypt_blocks_inout(blocks);
+                self.keys.data.encrypt_blocks_inout(blocks);
             } else {
-                self.data.decrypt_blocks_inout(blocks);
+                self.keys.data.decrypt_blocks_inout(blocks);
             }
             for (slot, block) in tweaks.iter().zip(run.chunks_exact_mut(AES_BLOCK)) {
                 xor_block(block, *slot);
@@ -224,6 +232,19 @@ mod tests {
         assert_eq!(format!("{c:?}"), "VolumeCipher([redacted])");
         let mut odd = vec![0u8; 4095];
         assert!(c.encrypt_blocks(0, &mut odd).is_err());
+    }
+
+    #[test]
+    fn keys_and_schedules_are_out_of_core_dumps() {
+        let k = XtsKey::generate();
+        let c = VolumeCipher::new(&k);
+        for (what, addr) in [
+            ("key", k.expose_bytes().as_ptr() as usize),
+            ("schedules", std::ptr::from_ref::<Schedules>(&c.keys) as usize),
+        ] {
+            let flags = slate_secret::mapping_flags(addr).expect("mapping found");
+            assert!(flags.iter().any(|f| f == "dd"), "{what}: VmFlags {flags:?}");
+        }
     }
 
     #[test]

@@ -140,7 +140,11 @@ async fn complete_backup(
     request_body = RestoreVolumeRequest,
     description = "Creates the volume a backup restores into, with the backed-up volume's key re-wrapped for it; refused with \"key destroyed\" once that volume was deleted.",
     responses((status = 200), (status = "4XX", body = ErrorBody)))]
-async fn restore_volume(State(s): S, caller: Caller, ApiJson(req): ApiJson<RestoreVolumeRequest>) -> JsonResult {
+async fn restore_volume(
+    State(s): S,
+    caller: Caller,
+    ApiJson(req): ApiJson<RestoreVolumeRequest>,
+) -> Result<super::secret_body::SecretJson, ApiError> {
     let bid = req.backup;
     let tenant = match req.tenant {
         Some(t) => t,
@@ -161,9 +165,15 @@ async fn restore_volume(State(s): S, caller: Caller, ApiJson(req): ApiJson<Resto
                 let r = other?;
                 let mut body = r.body;
                 // The backed-up volume's key, to decrypt the backup with (the reply is TLS only).
-                let key = r.dek_hex.ok_or_else(|| ApiError::new(ErrorCode::Internal, "restore reply without key"))?;
-                body["source_dek_hex"] = serde_json::Value::String(key.to_string());
-                return Ok(Json(body));
+                let mut key =
+                    r.dek_hex.ok_or_else(|| ApiError::new(ErrorCode::Internal, "restore reply without key"))?;
+                // Moved into the reply, serialized into a wiped buffer, then wiped here too.
+                body["source_dek_hex"] = serde_json::Value::String(std::mem::take(&mut *key));
+                let reply = super::secret_body::SecretJson::new(&body);
+                if let Some(serde_json::Value::String(k)) = body.get_mut("source_dek_hex") {
+                    zeroize::Zeroize::zeroize(k);
+                }
+                return reply;
             }
         }
     }

@@ -638,10 +638,10 @@ async fn attach(
     HolderOf(holder): HolderOf,
     ApiPath(id): ApiPath<u64>,
     ApiJson(req): ApiJson<AttachRequest>,
-) -> JsonResult {
+) -> Result<super::secret_body::SecretJson, ApiError> {
     let started = Instant::now();
     let r = s.call(&caller, Command::Attach { volume: id, req }).await?;
-    let dek = r.dek_hex.ok_or_else(|| ApiError::new(ErrorCode::Internal, "attach reply without key"))?;
+    let mut dek = r.dek_hex.ok_or_else(|| ApiError::new(ErrorCode::Internal, "attach reply without key"))?;
     let grant: AttachGrant =
         serde_json::from_value(r.body).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
     let capability = sign(&s, &grant.claims, holder)?;
@@ -649,12 +649,16 @@ async fn attach(
         attachment: grant.attachment,
         volume: grant.volume,
         capability,
-        dek_hex: dek.to_string(),
+        // Moved, not copied: the key's only buffer is wiped below, after serialization.
+        dek_hex: std::mem::take(&mut *dek),
         verifying_key_hex: hex::encode(s.signing_key.verifying_key().as_bytes()),
         parent: super::clones::sign_parent(&s, grant.parent, holder)?,
     };
+    let mut reply = reply;
+    let body = super::secret_body::SecretJson::new(&reply);
+    zeroize::Zeroize::zeroize(&mut reply.dek_hex);
     s.metrics.attach_latency.observe(started.elapsed().as_secs_f64());
-    Ok(Json(serde_json::to_value(reply).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?))
+    body
 }
 
 #[utoipa::path(post, path = "/v1/volumes/{id}/detach", tag = "attachments", security(("bearer" = [])), params(("id" = u64, Path)),

@@ -27,6 +27,7 @@ mod handlers;
 mod holder;
 mod keys;
 mod operations;
+mod secret_body;
 mod security;
 
 use crate::consensus::{ConsensusError, ConsensusHandle};
@@ -60,7 +61,7 @@ pub type Handle = ConsensusHandle<SlateMachine>;
 /// Shared by every handler.
 pub struct ApiState {
     pub handle: Handle,
-    pub signing_key: SigningKey,
+    pub signing_key: slate_secret::Secret<SigningKey>,
     pub metrics: Arc<Metrics>,
     pub node_id: u64,
     /// (raft id, API address) of every configured member, for leader hints.

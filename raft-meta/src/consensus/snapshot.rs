@@ -25,7 +25,7 @@ pub(crate) struct SnapshotDir {
 
 impl SnapshotDir {
     pub fn open(dir: PathBuf) -> std::io::Result<Self> {
-        fs::create_dir_all(&dir)?;
+        crate::fsutil::create_private_dir(&dir)?;
         // Leftover temporary files from a crash mid-write are garbage.
         for e in fs::read_dir(&dir)? {
             let e = e?;
@@ -47,7 +47,7 @@ impl SnapshotDir {
         let final_path = self.path_for(m.index, m.term);
         let tmp = final_path.with_extension("tmp");
         {
-            let mut f = File::create(&tmp)?;
+            let mut f = crate::fsutil::create_private_file(&tmp)?;
             let mut header = Vec::with_capacity(HEADER_LEN);
             header.extend_from_slice(FILE_MAGIC);
             header.extend_from_slice(&(body.len() as u64).to_be_bytes());

@@ -80,7 +80,10 @@ impl std::fmt::Debug for LogStore {
 impl LogStore {
     /// Open the store under `data_dir`. `initialized()` tells whether it was bootstrapped before.
     pub fn open(data_dir: &Path) -> StoreResult<Self> {
-        std::fs::create_dir_all(data_dir).map_err(se)?;
+        // raft-engine creates the log's files itself: owner-only through the umask,
+        // inside directories created 0700 here (crate::fsutil).
+        crate::fsutil::restrict_umask();
+        crate::fsutil::create_private_dir(&data_dir.join("raft-log")).map_err(se)?;
         let cfg = raft_engine::Config {
             dir: data_dir.join("raft-log").to_string_lossy().into_owned(),
             // A recycled file keeps its old contents: never for a log that must forget.

@@ -11,9 +11,10 @@
 //!
 //! Wrapping is AES key wrap (RFC 3394): deterministic, so every metadata
 //! replica that re-wraps the same keys during a shred produces byte-identical
-//! state without any key material crossing the Raft log. Every secret type
-//! zeroizes on drop and has a redacted `Debug`; nothing here implements
-//! `Display` or `Serialize` for plaintext keys.
+//! state without any key material crossing the Raft log. Every plaintext key
+//! lives in a [`Secret`] page (left out of core dumps, locked in RAM where the
+//! limit allows, zeroized on drop) and has a redacted `Debug`; nothing here
+//! implements `Display` or `Serialize` for plaintext keys.
 
 pub mod provider;
 
@@ -24,6 +25,7 @@ use hkdf::Hkdf;
 use rand::RngCore;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
+use slate_secret::Secret;
 use std::fmt;
 use zeroize::Zeroizing;
 
@@ -59,9 +61,9 @@ fn fill_random(buf: &mut [u8]) {
     rand::rngs::OsRng.fill_bytes(buf);
 }
 
-fn hkdf32(ikm: &[u8], info: &[&[u8]]) -> Zeroizing<[u8; 32]> {
+fn hkdf32(ikm: &[u8], info: &[&[u8]]) -> Secret<[u8; 32]> {
     let hk = Hkdf::<Sha256>::new(Some(KDF_SALT), ikm);
-    let mut out = Zeroizing::new([0u8; 32]);
+    let mut out = Secret::<[u8; 32]>::zeroed();
     let info: Vec<u8> = info.concat();
     hk.expand(&info, out.as_mut()).expect("32 bytes is a valid HKDF-SHA256 output length");
     out
@@ -74,7 +76,7 @@ fn kek(key: &[u8; 32]) -> KekAes256 {
 /// The root key at one epoch.
 pub struct RootKey {
     epoch: u64,
-    key: Zeroizing<[u8; ROOT_KEY_BYTES]>,
+    key: Secret<[u8; ROOT_KEY_BYTES]>,
 }
 
 impl fmt::Debug for RootKey {
@@ -86,14 +88,14 @@ impl fmt::Debug for RootKey {
 impl RootKey {
     /// A fresh root key at epoch 0, from the OS CSPRNG.
     pub fn generate() -> Self {
-        let mut key = Zeroizing::new([0u8; ROOT_KEY_BYTES]);
+        let mut key = Secret::<[u8; ROOT_KEY_BYTES]>::zeroed();
         fill_random(key.as_mut());
         Self { epoch: 0, key }
     }
 
-    /// A root key from stored parts.
+    /// A root key from stored parts (copied into a secret page; `key` wipes itself).
     pub fn from_parts(epoch: u64, key: Zeroizing<[u8; ROOT_KEY_BYTES]>) -> Self {
-        Self { epoch, key }
+        Self { epoch, key: Secret::from_slice(&key) }
     }
 
     /// The epoch: how many shreds this key has been ratcheted through.
@@ -144,7 +146,7 @@ impl RootKey {
 
     /// Opens a successor wrapped by [`RootKey::wrap_successor`]; it is at the next epoch.
     pub fn open_successor(&self, wrapped: &WrappedKey) -> Result<Self, KeyError> {
-        let mut out = Zeroizing::new([0u8; ROOT_KEY_BYTES]);
+        let mut out = Secret::<[u8; ROOT_KEY_BYTES]>::zeroed();
         if wrapped.0.len() != ROOT_KEY_BYTES + 8 {
             return Err(KeyError::Unwrap { what: "root key" });
         }
@@ -176,7 +178,7 @@ impl RootKey {
 
     /// Unwraps a tenant key wrapped under this root.
     pub fn unwrap_tenant_key(&self, wrapped: &WrappedKey) -> Result<TenantKey, KeyError> {
-        let mut out = Zeroizing::new([0u8; TENANT_KEY_BYTES]);
+        let mut out = Secret::<[u8; TENANT_KEY_BYTES]>::zeroed();
         if wrapped.0.len() != TENANT_KEY_BYTES + 8 {
             return Err(KeyError::Unwrap { what: "tenant key" });
         }
@@ -186,7 +188,7 @@ impl RootKey {
 }
 
 /// A tenant's key: wraps the tenant's volume DEKs.
-pub struct TenantKey(Zeroizing<[u8; TENANT_KEY_BYTES]>);
+pub struct TenantKey(Secret<[u8; TENANT_KEY_BYTES]>);
 
 impl fmt::Debug for TenantKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -197,7 +199,7 @@ impl fmt::Debug for TenantKey {
 impl TenantKey {
     /// A fresh tenant key from the OS CSPRNG.
     pub fn generate() -> Self {
-        let mut key = Zeroizing::new([0u8; TENANT_KEY_BYTES]);
+        let mut key = Secret::<[u8; TENANT_KEY_BYTES]>::zeroed();
         fill_random(key.as_mut());
         Self(key)
     }
@@ -221,7 +223,7 @@ impl TenantKey {
 
     /// Unwraps a DEK wrapped under this tenant key.
     pub fn unwrap_dek(&self, wrapped: &WrappedKey) -> Result<Dek, KeyError> {
-        let mut out = Zeroizing::new([0u8; DEK_BYTES]);
+        let mut out = Secret::<[u8; DEK_BYTES]>::zeroed();
         if wrapped.0.len() != DEK_BYTES + 8 {
             return Err(KeyError::Unwrap { what: "volume key" });
         }
@@ -231,7 +233,7 @@ impl TenantKey {
 }
 
 /// A volume's data encryption key: 64 bytes for AES-256-XTS, halves distinct.
-pub struct Dek(Zeroizing<[u8; DEK_BYTES]>);
+pub struct Dek(Secret<[u8; DEK_BYTES]>);
 
 impl fmt::Debug for Dek {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -242,7 +244,7 @@ impl fmt::Debug for Dek {
 impl Dek {
     /// A fresh DEK from the OS CSPRNG; redrawn until its two XTS halves differ.
     pub fn generate() -> Self {
-        let mut key = Zeroizing::new([0u8; DEK_BYTES]);
+        let mut key = Secret::<[u8; DEK_BYTES]>::zeroed();
         loop {
             fill_random(key.as_mut());
             if key[..32] != key[32..] {
@@ -385,6 +387,25 @@ mod tests {
         // Deterministic on every replica.
         assert_eq!(t.shred_successor(7, 2).0.as_ref(), t_new.0.as_ref());
         assert_ne!(t.shred_successor(8, 2).0.as_ref(), t_new.0.as_ref());
+    }
+
+    #[test]
+    fn plaintext_keys_are_out_of_core_dumps() {
+        let root = RootKey::generate();
+        let t = TenantKey::generate();
+        let dek = t.unwrap_dek(&t.wrap_dek(&Dek::generate())).unwrap();
+        let ratcheted = root.ratchet();
+        let opened = root.unwrap_tenant_key(&root.wrap_tenant_key(&t)).unwrap();
+        for (what, addr) in [
+            ("root", root.secret().as_ptr() as usize),
+            ("ratcheted root", ratcheted.secret().as_ptr() as usize),
+            ("tenant key", t.0.as_ptr() as usize),
+            ("unwrapped tenant key", opened.0.as_ptr() as usize),
+            ("unwrapped dek", dek.expose().as_ptr() as usize),
+        ] {
+            let flags = slate_secret::mapping_flags(addr).expect("mapping found");
+            assert!(flags.iter().any(|f| f == "dd"), "{what}: VmFlags {flags:?}");
+        }
     }
 
     #[test]

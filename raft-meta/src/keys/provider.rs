@@ -41,7 +41,12 @@ fn parse_key(epoch: &str, key_hex: &str) -> Result<RootKey, KeyError> {
 }
 
 fn render(key: &RootKey) -> Zeroizing<String> {
-    Zeroizing::new(format!("{HEADER}\nepoch {}\nkey {}\n", key.epoch(), hex::encode(key.secret())))
+    let key_hex = Zeroizing::new(hex::encode(key.secret()));
+    let mut text = Zeroizing::new(String::with_capacity(HEADER.len() + key_hex.len() + 64));
+    let _ = std::fmt::Write::write_fmt(&mut *text, format_args!("{HEADER}\nepoch {}\nkey ", key.epoch()));
+    text.push_str(&key_hex);
+    text.push('\n');
+    text
 }
 
 /// The root key in a file (mode 0600), outside the data directory.

@@ -146,8 +146,9 @@ impl std::fmt::Debug for Disk {
 }
 
 /// Creates (if missing) or extends a regular file to `size_bytes`, preallocating its blocks.
+/// A new file is created 0600: it holds tenants' (encrypted) data.
 pub fn preallocate(path: &Path, size_bytes: u64) -> io::Result<()> {
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)?;
     if file.metadata()?.file_type().is_block_device() {
         return Ok(());
     }

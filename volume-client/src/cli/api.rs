@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 /// How long one HTTP call may take before the next node is tried.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(8);
@@ -236,7 +236,7 @@ impl ApiClient {
             Err(e) => return Attempt::Unavailable(anyhow!("{base}: {}", describe(&e))),
         };
         let status = resp.status();
-        let bytes = match resp.bytes().await {
+        let bytes = match read_body(resp).await {
             Ok(b) => b,
             Err(e) => return Attempt::Unavailable(anyhow!("{base}: reading the reply: {}", describe(&e))),
         };
@@ -311,6 +311,15 @@ impl ApiClient {
         }
     }
 
+    /// `GET path` on one node `base` only, once (no failover): for per-node views such as
+    /// each metadata node's own `/v1/status`.
+    pub async fn get_at<R: DeserializeOwned>(&self, base: &str, path: &str) -> Result<R> {
+        match self.attempt::<(), R>(base, &Method::GET, path, None).await {
+            Attempt::Done(r) => Ok(r),
+            Attempt::Refused(e) | Attempt::Unavailable(e) => Err(e),
+        }
+    }
+
     pub async fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R> {
         self.call::<(), R>(Method::GET, path, None).await
     }
@@ -323,6 +332,27 @@ impl ApiClient {
     pub async fn delete<R: DeserializeOwned>(&self, path: &str) -> Result<R> {
         self.call::<(), R>(Method::DELETE, path, None).await
     }
+}
+
+/// Reads a reply body into a buffer that is zeroized on drop, wiping each received
+/// chunk after copying it where reqwest lets go of it: attach and restore replies carry
+/// a volume key. (Copies inside hyper's and rustls's own buffers are out of reach.)
+async fn read_body(mut resp: reqwest::Response) -> Result<Zeroizing<Vec<u8>>, reqwest::Error> {
+    let hint = resp.content_length().unwrap_or(0).min(1 << 20);
+    let mut body = Zeroizing::new(Vec::with_capacity(usize::try_from(hint).unwrap_or(0)));
+    while let Some(chunk) = resp.chunk().await? {
+        if body.len() + chunk.len() > body.capacity() {
+            // Grow by hand so the old allocation is wiped rather than freed with its bytes.
+            let mut bigger = Zeroizing::new(Vec::with_capacity((body.len() + chunk.len()).max(body.capacity() * 2)));
+            bigger.extend_from_slice(&body);
+            body = bigger;
+        }
+        body.extend_from_slice(&chunk);
+        if let Ok(mut owned) = chunk.try_into_mut() {
+            owned.as_mut().zeroize();
+        }
+    }
+    Ok(body)
 }
 
 fn describe(e: &reqwest::Error) -> String {

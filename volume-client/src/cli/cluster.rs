@@ -84,7 +84,8 @@ impl ClusterFile {
 
     /// Writes the file atomically.
     pub fn write(&self, path: &Path) -> Result<()> {
-        write_atomic(path, serde_json::to_string_pretty(self)?.as_bytes(), 0o644)
+        // Names token files and credential directories: owner only, like the rest of the cluster directory.
+        write_atomic(path, serde_json::to_string_pretty(self)?.as_bytes(), 0o600)
     }
 }
 

@@ -174,6 +174,62 @@ pub enum AuditCmd {
     Verify,
 }
 
+/// `slate status --json`: the answering node's status as before, plus `meta_nodes`,
+/// each metadata node's own root key epoch and generation (or why it did not answer).
+fn status_report(mut first: Value, per_node: &[(String, Result<Value, String>)]) -> Value {
+    let nodes: Vec<Value> = per_node
+        .iter()
+        .map(|(api, r)| match r {
+            Ok(s) => json!({
+                "api": api,
+                "node_id": s["node_id"],
+                "role": s["role"],
+                "applied_index": s["applied_index"],
+                "root_epoch": s["root_epoch"],
+                "root_key_epoch": s["root_key_epoch"],
+                "root_generation": s["root_generation"],
+            }),
+            Err(e) => json!({"api": api, "error": e}),
+        })
+        .collect();
+    first["meta_nodes"] = Value::Array(nodes);
+    first
+}
+
+fn render_status(v: &Value) -> String {
+    use std::fmt::Write;
+    let n = |x: &Value| x.as_u64().map_or_else(|| "-".to_owned(), |n| n.to_string());
+    let mut out = format!(
+        "cluster: leader {} (term {}), commit index {}, root epoch {}\n",
+        n(&v["leader_id"]),
+        n(&v["term"]),
+        n(&v["commit_index"]),
+        n(&v["root_epoch"]),
+    );
+    let _ = writeln!(
+        out,
+        "{:<5} {:<10} {:>9} {:>14} {:>15}  API",
+        "NODE", "ROLE", "APPLIED", "ROOT KEY EPOCH", "ROOT GENERATION"
+    );
+    for m in v["meta_nodes"].as_array().into_iter().flatten() {
+        let api = m["api"].as_str().unwrap_or("");
+        if let Some(e) = m["error"].as_str() {
+            let _ = writeln!(out, "{:<5} {:<10} {:>9} {:>14} {:>15}  {api} ({e})", "?", "down", "-", "-", "-");
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "{:<5} {:<10} {:>9} {:>14} {:>15}  {api}",
+            n(&m["node_id"]),
+            m["role"].as_str().unwrap_or("-"),
+            n(&m["applied_index"]),
+            n(&m["root_key_epoch"]),
+            n(&m["root_generation"]),
+        );
+    }
+    out
+}
+
 pub(super) fn print(json_out: bool, v: &Value, human: impl FnOnce(&Value) -> String) {
     if json_out {
         println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
@@ -447,7 +503,15 @@ pub async fn run(api: &ApiClient, cmd: Cmd, json_out: bool) -> Result<()> {
         }
         Cmd::Status => {
             let v: Value = api.get("/v1/status").await?;
-            print(json_out, &v, |v| format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default()));
+            // Every metadata node's own view: the root key epoch is per node (a voter that
+            // was down during a shred holds an older key until it ratchets).
+            let mut per_node = Vec::new();
+            for base in api.bases() {
+                let r = api.get_at::<Value>(&base, "/v1/status").await.map_err(|e| format!("{e:#}"));
+                per_node.push((base, r));
+            }
+            let report = status_report(v, &per_node);
+            print(json_out, &report, render_status);
             Ok(())
         }
         Cmd::Detach { volume, attachment } => {
@@ -620,4 +684,38 @@ fn show_volume(v: &Value) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+
+    #[test]
+    fn status_shows_each_meta_nodes_root_key_epoch() {
+        let first = json!({"node_id": 1, "leader_id": 1, "term": 3, "commit_index": 40, "root_epoch": 2});
+        let node = |id: u64, key_epoch: u64, generation: u64| {
+            json!({"node_id": id, "role": "follower", "applied_index": 40, "root_epoch": 2,
+                   "root_key_epoch": key_epoch, "root_generation": generation})
+        };
+        let per_node = vec![
+            ("https://a:1".to_owned(), Ok(node(1, 2, 1))),
+            ("https://b:2".to_owned(), Ok(node(2, 1, 0))),
+            ("https://c:3".to_owned(), Err("connection refused".to_owned())),
+        ];
+        let report = status_report(first, &per_node);
+        let nodes = report["meta_nodes"].as_array().expect("meta_nodes");
+        assert_eq!(nodes.len(), 3);
+        assert_eq!(nodes[0]["root_key_epoch"], 2);
+        assert_eq!(nodes[1]["root_key_epoch"], 1);
+        assert_eq!(nodes[1]["root_generation"], 0);
+        assert_eq!(nodes[2]["error"], "connection refused");
+        assert_eq!(report["root_epoch"], 2, "the answering node's fields stay");
+        let text = render_status(&report);
+        let line = |api: &str| text.lines().find(|l| l.contains(api)).unwrap_or_else(|| panic!("{api} in\n{text}"));
+        let cols = |l: &str| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(cols(line("https://a:1"))[..5], ["1", "follower", "40", "2", "1"]);
+        assert_eq!(cols(line("https://b:2"))[..5], ["2", "follower", "40", "1", "0"]);
+        assert!(line("https://c:3").contains("down") && line("https://c:3").contains("connection refused"));
+        assert!(text.contains("ROOT KEY EPOCH"));
+    }
 }

@@ -9,7 +9,6 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use slate_protocol::{Epoch, Generation, NodeId, SegmentIndex, SignedCapability, VolumeId};
-use zeroize::Zeroizing;
 
 #[derive(Deserialize)]
 pub(super) struct CapabilityView {
@@ -274,16 +273,14 @@ pub async fn attach_opts(
     let capability = parse_capability(&reply.capability.token)?;
     let generation = capability.claims.generation.0.max(reply.volume.generation);
     let layout = layout_from_view(&reply.volume, generation);
-    let dek = {
-        let bytes = Zeroizing::new(hex::decode(reply.dek_hex.as_str()).context("the volume key is not hex")?);
-        let arr: [u8; 64] = bytes.as_slice().try_into().context("the volume key is not 64 bytes")?;
-        Dek::new(arr)
-    };
+    // Decoded straight into the key's secret page (no intermediate copy).
+    let mut reply = reply;
+    let dek = Dek::from_hex(&reply.dek_hex);
+    zeroize::Zeroize::zeroize(&mut reply.dek_hex);
+    let dek = dek.map_err(|e| anyhow::anyhow!(e))?;
     let name = reply.volume.name.clone();
     let attachment = reply.attachment.id;
     let parent = reply.parent.as_ref().map(ParentReply::open).transpose()?;
-    let mut reply = reply;
-    zeroize::Zeroize::zeroize(&mut reply.dek_hex);
     drop(reply);
     Ok(Attached { id, name, snapshot, attachment, generation, layout, capability, dek, parent })
 }

@@ -20,9 +20,12 @@ impl Proc {
     /// Starts `cmd` with stdout and stderr appended to `log`. The child gets
     /// SIGTERM if this process dies, so a `kill -9` of `slate up` leaves no orphans.
     pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Logs name volumes, tenants and paths: owner only (0600), whatever the umask.
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(log)
             .with_context(|| format!("opening log {}", log.display()))?;
         let err = out.try_clone()?;

@@ -131,7 +131,7 @@ fn load_or_create_state(args: &UpArgs) -> Result<(UpState, bool)> {
 }
 
 fn save_state(dir: &Path, st: &UpState) -> Result<()> {
-    write_atomic(&state_path(dir), serde_json::to_string_pretty(st)?.as_bytes(), 0o644)
+    write_atomic(&state_path(dir), serde_json::to_string_pretty(st)?.as_bytes(), 0o600)
 }
 
 fn self_cmd() -> Command {
@@ -149,7 +149,6 @@ struct NbdTls {
 /// out as qemu's `tls-creds-x509` and libnbd expect. Keys are 0600, directories 0700.
 fn nbd_tls(dir: &Path, layout: &MetaLayout) -> Result<NbdTls> {
     use slate_meta::tls::{write_private, LocalCa, LOCAL_CA_NAME};
-    use std::os::unix::fs::DirBuilderExt;
     let (server_dir, client_dir) = (dir.join("nbd-tls"), nbd_client_dir(dir));
     let tls = NbdTls { server_cert: server_dir.join("server-cert.pem"), server_key: server_dir.join("server-key.pem") };
     let client_key = client_dir.join("client-key.pem");
@@ -157,11 +156,7 @@ fn nbd_tls(dir: &Path, layout: &MetaLayout) -> Result<NbdTls> {
         return Ok(tls);
     }
     for d in [&server_dir, &client_dir] {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(d)
-            .with_context(|| format!("creating {}", d.display()))?;
+        private_dir(d)?;
     }
     let key_pem = zeroize::Zeroizing::new(
         std::fs::read_to_string(layout.ca_key_path())
@@ -174,10 +169,15 @@ fn nbd_tls(dir: &Path, layout: &MetaLayout) -> Result<NbdTls> {
     for f in [&tls.server_cert, &tls.server_key, &client_key] {
         let _ = std::fs::remove_file(f);
     }
-    std::fs::write(&tls.server_cert, cert)?;
+    // Certificates too are 0600: the directory is the user's alone, and one rule
+    // (no group or other bits anywhere under the cluster directory) is easy to check.
+    write_private(&tls.server_cert, cert.as_bytes())?;
     write_private(&tls.server_key, key.as_bytes())?;
-    std::fs::copy(layout.ca_path(), client_dir.join("ca-cert.pem"))?;
-    std::fs::write(client_dir.join("client-cert.pem"), ccert)?;
+    let ca_pem = std::fs::read(layout.ca_path())?;
+    let _ = std::fs::remove_file(client_dir.join("ca-cert.pem"));
+    write_private(&client_dir.join("ca-cert.pem"), &ca_pem)?;
+    let _ = std::fs::remove_file(client_dir.join("client-cert.pem"));
+    write_private(&client_dir.join("client-cert.pem"), ccert.as_bytes())?;
     write_private(&client_key, ckey.as_bytes())?;
     Ok(tls)
 }
@@ -191,7 +191,6 @@ fn nbd_client_dir(dir: &Path) -> PathBuf {
 /// the cluster CA, into `<node dir>/tls/` (0700; the key 0600).
 fn node_tls(id: u64, nd: &Path, layout: &MetaLayout) -> Result<slate_node::config::TlsFiles> {
     use slate_meta::tls::{write_private, LocalCa, LOCAL_CA_NAME};
-    use std::os::unix::fs::DirBuilderExt;
     let tls_dir = nd.join("tls");
     let files = slate_node::config::TlsFiles {
         cert: tls_dir.join("cert.pem"),
@@ -201,11 +200,7 @@ fn node_tls(id: u64, nd: &Path, layout: &MetaLayout) -> Result<slate_node::confi
     if files.cert.exists() && files.key.exists() {
         return Ok(files);
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&tls_dir)
-        .with_context(|| format!("creating {}", tls_dir.display()))?;
+    private_dir(&tls_dir)?;
     let key_pem = zeroize::Zeroizing::new(
         std::fs::read_to_string(layout.ca_key_path())
             .context("reading the cluster CA's key to issue node certificates")?,
@@ -216,9 +211,14 @@ fn node_tls(id: u64, nd: &Path, layout: &MetaLayout) -> Result<slate_node::confi
     for f in [&files.cert, &files.key] {
         let _ = std::fs::remove_file(f);
     }
-    std::fs::write(&files.cert, cert)?;
+    write_private(&files.cert, cert.as_bytes())?;
     write_private(&files.key, key.as_bytes())?;
     Ok(files)
+}
+
+/// Creates `d` (and missing parents) 0700, whatever the umask.
+fn private_dir(d: &Path) -> Result<()> {
+    slate_meta::fsutil::create_private_dir(d).with_context(|| format!("creating {}", d.display()))
 }
 
 fn node_dir(dir: &Path, id: u64) -> PathBuf {
@@ -229,6 +229,7 @@ fn node_dir(dir: &Path, id: u64) -> PathBuf {
 pub fn run(args: UpArgs) -> Result<()> {
     std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
     // Keys, tokens, disk images and the NBD socket live here: only this user gets in.
+    // Everything below is created 0700 (directories) or 0600 (files) explicitly too.
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&args.dir, std::fs::Permissions::from_mode(0o700))
@@ -240,7 +241,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     let cluster_json = dir.join("cluster.json");
     let _ = std::fs::remove_file(&cluster_json);
     let logs = dir.join("logs");
-    std::fs::create_dir_all(&logs)?;
+    private_dir(&logs)?;
     let (mut st, fresh) = load_or_create_state(&args)?;
 
     // Signals: from here on SIGINT/SIGTERM only set a flag; we stop children ourselves.
@@ -274,7 +275,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         let verifying_key = metactl::verifying_key_hex(&layout)?;
         for n in &st.nodes {
             let nd = node_dir(&dir, n.id);
-            std::fs::create_dir_all(&nd)?;
+            private_dir(&nd)?;
             let disk = nd.join("disk.img");
             if !disk.exists() {
                 eprintln!("slate up: formatting {} ({} bytes)", disk.display(), args.disk_size);
@@ -518,7 +519,13 @@ struct DirLock(#[allow(dead_code)] std::fs::File);
 
 impl DirLock {
     fn take(dir: &Path) -> Result<Self> {
-        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("up.lock"))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(dir.join("up.lock"))?;
         rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive)
             .map_err(|_| anyhow::anyhow!("another `slate up` is already running on {}", dir.display()))?;
         Ok(Self(f))

@@ -1719,6 +1719,7 @@ impl Actor {
         if let Some(c) = poll.capability {
             // Existing sessions keep theirs; the renewal schedule (from the oldest) stays as it is.
             self.capability = c;
+            self.counters.capability_renewals += 1;
         }
         for (n, l) in poll.links {
             if !self.dead.contains(&n) {

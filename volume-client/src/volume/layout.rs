@@ -11,8 +11,9 @@ use slate_protocol::{
     BlockIndex, Epoch, Generation, NodeId, SegmentGeometry, SegmentIndex, SignedCapability, VolumeId,
     BLOCK_SIZE_BYTES_U64,
 };
+use slate_secret::Secret;
 use std::fmt;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 /// Bytes in an AES-256-XTS key: two 256-bit halves.
 pub const DEK_BYTES: usize = 64;
@@ -147,15 +148,18 @@ pub struct VolumeState {
     pub pending_snapshots: Vec<PendingSnapshot>,
 }
 
-/// The volume's data key (AES-256-XTS, 64 bytes). Zeroized on drop; its
-/// `Debug` never shows it; it deserializes from a hex string.
+/// The volume's data key (AES-256-XTS, 64 bytes). Held in a [`Secret`] page (out of
+/// core dumps, zeroized on drop); its `Debug` never shows it; it deserializes from a
+/// hex string.
 #[derive(Clone)]
-pub struct Dek(Zeroizing<[u8; DEK_BYTES]>);
+pub struct Dek(Secret<[u8; DEK_BYTES]>);
 
 impl Dek {
-    /// Wraps raw key bytes.
-    pub fn new(bytes: [u8; DEK_BYTES]) -> Self {
-        Self(Zeroizing::new(bytes))
+    /// Copies raw key bytes into a secret page (the argument is wiped).
+    pub fn new(mut bytes: [u8; DEK_BYTES]) -> Self {
+        let key = Secret::from_slice(&bytes);
+        bytes.zeroize();
+        Self(key)
     }
 
     /// The key bytes (for the cipher only).
@@ -165,7 +169,7 @@ impl Dek {
 
     /// Parses 128 hex digits.
     pub fn from_hex(s: &str) -> Result<Self, String> {
-        let mut key = Zeroizing::new([0u8; DEK_BYTES]);
+        let mut key = Secret::<[u8; DEK_BYTES]>::zeroed();
         hex::decode_to_slice(s.trim(), &mut key[..])
             .map_err(|_| "the volume key must be 128 hex digits".to_string())?;
         Ok(Self(key))

@@ -699,6 +699,9 @@ async fn a_write_in_flight_to_a_removed_replica_completes_without_it() {
 #[tokio::test]
 async fn a_grown_layout_is_adopted_and_a_smaller_one_never() {
     let rig = Rig::new(&[&[1, 2]], &[3, 4], Duration::ZERO);
+    // A growth renews the capability first (its scope names the segment count).
+    let nodes: Vec<NodeId> = rig.all.iter().map(|n| NodeId(*n)).collect();
+    *rig.control.renew.lock().unwrap() = Some((slate_protocol::capability::generate_signing_key(), nodes, 600));
     let l = rig.control.layout.lock().unwrap().clone();
     let v = Volume::open(info(&l, &rig.all), rig.control.clone(), rig.connector.clone(), poll_cfg()).await.unwrap();
     v.write_blocks(SEG - 1, &pattern(SEG - 1, 1), false).await.unwrap();
@@ -727,6 +730,7 @@ async fn a_grown_layout_is_adopted_and_a_smaller_one_never() {
     assert_eq!(&v.read_blocks(SEG - 1, 1).await.unwrap()[..], &pattern(SEG - 1, 1)[..]);
     let s = v.status().await.unwrap();
     assert_eq!((s.size_bytes, s.segments.len(), s.counters.growths), (2 * SEG * 4096, 2, 1));
+    assert!(s.counters.capability_renewals >= 1, "the growth renewed the capability: {:?}", s.counters);
     // A layout with the old size (a stale reply) never shrinks the volume.
     {
         let mut l = rig.control.layout.lock().unwrap();
