@@ -260,3 +260,38 @@ pub struct RepairSource {
 /// Most extents one release report may name (a 16 GiB segment of 4 MiB extents
 /// has 4096, times a few snapshot layers).
 pub const MAX_REPORTED_EXTENTS: usize = 1 << 16;
+
+/// What storage nodes and hosts may report to `POST /v1/security-events`.
+pub mod security_kind {
+    /// A hello's capability did not verify (bad signature, or unparseable).
+    pub const FORGED_CAPABILITY: &str = "forged-capability";
+    /// A hello's capability is past its expiry or before its not-before time.
+    pub const EXPIRED_CAPABILITY: &str = "expired-capability";
+    /// A capability presented on a TLS session with another certificate than its holder's.
+    pub const CAPABILITY_KEY_MISMATCH: &str = "capability-key-mismatch";
+    /// A data-plane client failed the TLS handshake (no certificate, or no proof of its key).
+    pub const DATA_PLANE_TLS_REFUSED: &str = "data-plane-tls-refused";
+    /// An NBD client failed mutual TLS (no certificate, or one the CA did not issue).
+    pub const NBD_CERTIFICATE_REFUSED: &str = "nbd-certificate-refused";
+    /// Every reportable kind.
+    pub const REPORTABLE: [&str; 5] = [
+        FORGED_CAPABILITY,
+        EXPIRED_CAPABILITY,
+        CAPABILITY_KEY_MISMATCH,
+        DATA_PLANE_TLS_REFUSED,
+        NBD_CERTIFICATE_REFUSED,
+    ];
+}
+
+/// One security event a storage node or host observed (`POST /v1/security-events`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityEventReport {
+    /// One of [`security_kind::REPORTABLE`].
+    pub kind: String,
+    /// The offending peer as the reporter saw it: `IP:port` or `IP`.
+    pub source: String,
+    /// A short description (at most 256 printable ASCII characters, never a secret).
+    #[serde(default)]
+    pub detail: String,
+}

@@ -19,6 +19,7 @@ pub mod mover;
 pub mod node;
 pub mod release;
 pub mod scrub;
+pub mod security;
 pub mod server;
 pub mod session;
 pub mod tls;

@@ -110,7 +110,17 @@ impl RunningNode {
             warn!("the data plane serves plain TCP (insecure_plaintext): capabilities travel in clear");
             None
         };
+        // Refused hellos and handshakes go to slate-meta when there is a link to it.
+        let security = match meta {
+            Some(m) => {
+                let (reporter, rx) = crate::security::Reporter::channel();
+                tasks.push(tokio::spawn(report_security_events(m.clone(), rx, shutdown_rx.clone())));
+                reporter
+            }
+            None => crate::security::Reporter::none(),
+        };
         let server_opts = ServerOptions {
+            security,
             tls,
             node_id: cfg.node_id,
             verifying_key,
@@ -172,5 +182,28 @@ impl RunningNode {
         }
         info!("storage node stopped");
         Ok(())
+    }
+}
+
+/// Sends queued security events to slate-meta, one call each, until the node stops.
+async fn report_security_events(
+    meta: MetaClient,
+    mut rx: tokio::sync::mpsc::Receiver<slate_protocol::ops::SecurityEventReport>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let ev = tokio::select! {
+            ev = rx.recv() => match ev { Some(ev) => ev, None => return },
+            () = crate::server::stopping(&mut shutdown) => return,
+        };
+        let body = serde_json::to_value(&ev).unwrap_or_default();
+        tokio::select! {
+            r = meta.post("/v1/security-events", Some(&body)) => {
+                if let Err(e) = r {
+                    warn!(kind = %ev.kind, source = %ev.source, error = %e, "could not report a security event");
+                }
+            }
+            () = crate::server::stopping(&mut shutdown) => return,
+        }
     }
 }

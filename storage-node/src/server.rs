@@ -62,6 +62,8 @@ pub struct ServerOptions {
     /// TLS with a client certificate required ([`crate::tls::server_config`]);
     /// `None` serves plain TCP and skips the holder check (tests only).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Where refused hellos and TLS handshakes are reported (slate-meta).
+    pub security: crate::security::Reporter,
 }
 
 struct Ctx {
@@ -180,28 +182,36 @@ fn cost_of(req: Option<&Request>, payload_len: usize) -> usize {
 
 async fn serve_connection(stream: TcpStream, ctx: Arc<Ctx>, shutdown: watch::Receiver<bool>) {
     let _ = stream.set_nodelay(true);
+    let remote = stream.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let Some(cfg) = &ctx.opts.tls else {
         let (rd, wr) = stream.into_split();
-        return serve_session(rd, wr, None, ctx, shutdown).await;
+        return serve_session(rd, wr, None, remote, ctx, shutdown).await;
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
     let why = match tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(crate::tls::buffered(stream))).await {
         Ok(Ok(tls)) => {
             let peer = crate::tls::peer_holder(tls.get_ref().1);
             let (rd, wr) = tokio::io::split(tls);
-            return serve_session(rd, wr, peer, ctx, shutdown).await;
+            return serve_session(rd, wr, peer, remote, ctx, shutdown).await;
         }
         Ok(Err(e)) => e.to_string(),
         Err(_) => "no TLS handshake in time".to_owned(),
     };
     ctx.metrics.sessions_refused.get_or_create(&crate::metrics::KindLabels { kind: "TlsHandshake".into() }).inc();
     info!(reason = %why, "TLS handshake refused");
+    ctx.opts.security.report(slate_protocol::ops::security_kind::DATA_PLANE_TLS_REFUSED, remote, &why);
 }
 
 /// Serves one connection's requests: `peer` is the certificate hash its TLS
 /// client proved it holds (`None` on a plaintext test listener).
-async fn serve_session<R, W>(mut rd: R, wr: W, peer: Option<Holder>, ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>)
-where
+async fn serve_session<R, W>(
+    mut rd: R,
+    wr: W,
+    peer: Option<Holder>,
+    remote: SocketAddr,
+    ctx: Arc<Ctx>,
+    mut shutdown: watch::Receiver<bool>,
+) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -291,6 +301,9 @@ where
                         .inc();
                     ctx.metrics.error(err.kind);
                     info!(kind = ?err.kind, detail = %err.detail, "session refused");
+                    if let Some(kind) = crate::security::kind_of_refusal(err.kind) {
+                        ctx.opts.security.report(kind, remote, &err.detail);
+                    }
                     send(&tx, id, &Reply::Error(err), Some(permit));
                     break "session refused".to_owned();
                 }

@@ -447,6 +447,47 @@ impl Cluster {
         (status, serde_json::from_str(body).unwrap_or(Value::Null))
     }
 
+    /// The sum over every metadata node of the Prometheus sample `series` (exact text
+    /// before the value, e.g. `slate_meta_security_events_total{kind="lockout",source="127.0.0.1"}`).
+    pub fn meta_metric_sum(&self, series: &str) -> f64 {
+        let mut total = 0.0;
+        for p in self.info().processes.iter().filter(|p| p.role == "meta") {
+            let out = Command::new("curl")
+                .args(["-sS", "--max-time", "10", "--cacert"])
+                .arg(&self.info().ca)
+                .arg(format!("https://{}/metrics", p.addr))
+                .output()
+                .expect("run curl");
+            let text = String::from_utf8_lossy(&out.stdout);
+            total += text
+                .lines()
+                .filter_map(|l| l.strip_prefix(series))
+                .filter_map(|rest| rest.trim().parse::<f64>().ok())
+                .sum::<f64>();
+        }
+        total
+    }
+
+    /// Waits (up to `within`) until `slate audit list --security` shows a record of
+    /// `action` (e.g. `security.capability-key-mismatch`) whose source starts with
+    /// `source`; returns it. The audit aggregates events every few seconds.
+    pub fn wait_for_security_event(&self, action: &str, source: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.slate_json(&["audit", "list", "--security"]);
+            let found = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|r| r["action"] == action && r["client"].as_str().is_some_and(|s| s.starts_with(source)));
+            if let Some(r) = found {
+                return r.clone();
+            }
+            assert!(Instant::now() < deadline, "no {action} from {source} in `slate audit list --security`: {v}");
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
     /// Attaches `volume_id` read-only through the API (operator token) and returns
     /// (attachment id, capability token). The reply's key is dropped unread.
     pub fn read_only_capability(&self, volume_id: u64) -> (u64, String) {

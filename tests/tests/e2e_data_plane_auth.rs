@@ -19,6 +19,7 @@ use slate_node::tls::{Connector, Identity};
 use slate_protocol::{ErrorKind, Reply, Request, SegmentIndex, SignedCapability, Target, VolumeId};
 use slate_tests::cluster::{Cluster, UpOptions};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 #[test]
 fn capabilities_are_bound_to_their_holder_and_scoped_to_the_volume() {
@@ -101,6 +102,17 @@ fn capabilities_are_bound_to_their_holder_and_scoped_to_the_volume() {
     let body = serde_json::json!({"attachment": aid});
     let (status, reply) = cluster.api("POST", &format!("/v1/volumes/{vid}/detach"), Some(&body), &token);
     assert_eq!(status, 200, "detach refused: {}", reply["error"]);
+
+    // Acceptance 7: the refusals above are security events, reported by the node to slate-meta:
+    // a metric by kind and source, and an audit record with the source address.
+    for kind in ["capability-key-mismatch", "data-plane-tls-refused"] {
+        let r = cluster.wait_for_security_event(&format!("security.{kind}"), "127.0.0.1", Duration::from_mins(1));
+        eprintln!("audit: {r}");
+        assert!(r["object"].as_str().is_some_and(|o| o.starts_with("count:")), "{r}");
+        let n = cluster
+            .meta_metric_sum(&format!("slate_meta_security_events_total{{kind=\"{kind}\",source=\"127.0.0.1\"}}"));
+        assert!(n >= 1.0, "slate_meta_security_events_total for {kind} is {n}");
+    }
 }
 
 /// Writes a self-signed CA certificate made by `openssl` into `dir`; returns its path.

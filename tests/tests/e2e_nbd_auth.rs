@@ -13,6 +13,7 @@ use slate_tests::free_addr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).expect("stat").permissions().mode() & 0o777
@@ -233,6 +234,12 @@ fn nbd_serves_only_the_attached_host() {
         .output()
         .expect("qemu-io");
     assert!(!ok(&o), "qemu-io without TLS was served");
+    // Acceptance 7: the certificate refusals were reported to slate-meta, with the source address.
+    let r = cluster.wait_for_security_event("security.nbd-certificate-refused", "127.0.0.1", Duration::from_mins(1));
+    eprintln!("audit: {r}");
+    let series = "slate_meta_security_events_total{kind=\"nbd-certificate-refused\",source=\"127.0.0.1\"}";
+    let n = cluster.meta_metric_sum(series);
+    assert!(n >= 2.0, "{series} = {n}, fewer than the refused clients");
     guard.terminate();
 
     // --insecure-plaintext serves, and says so in the audit chain.

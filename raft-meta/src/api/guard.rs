@@ -43,8 +43,7 @@ pub mod kind {
     pub const LOCKOUT: &str = "lockout";
     pub const RATE_LIMITED: &str = "rate-limited";
     /// Kinds storage nodes and hosts may report (`POST /v1/security-events`).
-    pub const REPORTABLE: [&str; 4] =
-        ["forged-capability", "expired-capability", "capability-key-mismatch", "nbd-certificate-refused"];
+    pub use slate_protocol::ops::security_kind::REPORTABLE;
 }
 
 /// A refusal from the guard: an error body, and for 429 a `Retry-After`.

@@ -15,10 +15,9 @@ use crate::state::types::Role;
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
+use slate_protocol::ops::SecurityEventReport;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use utoipa::ToSchema;
 
 /// Longest `detail` accepted.
 pub const MAX_DETAIL_CHARS: usize = 256;
@@ -27,26 +26,13 @@ pub fn routes() -> Router<Arc<ApiState>> {
     Router::new().route("/v1/security-events", post(report))
 }
 
-/// One observed event.
-#[derive(Debug, Deserialize, Serialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SecurityEventReport {
-    /// `forged-capability`, `expired-capability`, `capability-key-mismatch` or `nbd-certificate-refused`.
-    pub kind: String,
-    /// The offending peer as the reporter saw it: `IP:port` or `IP`.
-    pub source: String,
-    /// A short description (at most 256 printable ASCII characters, never a secret).
-    #[serde(default)]
-    pub detail: String,
-}
-
 /// The source's IP address, from `IP:port` or `IP`.
 fn source_ip(source: &str) -> Option<IpAddr> {
     source.parse::<SocketAddr>().map(|a| a.ip()).or_else(|_| source.parse::<IpAddr>()).ok()
 }
 
 #[utoipa::path(post, path = "/v1/security-events", tag = "audit", security(("bearer" = [])),
-    request_body = SecurityEventReport,
+    request_body(content = serde_json::Value, description = "slate_protocol::ops::SecurityEventReport: {kind, source, detail}"),
     description = "Reports a security event observed by a storage node or host (operator or host principals). Counted in slate_meta_security_events_total{kind,source} and aggregated into the audit chain (one record per kind, source and reporter per interval, with the count).",
     responses((status = 202), (status = "4XX", body = super::ErrorBody)))]
 async fn report(

@@ -386,7 +386,16 @@ pub async fn run(api: ApiClient, args: AttachArgs) -> Result<()> {
     registry.set_default(Some(&export_name));
     // The unix socket is guarded by its mode (0600); TCP by mutual TLS.
     let local = NbdServer::new(Arc::clone(&registry), ServerConfig::default())?;
-    let remote = NbdServer::new(registry, ServerConfig { tls: tcp_tls, ..ServerConfig::default() })?;
+    let (security, mut events) = slate_node::security::Reporter::channel();
+    let reporter = api.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            if let Err(e) = reporter.post::<_, Value>("/v1/security-events", &ev).await {
+                warn!(kind = %ev.kind, source = %ev.source, error = %e, "could not report a security event");
+            }
+        }
+    });
+    let remote = NbdServer::new(registry, ServerConfig { tls: tcp_tls, security, ..ServerConfig::default() })?;
     let mut tasks = Vec::new();
     if let Some(path) = &args.nbd_unix {
         let l = bind_private_socket(path)?;

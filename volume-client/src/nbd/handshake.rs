@@ -200,7 +200,10 @@ pub(crate) async fn negotiate(mut stream: BoxStream, ctx: &ServerCtx) -> io::Res
             send(&mut stream, &option_reply(opt, REP_ACK, &[]), limit).await?;
             let tls = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
                 Ok(Ok(s)) => s,
-                Ok(Err(e)) => return Err(e),
+                // A refused certificate (or none) is a security event: PermissionDenied says so.
+                Ok(Err(e)) => {
+                    return Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("TLS handshake refused: {e}")))
+                }
                 Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")),
             };
             stream = Box::new(tls);

@@ -61,6 +61,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// When set, the server requires TLS (`NBD_OPT_STARTTLS`) before anything else.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Where clients refused by mutual TLS are reported (slate-meta's security events).
+    pub security: slate_node::security::Reporter,
 }
 
 impl Default for ServerConfig {
@@ -72,6 +74,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             max_connections: 1024,
             tls: None,
+            security: slate_node::security::Reporter::none(),
         }
     }
 }
@@ -85,6 +88,7 @@ impl fmt::Debug for ServerConfig {
             .field("shutdown_grace", &self.shutdown_grace)
             .field("max_connections", &self.max_connections)
             .field("tls", &self.tls.is_some())
+            .field("security", &self.security)
             .finish()
     }
 }
@@ -223,6 +227,13 @@ impl NbdServer {
             match negotiated {
                 Ok(Some(neg)) => transmission::serve(neg, Arc::clone(&ctx), &peer).await,
                 Ok(None) => debug!(peer, "NBD client left during the handshake"),
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    warn!(peer, error = %e, "NBD client refused by mutual TLS");
+                    if let Ok(addr) = peer.parse() {
+                        let kind = slate_protocol::ops::security_kind::NBD_CERTIFICATE_REFUSED;
+                        ctx.config.security.report(kind, addr, &e.to_string());
+                    }
+                }
                 Err(e) => debug!(peer, error = %e, "NBD handshake failed"),
             }
         });
