@@ -28,6 +28,10 @@ pub struct RaftTuning {
     pub heartbeat_ticks: usize,
     pub snapshot_every_entries: u64,
     pub request_timeout_ms: u64,
+    /// Size of one Raft log file.
+    pub log_file_bytes: u64,
+    /// Total Raft log size beyond which compacted files are deleted.
+    pub log_purge_bytes: u64,
 }
 
 impl Default for RaftTuning {
@@ -38,6 +42,8 @@ impl Default for RaftTuning {
             heartbeat_ticks: 2,
             snapshot_every_entries: 10_000,
             request_timeout_ms: 10_000,
+            log_file_bytes: crate::consensus::DEFAULT_LOG_FILE_BYTES,
+            log_purge_bytes: crate::consensus::DEFAULT_LOG_PURGE_BYTES,
         }
     }
 }

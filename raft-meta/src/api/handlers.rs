@@ -860,7 +860,7 @@ impl utoipa::Modify for BearerAuth {
         list_audit, verify_audit,
         list_members, add_member, remove_member,
     ),
-    components(schemas(ErrorBody, crate::audit::AuditRecord))
+    components(schemas(ErrorBody, crate::audit::AuditRecord, crate::audit::AuditAnchor))
 )]
 #[derive(Debug)]
 pub struct ApiDoc;

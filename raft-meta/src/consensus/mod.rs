@@ -57,6 +57,11 @@ pub trait StateMachine: Send + 'static {
     fn take_purge_request(&mut self) -> bool;
 }
 
+/// Default size of one raft-engine log file.
+pub const DEFAULT_LOG_FILE_BYTES: u64 = 8 << 20;
+/// Default total size of the log files beyond which compacted ones are deleted.
+pub const DEFAULT_LOG_PURGE_BYTES: u64 = 64 << 20;
+
 /// Configuration of one consensus member. Build with [`ConsensusConfig::new`] and adjust fields.
 #[derive(Debug, Clone)]
 pub struct ConsensusConfig {
@@ -80,6 +85,12 @@ pub struct ConsensusConfig {
     pub heartbeat_ticks: usize,
     /// Take a snapshot and compact the log once this many entries were applied since the last snapshot.
     pub snapshot_every_entries: u64,
+    /// Size at which raft-engine starts a new log file.
+    pub log_file_bytes: u64,
+    /// Once the log files total more than this, compacted files are deleted (raft-engine's purge
+    /// threshold): with snapshots every `snapshot_every_entries`, the log directory stays near
+    /// this size plus one file.
+    pub log_purge_bytes: u64,
     /// How long a proposal, conf change or read barrier may take before `Err(Timeout)`.
     pub request_timeout: Duration,
     /// How long a request waits for a leader to become known before `Err(NoLeader)`.
@@ -163,6 +174,8 @@ impl ConsensusConfig {
             election_ticks: 10,
             heartbeat_ticks: 2,
             snapshot_every_entries: 10_000,
+            log_file_bytes: DEFAULT_LOG_FILE_BYTES,
+            log_purge_bytes: DEFAULT_LOG_PURGE_BYTES,
             request_timeout: Duration::from_secs(10),
             no_leader_timeout: Duration::from_secs(3),
             max_command_bytes: 8 << 20,
@@ -190,6 +203,9 @@ impl ConsensusConfig {
         }
         if self.snapshot_every_entries == 0 {
             return bad("snapshot_every_entries must be > 0");
+        }
+        if self.log_file_bytes < 64 << 10 || self.log_purge_bytes < self.log_file_bytes {
+            return bad("need log_file_bytes >= 64 KiB and log_purge_bytes >= log_file_bytes");
         }
         if self.max_command_bytes == 0 || self.max_command_bytes > transport::MAX_FRAME_BYTES / 2 {
             return bad("max_command_bytes must be in 1..=MAX_FRAME_BYTES/2");

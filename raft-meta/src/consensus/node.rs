@@ -47,7 +47,8 @@ pub(crate) fn start<S: StateMachine>(
     mut sm: S,
 ) -> Result<(Consensus, ConsensusHandle<S>), ConsensusError> {
     cfg.validate()?;
-    let mut store = LogStore::open(&cfg.data_dir).map_err(ConsensusError::Storage)?;
+    let mut store =
+        LogStore::open_with(&cfg.data_dir, cfg.log_file_bytes, cfg.log_purge_bytes).map_err(ConsensusError::Storage)?;
     // Stored addresses reflect membership changes; the configuration fills the gaps.
     let mut peers = store.peers();
     for (id, addr) in &cfg.peers {

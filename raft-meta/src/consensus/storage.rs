@@ -80,6 +80,11 @@ impl std::fmt::Debug for LogStore {
 impl LogStore {
     /// Open the store under `data_dir`. `initialized()` tells whether it was bootstrapped before.
     pub fn open(data_dir: &Path) -> StoreResult<Self> {
+        Self::open_with(data_dir, super::DEFAULT_LOG_FILE_BYTES, super::DEFAULT_LOG_PURGE_BYTES)
+    }
+
+    /// [`LogStore::open`] with raft-engine's file size and purge threshold.
+    pub fn open_with(data_dir: &Path, file_bytes: u64, purge_bytes: u64) -> StoreResult<Self> {
         // raft-engine creates the log's files itself: owner-only through the umask,
         // inside directories created 0700 here (crate::fsutil).
         crate::fsutil::restrict_umask();
@@ -90,8 +95,8 @@ impl LogStore {
             enable_log_recycle: false,
             // Uncompressed, so that a scan of the files for a purged secret is meaningful.
             batch_compression_threshold: ReadableSize(0),
-            target_file_size: ReadableSize::mb(8),
-            purge_threshold: ReadableSize::mb(64),
+            target_file_size: ReadableSize(file_bytes),
+            purge_threshold: ReadableSize(purge_bytes),
             ..Default::default()
         };
         let engine = Arc::new(Engine::open(cfg).map_err(se)?);

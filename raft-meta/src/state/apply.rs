@@ -29,7 +29,7 @@ use super::view::{
     TokenView, VolumeView,
 };
 use super::{take, Applied, MetaState};
-use crate::audit::{self, AuditEntry};
+use crate::audit::AuditEntry;
 use crate::keys::{KeyRelease, RootKey, WrappedKey};
 use crate::placement::{self, Candidate, DomainLevel};
 use serde::Serialize;
@@ -169,6 +169,8 @@ pub fn validate_settings(req: &UpdateSettingsRequest) -> Result<(), Refusal> {
     check("lockout_ms", req.lockout_ms, 1000, 86_400_000)?;
     check("capability_ttl_secs", req.capability_ttl_secs, 60, 86_400)?;
     check("segment_blocks", req.segment_blocks, 256, 1 << 22)?;
+    check("audit_max_records", req.audit_max_records, 10, 100_000_000)?;
+    check("audit_max_age_ms", req.audit_max_age_ms, 60_000, 3650 * 24 * 3600 * 1000)?;
     if req.segment_blocks.is_some_and(|b| !b.is_power_of_two()) {
         return Err(Refusal::bad("segment_blocks must be a power of two"));
     }
@@ -267,8 +269,16 @@ fn object_hint(cmd: &Command) -> String {
 }
 
 impl MetaState {
-    /// Applies one committed envelope at `index`.
+    /// Applies one committed envelope at `index`, then the audit retention: pruning is driven
+    /// by the entry's (monotonic) proposer clock, so every replica drops the same records.
     pub fn apply(&mut self, index: u64, env: &Envelope, root: &mut RootKey) -> Applied {
+        let applied = self.apply_envelope(index, env, root);
+        let s = &self.settings;
+        self.audit.enforce_retention(self.last_time_ms, s.audit_max_records, s.audit_max_age_ms);
+        applied
+    }
+
+    fn apply_envelope(&mut self, index: u64, env: &Envelope, root: &mut RootKey) -> Applied {
         self.applied_index = index;
         let now = env.time_ms.max(self.last_time_ms);
         self.last_time_ms = now;

@@ -281,6 +281,12 @@ pub struct UpdateSettingsRequest {
     /// A power of two from 256 (1 MiB) to 4194304 (16 GiB).
     #[serde(default)]
     pub segment_blocks: Option<u64>,
+    /// Most audit records kept, 10 to 100,000,000 (older ones are pruned, the chain anchored).
+    #[serde(default)]
+    pub audit_max_records: Option<u64>,
+    /// Audit records older than this are pruned, 1 min to 10 years.
+    #[serde(default)]
+    pub audit_max_age_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]

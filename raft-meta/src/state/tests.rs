@@ -842,5 +842,6 @@ fn the_backup_right_snapshots_and_reads_but_never_writes() {
     assert_eq!(h.err(tok(bkt, "b"), bad).code, ErrorCode::BadRequest);
 }
 
+mod audit_retention;
 mod clones;
 mod keys_and_grants;

@@ -345,6 +345,27 @@ pub struct Settings {
     pub capability_ttl_secs: u64,
     /// Blocks per segment for new volumes.
     pub segment_blocks: u64,
+    /// Most audit records kept in the replicated state; older ones are pruned in batches and
+    /// the chain is anchored at the last pruned record (audit.rs).
+    #[serde(default = "default_audit_max_records")]
+    pub audit_max_records: u64,
+    /// Audit records older than this (by the proposer's clock) are pruned, in batches, at most
+    /// a tenth of it (capped at a day) later.
+    #[serde(default = "default_audit_max_age_ms")]
+    pub audit_max_age_ms: u64,
+}
+
+/// Default audit record budget: about 1 KB each, so on the order of 1 GB of state at most.
+pub const DEFAULT_AUDIT_MAX_RECORDS: u64 = 1_000_000;
+/// Default audit record age: 400 days (a year of records, with room for an annual review).
+pub const DEFAULT_AUDIT_MAX_AGE_MS: u64 = 400 * 24 * 3600 * 1000;
+
+fn default_audit_max_records() -> u64 {
+    DEFAULT_AUDIT_MAX_RECORDS
+}
+
+fn default_audit_max_age_ms() -> u64 {
+    DEFAULT_AUDIT_MAX_AGE_MS
 }
 
 impl Default for Settings {
@@ -356,6 +377,8 @@ impl Default for Settings {
             lockout_ms: 15 * 60 * 1000,
             capability_ttl_secs: 3600,
             segment_blocks: slate_protocol::DEFAULT_SEGMENT_BLOCKS,
+            audit_max_records: DEFAULT_AUDIT_MAX_RECORDS,
+            audit_max_age_ms: DEFAULT_AUDIT_MAX_AGE_MS,
         }
     }
 }

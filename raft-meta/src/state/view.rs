@@ -242,6 +242,9 @@ pub struct AuditPage {
     pub records: Vec<AuditRecord>,
     /// The chain's last sequence number (all tenants).
     pub last_seq: u64,
+    /// Where the kept chain starts: records up to `anchor.seq` were pruned by retention.
+    #[serde(default)]
+    pub anchor: Option<crate::audit::AuditAnchor>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]

@@ -54,6 +54,11 @@ impl Cluster {
     }
 
     pub async fn start_with(n: usize, snapshot_every: u64) -> Self {
+        Self::start_edited(n, snapshot_every, str::to_string).await
+    }
+
+    /// Like [`Cluster::start_with`], with each node's `meta.toml` rewritten by `edit` before it starts.
+    pub async fn start_edited(n: usize, snapshot_every: u64, edit: impl Fn(&str) -> String) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ports = free_ports(2 * n);
         let api: Vec<u16> = ports[..n].to_vec();
@@ -83,6 +88,9 @@ impl Cluster {
             token,
         };
         for i in 0..n {
+            let path = c.node_dir(i).join("meta.toml");
+            let edited = edit(&std::fs::read_to_string(&path).unwrap());
+            std::fs::write(&path, edited).unwrap();
             c.spawn(i);
         }
         c.wait_ready().await;

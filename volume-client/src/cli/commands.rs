@@ -490,7 +490,13 @@ pub async fn run(api: &ApiClient, cmd: Cmd, json_out: bool) -> Result<()> {
             let v: Value = api.get("/v1/audit/verify").await?;
             let ok = v["ok"].as_bool().unwrap_or(false);
             print(json_out, &v, |v| {
-                if ok {
+                if ok && v["anchor"].is_object() {
+                    let a = &v["anchor"];
+                    format!(
+                        "audit chain verified: {} records from the anchor (records up to {} pruned, last pruned hash {})\n",
+                        v["records"], a["seq"], a["hash"]
+                    )
+                } else if ok {
                     format!("audit chain verified: {} records\n", v["records"])
                 } else {
                     format!("audit chain BROKEN: {}\n", serde_json::to_string(v).unwrap_or_default())

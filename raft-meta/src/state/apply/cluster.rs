@@ -1,8 +1,6 @@
 //! Command handlers: the audit chain and the metadata group's membership.
 
-use super::{
-    audit, internal, json, require_operator, AuditPage, Command, Ctx, MetaState, Refusal, Res, Role, MAX_AUDIT_PAGE,
-};
+use super::{internal, json, require_operator, AuditPage, Command, Ctx, MetaState, Refusal, Res, Role, MAX_AUDIT_PAGE};
 
 impl MetaState {
     /// Runs a command of this domain (`execute` routes here).
@@ -36,13 +34,17 @@ impl MetaState {
                     .take(limit)
                     .cloned()
                     .collect();
-                json(&AuditPage { records, last_seq: self.audit.records.last().map_or(0, |r| r.seq) })
+                json(&AuditPage {
+                    records,
+                    last_seq: self.audit.records.last().map_or(0, |r| r.seq),
+                    anchor: self.audit.anchor.clone(),
+                })
             }
             Command::VerifyAudit => {
                 if !(ctx.actor.is_operator() || ctx.actor.role == Role::TenantAdmin) {
                     return Err(Refusal::forbidden("verifying the audit chain needs an operator or tenant admin"));
                 }
-                json(&audit::verify(&self.audit.records))
+                json(&self.audit.verify())
             }
             Command::ListMembers => {
                 require_operator(&ctx.actor)?;

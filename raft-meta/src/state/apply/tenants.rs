@@ -41,6 +41,12 @@ impl MetaState {
                 if let Some(v) = req.segment_blocks {
                     s.segment_blocks = v;
                 }
+                if let Some(v) = req.audit_max_records {
+                    s.audit_max_records = v;
+                }
+                if let Some(v) = req.audit_max_age_ms {
+                    s.audit_max_age_ms = v;
+                }
                 json(&SettingsView { settings: self.settings.clone(), root_epoch: self.root_epoch })
             }
             Command::CreateTenant { req, wrapped_key, root_epoch } => {
