@@ -58,8 +58,16 @@ async fn capabilities_are_enforced() {
     altered.signature[17] ^= 0x40;
     assert_eq!(kind_of(NodeClient::connect(node.addr(), altered).await), ErrorKind::Forged);
     // Expired, and not valid on this node.
-    let expired = cap_with(&node.key, 1, 1, Rights::READ, -1, vec![NODE]);
+    // Nodes allow CLOCK_SKEW_SECS either side of the validity window.
+    let skew = slate_protocol::capability::CLOCK_SKEW_SECS as i64;
+    let expired = cap_with(&node.key, 1, 1, Rights::READ, -skew - 1, vec![NODE]);
     assert_eq!(kind_of(NodeClient::connect(node.addr(), expired).await), ErrorKind::Expired);
+    let late = cap_with(&node.key, 1, 1, Rights::READ, -skew + 30, vec![NODE]);
+    NodeClient::connect(node.addr(), late).await.expect("expired less than the skew allowance ago");
+    let mut early = node.cap(1, 1, Rights::READ).claims;
+    early.not_before_unix_secs = slate_protocol::now_unix_secs() + 2 * skew as u64;
+    let early = early.sign(&node.key);
+    assert_eq!(kind_of(NodeClient::connect(node.addr(), early).await), ErrorKind::NotYetValid);
     let elsewhere = cap_with(&node.key, 1, 1, Rights::READ, 3600, vec![NodeId(2), NodeId(3)]);
     assert_eq!(kind_of(NodeClient::connect(node.addr(), elsewhere).await), ErrorKind::WrongNode);
 
@@ -94,7 +102,7 @@ async fn capabilities_are_enforced() {
     a.write_blocks(BlockIndex(3), Bytes::from(block_content(3, 2))).await.expect("session still works");
 
     // A capability that expires during the session stops working.
-    let short = cap_with(&node.key, 1, 1, Rights::READ, 2, vec![NODE]);
+    let short = cap_with(&node.key, 1, 1, Rights::READ, 2 - skew, vec![NODE]);
     let s = NodeClient::connect(node.addr(), short).await.expect("short-lived session");
     s.read_blocks(BlockIndex(3), 1).await.expect("read before expiry");
     tokio::time::sleep(Duration::from_millis(3100)).await;
