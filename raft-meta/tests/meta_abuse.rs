@@ -127,6 +127,10 @@ async fn idle_cluster_log_stays_still_and_a_flood_of_random_tokens_costs_nothing
         c.storage_node("n3", "z/r3/h3").await,
     ];
     let (host, host_token) = c.principal("hv", "host", None).await;
+    let mut node_tokens = Vec::new();
+    for n in nodes {
+        node_tokens.push((n, c.node_principal(&format!("node-{n}"), n).await.1));
+    }
     let vol = c
         .op_ok(
             Method::POST,
@@ -145,22 +149,23 @@ async fn idle_cluster_log_stays_still_and_a_flood_of_random_tokens_costs_nothing
     )
     .await;
 
-    // Background traffic as in a real cluster: every node heartbeats each second and the
-    // attached client polls its layout every second (three times as often as the real client).
+    // Background traffic as in a real cluster: every node heartbeats each second (with its
+    // own node principal) and the attached client polls its layout every second (three times
+    // as often as the real client).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let traffic = {
         let (stop, c2) = (std::sync::Arc::clone(&stop), (c.api.clone(), c.client.clone()));
-        let host_token = host_token.clone();
+        let (host_token, node_tokens) = (host_token.clone(), node_tokens.clone());
         tokio::spawn(async move {
             let (api, client) = c2;
             let mut polls = 0u64;
             let mut beats = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for n in nodes {
+                for (n, node_token) in &node_tokens {
                     for a in &api {
                         let r = client
                             .post(format!("https://{a}/v1/nodes/{n}/heartbeat"))
-                            .bearer_auth(&host_token)
+                            .bearer_auth(node_token)
                             .send()
                             .await;
                         if r.is_ok_and(|r| r.status().is_success()) {
@@ -261,12 +266,12 @@ async fn idle_cluster_log_stays_still_and_a_flood_of_random_tokens_costs_nothing
     println!("10,000 refusals became {aggregated} audit record(s)");
     assert!(aggregated <= 4, "{aggregated} records for one source and kind");
 
-    // 3. Afterwards the operator and the host work, without lockout.
+    // 3. Afterwards the operator, the host and the nodes work, without lockout.
     let (st, v) = c.op(leader, Method::GET, "/v1/whoami", None).await;
     assert_eq!(st, StatusCode::OK, "operator: {v}");
     let (st, v) = c.req(leader, Method::GET, &format!("/v1/volumes/{vol}"), None, Some(&host_token)).await;
     assert_eq!(st, StatusCode::OK, "host: {v}");
-    heartbeat(&c, &host_token, nodes[0]).await;
+    heartbeat(&c, &node_tokens[0].1, nodes[0]).await;
 
     // 4. A flood against known token ids (the host's and the operator's) cannot lock out their
     //    holders: wrong secrets are refused (401, then 429 while backed off), right ones pass.
@@ -296,6 +301,86 @@ async fn idle_cluster_log_stays_still_and_a_flood_of_random_tokens_costs_nothing
     let (beats, polls) = traffic.await.unwrap();
     println!("background: {beats} heartbeats, {polls} layout polls");
     assert!(beats > 60 && polls > 20);
+    c.stop_all();
+}
+
+/// Node principals over the API: a node's token heartbeats for its node (in memory on the
+/// leader) and reports security events; for another node, or anywhere else, it is refused 403
+/// and the refusal is audited. A host token no longer heartbeats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_principals_heartbeat_for_their_own_node_only() {
+    let mut c = Cluster::start(1).await;
+    let tenant = c.tenant("t").await;
+    let (n1, n2) = (c.storage_node("n1", "z/r1/h1").await, c.storage_node("n2", "z/r2/h2").await);
+    let (p1, t1) = c.node_principal("node-1", n1).await;
+    let (_, host_token) = c.principal("hv", "host", None).await;
+    // Role `node` needs its node; the node must exist; only operators make one.
+    let bad = [json!({"name": "x", "role": "node"}), json!({"name": "y", "role": "node", "node": 99})];
+    for (body, want) in bad.into_iter().zip([StatusCode::BAD_REQUEST, StatusCode::NOT_FOUND]) {
+        let (st, v) = c.op(0, Method::POST, "/v1/principals", Some(body)).await;
+        assert_eq!(st, want, "{v}");
+    }
+    let (st, v) = c
+        .req(
+            0,
+            Method::POST,
+            "/v1/principals",
+            Some(json!({"name": "z", "role": "node", "node": n1})),
+            Some(&host_token),
+        )
+        .await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{v}");
+    let leader = c.wait_ready().await;
+
+    let beat = heartbeat(&c, &t1, n1).await;
+    assert_eq!(beat["node"], n1, "{beat}");
+    let (st, v) = c.req(leader, Method::GET, "/v1/whoami", None, Some(&t1)).await;
+    assert_eq!((st, v["role"].as_str(), v["node"].as_u64()), (StatusCode::OK, Some("node"), Some(n1)), "{v}");
+    let report = json!({"kind": "forged-capability", "source": "192.0.2.9:4000", "detail": "test"});
+    let (st, v) = c.req(leader, Method::POST, "/v1/security-events", Some(report), Some(&t1)).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+
+    let refused = [
+        (Method::POST, format!("/v1/nodes/{n2}/heartbeat"), None),
+        (
+            Method::POST,
+            format!("/v1/nodes/{n2}/scrub-report"),
+            Some(json!({"scrub_id": 0, "running": false,
+            "started_ms": 0, "segments_done": 0, "segments_total": 0, "blocks_checked": 0, "corrupt_found": 0,
+            "repaired": 0, "unrepaired": 0})),
+        ),
+        (Method::GET, "/v1/volumes".to_string(), None),
+        (
+            Method::POST,
+            "/v1/volumes".to_string(),
+            Some(json!({"name": "v", "size_bytes": GIB, "replicas": 2, "tenant": tenant})),
+        ),
+        (Method::GET, "/v1/audit".to_string(), None),
+        (Method::GET, "/v1/nodes".to_string(), None),
+        (Method::POST, format!("/v1/principals/{p1}/tokens"), Some(json!({}))),
+    ];
+    for (method, path, body) in refused {
+        let (st, v) = c.req(leader, method.clone(), &path, body, Some(&t1)).await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "{method} {path}: {v}");
+    }
+    let (st, v) = c.req(leader, Method::POST, &format!("/v1/nodes/{n1}/heartbeat"), None, Some(&host_token)).await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "a host heartbeat: {v}");
+
+    // Every refusal is in the audit chain, under the node principal's name.
+    let audit = c.op_ok(Method::GET, "/v1/audit?limit=10000", None).await;
+    let records = audit["records"].as_array().cloned().unwrap_or_default();
+    let denied: Vec<&Value> = records
+        .iter()
+        .filter(|r| {
+            r["actor"].as_str().is_some_and(|a| a.starts_with(&format!("principal:{p1}(")))
+                && r["result"].as_str().is_some_and(|s| s.starts_with("denied"))
+        })
+        .collect();
+    assert_eq!(denied.len(), 7, "{denied:#?}");
+    assert!(
+        denied.iter().any(|r| r["action"] == "node.heartbeat" && r["object"] == format!("node:node-{n2}")),
+        "{denied:#?}"
+    );
     c.stop_all();
 }
 

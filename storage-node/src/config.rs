@@ -30,10 +30,10 @@
 //! ca = "/etc/slate/ca.pem"                 # the cluster CA: checks peers this node dials
 //! # insecure_plaintext = true              # instead of [tls]: plain TCP, tests only
 //!
-//! [meta]                                   # optional; accepted, not dialled yet
+//! [meta]                                   # optional: heartbeats, reports, the node's work
 //! apis = ["https://127.0.0.1:7600"]
 //! ca = "/etc/slate/ca.pem"
-//! token_file = "/etc/slate/node.token"
+//! token_file = "/etc/slate/node.token"     # 0600; this node's own principal (`slate node token`)
 //! ```
 
 use ed25519_dalek::VerifyingKey;
@@ -84,7 +84,8 @@ pub struct MetaLink {
     /// CA certificate that signs the metadata service's TLS certificate.
     #[serde(default)]
     pub ca: Option<PathBuf>,
-    /// File holding the bearer token the node presents.
+    /// File holding the bearer token the node presents: a token of the node's own principal
+    /// (role `node`, bound to this node's id; `slate node token ID --out FILE` makes one).
     #[serde(default)]
     pub token_file: Option<PathBuf>,
 }

@@ -59,13 +59,13 @@ async fn capabilities_are_enforced() {
     assert_eq!(kind_of(NodeClient::connect(node.addr(), altered).await), ErrorKind::Forged);
     // Expired, and not valid on this node.
     // Nodes allow CLOCK_SKEW_SECS either side of the validity window.
-    let skew = slate_protocol::capability::CLOCK_SKEW_SECS as i64;
+    let skew = i64::try_from(slate_protocol::capability::CLOCK_SKEW_SECS).expect("a small skew");
     let expired = cap_with(&node.key, 1, 1, Rights::READ, -skew - 1, vec![NODE]);
     assert_eq!(kind_of(NodeClient::connect(node.addr(), expired).await), ErrorKind::Expired);
     let late = cap_with(&node.key, 1, 1, Rights::READ, -skew + 30, vec![NODE]);
     NodeClient::connect(node.addr(), late).await.expect("expired less than the skew allowance ago");
     let mut early = node.cap(1, 1, Rights::READ).claims;
-    early.not_before_unix_secs = slate_protocol::now_unix_secs() + 2 * skew as u64;
+    early.not_before_unix_secs = slate_protocol::now_unix_secs() + 2 * slate_protocol::capability::CLOCK_SKEW_SECS;
     let early = early.sign(&node.key);
     assert_eq!(kind_of(NodeClient::connect(node.addr(), early).await), ErrorKind::NotYetValid);
     let elsewhere = cap_with(&node.key, 1, 1, Rights::READ, 3600, vec![NodeId(2), NodeId(3)]);

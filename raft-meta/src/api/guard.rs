@@ -93,6 +93,8 @@ pub struct AuthInfo {
     pub name: String,
     pub role: crate::state::types::Role,
     pub tenant: Option<u64>,
+    /// The storage node a `node` principal speaks for.
+    pub node: Option<u64>,
 }
 
 /// A copy of the replicated token table at one applied index.
@@ -340,7 +342,13 @@ impl Guard {
             return Err(self.refuse(ip, None, kind::EXPIRED, why));
         }
         self.admit_principal(ip, e.principal)?;
-        Ok(Some(AuthInfo { principal: e.principal, name: e.principal_name.clone(), role: e.role, tenant: e.tenant }))
+        Ok(Some(AuthInfo {
+            principal: e.principal,
+            name: e.principal_name.clone(),
+            role: e.role,
+            tenant: e.tenant,
+            node: e.node,
+        }))
     }
 
     /// A missing or malformed credential.

@@ -337,14 +337,20 @@ impl ApiState {
         self.liveness.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(node, now_ms());
     }
 
-    /// A heartbeat answered without a log entry: on the leader, for an allowed caller and a
-    /// node that is not down, liveness is renewed in memory and the reply (the node's work) is
-    /// read from the leader's state. `None`: the call must go through the log. A follower
-    /// answers 503 naming the leader, since only the leader's memory counts.
+    /// A heartbeat answered without a log entry: on the leader, for an allowed caller (the
+    /// node's own principal, or an operator) and a node that is not down, liveness is renewed
+    /// in memory and the reply (the node's work) is read from the leader's state. `None`: the
+    /// call must go through the log (so a refusal is audited there). A follower answers 503
+    /// naming the leader, since only the leader's memory counts.
     pub async fn heartbeat_in_memory(&self, caller: &Caller, node: u64) -> Result<Option<serde_json::Value>, ApiError> {
         use crate::state::types::{NodeState, Role};
         let Some(auth) = &caller.auth else { return Ok(None) };
-        if !matches!(auth.role, Role::Operator | Role::Host) {
+        let allowed = match auth.role {
+            Role::Operator => true,
+            Role::Node => auth.node == Some(node),
+            _ => false,
+        };
+        if !allowed {
             return Ok(None);
         }
         if self.handle.status().role != crate::consensus::Role::Leader {

@@ -60,7 +60,7 @@ async fn report(
     let Some(auth) = &caller.auth else {
         return Err(ApiError::new(ErrorCode::Unavailable, "cluster not bootstrapped yet; retry"));
     };
-    if !matches!(auth.role, Role::Operator | Role::Host) {
+    if !matches!(auth.role, Role::Operator | Role::Host | Role::Node) {
         // A valid credential without the right: refused in the log, so the refusal is audited.
         s.call(&caller, Command::ReportSecurityEvent { kind: req.kind }).await?;
         return Err(ApiError::new(ErrorCode::Forbidden, "security events are reported by storage nodes or hosts"));

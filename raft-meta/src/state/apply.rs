@@ -60,11 +60,13 @@ pub(crate) struct Actor {
     pub name: String,
     pub role: Role,
     pub tenant: Option<u64>,
+    /// The storage node a `node` principal speaks for.
+    pub node: Option<u64>,
 }
 
 impl Actor {
     fn system() -> Self {
-        Self { principal: None, name: "system".into(), role: Role::Operator, tenant: None }
+        Self { principal: None, name: "system".into(), role: Role::Operator, tenant: None, node: None }
     }
     pub(super) fn label(&self) -> String {
         match self.principal {
@@ -77,6 +79,12 @@ impl Actor {
     }
     pub(super) fn is_admin_of(&self, tenant: u64) -> bool {
         self.is_operator() || (self.role == Role::TenantAdmin && self.tenant == Some(tenant))
+    }
+    /// May send storage-node traffic (heartbeats, release, move, scrub and decommission
+    /// reports, repair-source questions, freeze reports): operators, and node principals,
+    /// whose node `execute` has already checked against the one the call names.
+    pub(super) fn sends_node_traffic(&self) -> bool {
+        matches!(self.role, Role::Operator | Role::Node)
     }
 }
 
@@ -209,7 +217,14 @@ pub fn validate_principal(req: &CreatePrincipalRequest) -> Result<(), Refusal> {
         (Role::TenantAdmin | Role::TenantMember, None) => {
             return Err(Refusal::bad("tenant_admin and tenant_member principals need a tenant"))
         }
+        (Role::Node, Some(_)) => return Err(Refusal::bad("a node principal belongs to no tenant")),
         _ => {}
+    }
+    match (req.role, req.node) {
+        (Role::Node, None) => return Err(Refusal::bad("a node principal needs the id of its storage node (node)")),
+        (Role::Node, Some(0)) => return Err(Refusal::bad("node id 0 is invalid")),
+        (Role::Node, Some(_)) | (_, None) => {}
+        (_, Some(_)) => return Err(Refusal::bad("only a node principal is bound to a storage node")),
     }
     if let (Some(a), Some(b)) = (req.not_before_ms, req.not_after_ms) {
         if a >= b {
@@ -419,6 +434,7 @@ impl MetaState {
                 name: name.into(),
                 role: Role::Operator,
                 tenant: None,
+                node: None,
                 created_ms: now,
                 not_before_ms: None,
                 not_after_ms: None,
@@ -497,10 +513,43 @@ impl MetaState {
             p.failed_auths = 0;
             p.locked_until_ms = None;
         }
-        Ok(Actor { principal: Some(p.id), name: p.name.clone(), role: p.role, tenant })
+        Ok(Actor { principal: Some(p.id), name: p.name.clone(), role: p.role, tenant, node: p.node })
+    }
+
+    /// A node principal's whole set of rights: its own node's heartbeats and reports, security
+    /// event reports, and who-am-I. Checked before any handler runs, so that no handler's rule
+    /// (written for tenants, hosts or operators) can grant it more.
+    fn node_principal_may(&self, actor: &Actor, cmd: &Command) -> Result<(), Refusal> {
+        let own = actor.node.ok_or_else(|| Refusal::forbidden("a node principal without a node"))?;
+        let target = match cmd {
+            Command::WhoAmI | Command::ReportSecurityEvent { .. } => return Ok(()),
+            Command::Heartbeat { node }
+            | Command::ReportRelease { node, .. }
+            | Command::ReportMove { node, .. }
+            | Command::ReportScrub { node, .. }
+            | Command::RepairSource { node, .. } => *node,
+            Command::SnapshotFrozen { req, .. } if req.node.is_some() => req.node.unwrap_or_default(),
+            Command::ReportDecommission { disk, .. } => match self.disks.get(disk) {
+                Some(d) => d.node,
+                None => return Err(Refusal::forbidden(format!("disk {disk} is not on node {own}"))),
+            },
+            _ => {
+                return Err(Refusal::forbidden(format!(
+                    "{} is node {own}'s principal: it may only send that node's heartbeats and reports",
+                    actor.label()
+                )))
+            }
+        };
+        if target != own {
+            return Err(Refusal::forbidden(format!("{} speaks for node {own}, not node {target}", actor.label())));
+        }
+        Ok(())
     }
 
     fn execute(&mut self, ctx: &mut Ctx, cmd: &Command, root: &mut RootKey) -> Res {
+        if ctx.actor.role == Role::Node {
+            self.node_principal_may(&ctx.actor, cmd)?;
+        }
         match cmd {
             Command::WhoAmI
             | Command::GetSettings
@@ -725,6 +774,7 @@ impl MetaState {
             name: p.name.clone(),
             role: p.role,
             tenant: p.tenant,
+            node: p.node,
             created_ms: p.created_ms,
             not_before_ms: p.not_before_ms,
             not_after_ms: p.not_after_ms,

@@ -86,9 +86,13 @@ pub struct CreatePrincipalRequest {
     /// 1-63 characters of letters, digits, '.', '_', '@' or '-'; unique.
     pub name: String,
     pub role: Role,
-    /// Required for tenant roles, optional for hosts, absent for operators.
+    /// Required for tenant roles, optional for hosts, absent for operators and nodes.
     #[serde(default)]
     pub tenant: Option<u64>,
+    /// The registered storage node a `node` principal speaks for (required for that role
+    /// only): it may send that node's heartbeats and reports, nothing else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<u64>,
     /// Account not usable before this time (ms since the Unix epoch).
     #[serde(default)]
     pub not_before_ms: Option<u64>,

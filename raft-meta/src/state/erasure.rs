@@ -12,7 +12,7 @@
 
 use super::apply::{json, require_operator, Ctx, Res};
 use super::command::Refusal;
-use super::types::{Erasure, Release, Role};
+use super::types::{Erasure, Release};
 use super::view::{ErasureView, ReleaseView, VoterPurgeView};
 use super::{take, MetaState};
 use crate::audit::AuditEntry;
@@ -92,8 +92,8 @@ impl MetaState {
     }
 
     pub(super) fn report_release(&mut self, ctx: &mut Ctx, node: u64, id: u64, report: &ReleaseReport) -> Res {
-        if !(ctx.actor.is_operator() || ctx.actor.role == Role::Host) {
-            return Err(Refusal::forbidden("release reports come from storage nodes (operators or hosts)"));
+        if !ctx.actor.sends_node_traffic() {
+            return Err(Refusal::forbidden("release reports come from the node's own principal (or an operator)"));
         }
         let r = self.releases.get(&id).ok_or_else(|| Refusal::not_found(format!("no release {id}")))?;
         if r.node != node {

@@ -11,7 +11,7 @@
 
 use super::apply::{json, require_operator, segment_bytes, Ctx, Need, Res};
 use super::command::{ErrorCode, RebuildProgressRequest, Refusal};
-use super::types::{AttachMode, Decommission, DiskState, Drain, Move, NodeState, Replica, ReplicaState, Role};
+use super::types::{AttachMode, Decommission, DiskState, Drain, Move, NodeState, Replica, ReplicaState};
 use super::view::{DecommissionView, DrainView, MoveView};
 use super::{take, MetaState};
 use crate::audit::AuditEntry;
@@ -321,7 +321,7 @@ impl MetaState {
     }
 
     pub(super) fn report_move(&mut self, ctx: &mut Ctx, node: u64, id: u64, report: &MoveReport) -> Res {
-        if !(ctx.actor.is_operator() || ctx.actor.role == Role::Host) {
+        if !ctx.actor.sends_node_traffic() {
             return Err(Refusal::forbidden("move reports come from storage nodes"));
         }
         let m = self.moves.get(&id).ok_or_else(|| Refusal::not_found(format!("no move {id} in flight")))?.clone();
@@ -495,7 +495,7 @@ impl MetaState {
     }
 
     pub(super) fn report_decommission(&mut self, ctx: &mut Ctx, disk: u64, report: &DecommissionReport) -> Res {
-        if !(ctx.actor.is_operator() || ctx.actor.role == Role::Host) {
+        if !ctx.actor.sends_node_traffic() {
             return Err(Refusal::forbidden("decommission reports come from storage nodes"));
         }
         let d = self.disks.get(&disk).ok_or_else(|| Refusal::not_found(format!("no disk {disk}")))?;
@@ -662,7 +662,7 @@ impl MetaState {
     }
 
     pub(super) fn repair_source(&mut self, ctx: &mut Ctx, node: u64, req: &RepairSourceRequest) -> Res {
-        if !(ctx.actor.is_operator() || ctx.actor.role == Role::Host) {
+        if !ctx.actor.sends_node_traffic() {
             return Err(Refusal::forbidden("repair sources are for storage nodes"));
         }
         ctx.skip_audit = true;
@@ -695,7 +695,7 @@ impl MetaState {
     }
 
     pub(super) fn report_scrub(&mut self, ctx: &mut Ctx, node: u64, report: &ScrubReport) -> Res {
-        if !(ctx.actor.is_operator() || ctx.actor.role == Role::Host) {
+        if !ctx.actor.sends_node_traffic() {
             return Err(Refusal::forbidden("scrub reports come from storage nodes"));
         }
         let node = self.node_id_of(node)?;

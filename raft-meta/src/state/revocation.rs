@@ -34,7 +34,7 @@ impl MetaState {
     /// ids and the fence generation (when a read-write attachment ended).
     pub(super) fn revoke_attachments(&mut self, ctx: &mut Ctx, principal: u64, volume: u64) -> (Vec<u64>, Option<u64>) {
         let Some(p) = self.principals.get(&principal) else { return (Vec::new(), None) };
-        let actor = Actor { principal: Some(p.id), name: p.name.clone(), role: p.role, tenant: p.tenant };
+        let actor = Actor { principal: Some(p.id), name: p.name.clone(), role: p.role, tenant: p.tenant, node: p.node };
         let Some(v) = self.volumes.get(&volume) else { return (Vec::new(), None) };
         let ended: Vec<(u64, AttachMode)> = v
             .attachments

@@ -31,6 +31,8 @@ pub struct AuthEntry {
     pub principal_name: String,
     pub role: Role,
     pub tenant: Option<u64>,
+    /// The storage node a `node` principal speaks for.
+    pub node: Option<u64>,
     /// Hex SHA-256 of the secret.
     pub secret_sha256: String,
     pub token_expires_ms: Option<u64>,
@@ -79,6 +81,7 @@ impl MetaState {
                         principal_name: p.name.clone(),
                         role: p.role,
                         tenant: p.tenant,
+                        node: p.node,
                         secret_sha256: t.secret_sha256.clone(),
                         token_expires_ms: t.expires_ms,
                         not_before_ms: p.not_before_ms,
@@ -147,15 +150,16 @@ impl MetaState {
         if !v.attachments.values().any(|a| a.principal == principal) {
             return None;
         }
-        let actor = Actor { principal: Some(principal), name: name.to_owned(), role, tenant };
+        let actor = Actor { principal: Some(principal), name: name.to_owned(), role, tenant, node: None };
         self.check_volume(&actor, v, Need::View).ok()?;
         Some(self.volume_view(v, now_ms))
     }
 
     /// `POST /v1/security-events` from a principal the API did not let through: storage nodes
-    /// (hosts) and operators may report; anyone else is refused here, in the chain.
+    /// (their node principals), hosts and operators may report; anyone else is refused here,
+    /// in the chain.
     pub(super) fn report_security_event(ctx: &mut Ctx) -> Result<serde_json::Value, Refusal> {
-        if !(ctx.actor.is_operator() || ctx.actor.role == Role::Host) {
+        if !matches!(ctx.actor.role, Role::Operator | Role::Host | Role::Node) {
             return Err(Refusal::forbidden("security events are reported by storage nodes, hosts or operators"));
         }
         ctx.skip_audit = true;

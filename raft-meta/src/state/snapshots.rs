@@ -10,7 +10,7 @@
 
 use super::apply::{json, Ctx, Need, Res};
 use super::command::{Refusal, SnapshotFrozenRequest};
-use super::types::{AttachMode, Role, SnapshotState};
+use super::types::{AttachMode, SnapshotState};
 use super::MetaState;
 use slate_protocol::ops::FreezeTask;
 use std::collections::BTreeSet;
@@ -53,7 +53,7 @@ impl MetaState {
             .ok_or_else(|| Refusal::not_found(format!("vol-{volume} has no snapshot {snapshot}")))?;
         ctx.object = format!("volume:vol-{volume} snapshot:{snapshot}({}) epoch:{}", s.name, s.epoch);
         if let Some(node) = req.node {
-            if !(ctx.actor.is_operator() || ctx.actor.role == Role::Host) {
+            if !ctx.actor.sends_node_traffic() {
                 return Err(Refusal::forbidden("node freeze reports come from storage nodes"));
             }
             if v.attachments.values().any(|a| a.mode == AttachMode::ReadWrite) {

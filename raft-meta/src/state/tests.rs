@@ -114,6 +114,7 @@ impl Harness {
                 name: name.into(),
                 role,
                 tenant,
+                node: None,
                 not_before_ms: None,
                 not_after_ms: None,
                 token_expires_ms: None,
@@ -302,6 +303,7 @@ fn tenants_are_isolated_and_refusals_audited() {
             name: "later".into(),
             role: Role::TenantMember,
             tenant: Some(a),
+            node: None,
             not_before_ms: Some(now + 1_000_000),
             not_after_ms: None,
             token_expires_ms: None,
@@ -316,6 +318,7 @@ fn tenants_are_isolated_and_refusals_audited() {
             name: "gone".into(),
             role: Role::TenantMember,
             tenant: Some(a),
+            node: None,
             not_before_ms: None,
             not_after_ms: Some(now),
             token_expires_ms: None,
@@ -845,3 +848,4 @@ fn the_backup_right_snapshots_and_reads_but_never_writes() {
 mod audit_retention;
 mod clones;
 mod keys_and_grants;
+mod node_principals;

@@ -22,8 +22,10 @@ pub enum Role {
     TenantAdmin,
     /// Sees its tenant's volumes; acts on volumes through grants.
     TenantMember,
-    /// A hypervisor host: attaches volumes it is granted; may send storage-node heartbeats.
+    /// A hypervisor host: attaches volumes it is granted; reports security events.
     Host,
+    /// One storage node (`Principal::node`): its heartbeats and reports, nothing else.
+    Node,
 }
 
 /// What a grant allows on one volume.
@@ -91,8 +93,11 @@ pub struct Principal {
     pub id: u64,
     pub name: String,
     pub role: Role,
-    /// The tenant (tenant roles always; hosts optionally; operators never).
+    /// The tenant (tenant roles always; hosts optionally; operators and nodes never).
     pub tenant: Option<u64>,
+    /// The storage node a `node` principal speaks for (that role always; others never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<u64>,
     pub created_ms: u64,
     /// Not usable before this time (ms since the Unix epoch).
     pub not_before_ms: Option<u64>,

@@ -27,6 +27,9 @@ pub struct PrincipalView {
     pub name: String,
     pub role: Role,
     pub tenant: Option<u64>,
+    /// The storage node a `node` principal speaks for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<u64>,
     pub created_ms: u64,
     pub not_before_ms: Option<u64>,
     pub not_after_ms: Option<u64>,

@@ -300,6 +300,13 @@ impl Cluster {
         (v["principal"]["id"].as_u64().unwrap(), v["token"].as_str().unwrap().to_string())
     }
 
+    /// Creates storage node `node`'s own principal (role `node`); returns (id, token).
+    pub async fn node_principal(&self, name: &str, node: u64) -> (u64, String) {
+        let v =
+            self.op_ok(Method::POST, "/v1/principals", Some(json!({"name": name, "role": "node", "node": node}))).await;
+        (v["principal"]["id"].as_u64().unwrap(), v["token"].as_str().unwrap().to_string())
+    }
+
     /// Every file under `dir`, recursively.
     pub fn files_under(dir: &Path) -> Vec<PathBuf> {
         let mut out = Vec::new();

@@ -78,6 +78,18 @@ pub enum NodeCmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Give a storage node its own principal (role `node`: its heartbeats and reports,
+    /// nothing else) and write its token to a 0600 file, for the node's `[meta] token_file`.
+    /// Run again to issue a fresh token to the same principal. The token is not printed.
+    Token {
+        node: String,
+        /// Where to write the token (created 0600).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// The principal's name (default: node-ID).
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -131,11 +143,15 @@ pub enum TokenCmd {
     /// Create a principal and its first token (printed once).
     Create {
         name: String,
-        /// operator, tenant_admin, tenant_member or host.
+        /// operator, tenant_admin, tenant_member, host or node.
         #[arg(long)]
         role: String,
         #[arg(long)]
         tenant: Option<u64>,
+        /// With `--role node`: the storage node id it speaks for (`slate node token` writes
+        /// the token to a file instead of printing it).
+        #[arg(long)]
+        node: Option<u64>,
     },
     /// List principals.
     List,
@@ -380,6 +396,19 @@ pub async fn run(api: &ApiClient, cmd: Cmd, json_out: bool) -> Result<()> {
             print(json_out, &v, super::operations::render_node);
             Ok(())
         }
+        Cmd::Node(NodeCmd::Token { node, out, name }) => {
+            let id = super::operations::resolve_node(api, &node).await?;
+            let name = name.unwrap_or_else(|| format!("node-{id}"));
+            let principal = super::operations::node_token(api, id, &name, &out).await?;
+            let v = json!({"principal": principal, "name": name, "node": id, "token_file": out});
+            print(json_out, &v, |_| {
+                format!(
+                    "node principal {principal} ({name}) for node {id}: token written to {} (0600)\n",
+                    out.display()
+                )
+            });
+            Ok(())
+        }
         Cmd::Node(NodeCmd::Drain { node, wait }) => {
             let id = super::operations::resolve_node(api, &node).await?;
             super::operations::drain(api, id, &format!("/v1/nodes/{id}/drain"), wait, json_out).await
@@ -407,8 +436,9 @@ pub async fn run(api: &ApiClient, cmd: Cmd, json_out: bool) -> Result<()> {
         }
         Cmd::Token(t) => {
             let v: Value = match t {
-                TokenCmd::Create { name, role, tenant } => {
-                    api.post("/v1/principals", &json!({"name": name, "role": role, "tenant": tenant})).await?
+                TokenCmd::Create { name, role, tenant, node } => {
+                    api.post("/v1/principals", &json!({"name": name, "role": role, "tenant": tenant, "node": node}))
+                        .await?
                 }
                 TokenCmd::List => api.get("/v1/principals").await?,
                 TokenCmd::Revoke { id } => api.delete(&format!("/v1/tokens/{id}")).await?,

@@ -89,13 +89,10 @@ pub fn verifying_key_hex(l: &MetaLayout) -> Result<String> {
     Ok(std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?.trim().to_owned())
 }
 
-/// Where a storage node finds the metadata service (for heartbeats).
-pub fn node_meta_link(l: &MetaLayout) -> slate_node::config::MetaLink {
-    slate_node::config::MetaLink {
-        apis: l.api_urls(),
-        ca: Some(l.ca_path()),
-        token_file: Some(l.operator_token_path()),
-    }
+/// Where a storage node finds the metadata service (for heartbeats and reports), and the
+/// file holding its own node principal's token.
+pub fn node_meta_link(l: &MetaLayout, token_file: &Path) -> slate_node::config::MetaLink {
+    slate_node::config::MetaLink { apis: l.api_urls(), ca: Some(l.ca_path()), token_file: Some(token_file.to_owned()) }
 }
 
 /// A blocking wrapper around the API client for `slate up`'s sequential steps.
@@ -159,6 +156,15 @@ impl Api {
             bail!("the metadata service gave storage node {} the id {id}; expected {}", name, n.id);
         }
         Ok(id)
+    }
+
+    /// Gives storage node `id` its own principal (`node-ID`) and writes its token to `out`
+    /// (0600), unless `out` already holds one.
+    pub fn ensure_node_token(&self, id: u64, out: &Path) -> Result<()> {
+        if std::fs::read_to_string(out).is_ok_and(|t| !t.trim().is_empty()) {
+            return Ok(());
+        }
+        self.rt.block_on(super::operations::node_token(&self.client, id, &format!("node-{id}"), out)).map(drop)
     }
 
     /// Marks a node alive.

@@ -33,6 +33,47 @@ pub enum CertificateCmd {
     },
 }
 
+/// Gives storage node `node` its own principal (role `node`, named `name`) and writes a token
+/// of it to `out` (0600, replaced atomically): the node's `[meta] token_file`. If a node
+/// principal of that name for that node exists already, a new token is issued to it. The
+/// token is never printed. Returns the principal's id.
+pub async fn node_token(api: &ApiClient, node: u64, name: &str, out: &Path) -> Result<u64> {
+    let list: Value = api.get("/v1/principals").await?;
+    let existing = list.as_array().into_iter().flatten().find(|p| p["name"] == name).cloned();
+    let issued: Value = match existing {
+        Some(p) => {
+            if p["role"] != "node" || p["node"].as_u64() != Some(node) {
+                bail!("a principal named {name:?} exists and is not node {node}'s; choose another --name");
+            }
+            let id = p["id"].as_u64().context("principal without id")?;
+            api.post(&format!("/v1/principals/{id}/tokens"), &serde_json::json!({})).await?
+        }
+        None => api.post("/v1/principals", &serde_json::json!({"name": name, "role": "node", "node": node})).await?,
+    };
+    let token = zeroize::Zeroizing::new(format!("{}\n", issued["token"].as_str().context("reply without a token")?));
+    write_secret(out, token.as_bytes())?;
+    issued["principal"]["id"].as_u64().context("reply without a principal id")
+}
+
+/// Writes `bytes` to `path` through a fresh 0600 temporary file and a rename.
+fn write_secret(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
 /// A storage node's id from its id or name.
 pub async fn resolve_node(api: &ApiClient, node: &str) -> Result<u64> {
     let list: Value = api.get("/v1/nodes").await?;

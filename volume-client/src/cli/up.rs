@@ -294,7 +294,12 @@ pub fn run(args: UpArgs) -> Result<()> {
                     bail!("formatting {} failed: {}", disk.display(), String::from_utf8_lossy(&out.stderr));
                 }
             }
-            let cfg = node_config_toml(n, &disk, &nd, &verifying_key, &layout)?;
+            // Registered before it starts, so that it can have its own principal: its token
+            // (0600, in its 0700 directory) is all it presents to the metadata service.
+            api.register_node(n, args.disk_size)?;
+            let token_file = nd.join("meta.token");
+            api.ensure_node_token(n.id, &token_file)?;
+            let cfg = node_config_toml(n, &disk, &nd, &verifying_key, &layout, &token_file)?;
             write_atomic(&nd.join("node.toml"), cfg.as_bytes(), 0o600)?;
             let mut cmd = self_cmd();
             cmd.arg("run-node").arg("serve").arg("--config").arg(nd.join("node.toml"));
@@ -308,9 +313,6 @@ pub fn run(args: UpArgs) -> Result<()> {
                 continue;
             }
             procs::wait_for_port(&format!("127.0.0.1:{}", n.port), Duration::from_mins(1), &mut procs[n_meta + i])?;
-        }
-        for n in &st.nodes {
-            api.register_node(n, args.disk_size)?;
         }
         eprintln!("slate up: 3 storage nodes are up");
 
@@ -399,14 +401,21 @@ fn stop_in_order(procs: &mut Vec<Proc>) -> Vec<(String, bool)> {
     out
 }
 
-fn node_config_toml(n: &NodeMember, disk: &Path, nd: &Path, vk: &str, layout: &MetaLayout) -> Result<String> {
+fn node_config_toml(
+    n: &NodeMember,
+    disk: &Path,
+    nd: &Path,
+    vk: &str,
+    layout: &MetaLayout,
+    token_file: &Path,
+) -> Result<String> {
     let key = slate_protocol::capability::verifying_key_from_hex(vk)
         .context("the metadata service's verifying key is not a valid ed25519 key")?;
     let mut cfg = NodeConfig::new(NodeId(n.id), format!("127.0.0.1:{}", n.port).parse()?, disk.to_owned(), &key)
         .with_tls(node_tls(n.id, nd, layout)?);
     cfg.metrics_listen = Some(format!("127.0.0.1:{}", n.metrics_port).parse()?);
     cfg.admin_socket = Some(nd.join("admin.sock"));
-    cfg.meta = Some(metactl::node_meta_link(layout));
+    cfg.meta = Some(metactl::node_meta_link(layout, token_file));
     cfg.validate()?;
     Ok(cfg.to_toml())
 }

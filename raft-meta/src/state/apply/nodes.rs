@@ -2,7 +2,7 @@
 
 use super::{
     internal, json, require_operator, take, validate_register_node, AuditEntry, Command, Ctx, Disk, DiskState,
-    DiskView, MetaState, NodeState, NodeView, Refusal, Res, Role, StorageNode,
+    DiskView, MetaState, NodeState, NodeView, Refusal, Res, StorageNode,
 };
 
 impl MetaState {
@@ -77,8 +77,8 @@ impl MetaState {
                 json(&list)
             }
             Command::Heartbeat { node } => {
-                if !(ctx.actor.is_operator() || ctx.actor.role == Role::Host) {
-                    return Err(Refusal::forbidden("heartbeats come from operators or hosts"));
+                if !ctx.actor.sends_node_traffic() {
+                    return Err(Refusal::forbidden("heartbeats come from the node's own principal (or an operator)"));
                 }
                 let n = self.nodes.get_mut(node).ok_or_else(|| Refusal::not_found(format!("no node {node}")))?;
                 n.last_heartbeat_ms = ctx.now;

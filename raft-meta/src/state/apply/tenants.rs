@@ -139,7 +139,7 @@ impl MetaState {
                 }
                 ctx.object_tenant = req.tenant;
                 let allowed = match req.role {
-                    Role::Operator | Role::Host => ctx.actor.is_operator(),
+                    Role::Operator | Role::Host | Role::Node => ctx.actor.is_operator(),
                     Role::TenantAdmin | Role::TenantMember => req.tenant.is_some_and(|t| ctx.actor.is_admin_of(t)),
                 };
                 if !allowed {
@@ -148,6 +148,11 @@ impl MetaState {
                 if let Some(t) = req.tenant {
                     if !self.tenants.contains_key(&t) {
                         return Err(Refusal::not_found(format!("no tenant {t}")));
+                    }
+                }
+                if let Some(n) = req.node {
+                    if !self.nodes.contains_key(&n) {
+                        return Err(Refusal::not_found(format!("no storage node {n}; register it first")));
                     }
                 }
                 if self.principals.values().any(|p| p.name == req.name) {
@@ -163,6 +168,7 @@ impl MetaState {
                         name: req.name.clone(),
                         role: req.role,
                         tenant: req.tenant,
+                        node: req.node,
                         created_ms: ctx.now,
                         not_before_ms: req.not_before_ms,
                         not_after_ms: req.not_after_ms,
