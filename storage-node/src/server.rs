@@ -194,6 +194,13 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<Ctx>, shutdown: watch::Rec
             let (rd, wr) = tokio::io::split(tls);
             return serve_session(rd, wr, peer, remote, ctx, shutdown).await;
         }
+        // A peer that closes before sending anything is a port probe or a health check
+        // (`slate up` waits for the port this way): counted, not reported as an attack.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            ctx.metrics.sessions_refused.get_or_create(&crate::metrics::KindLabels { kind: "TlsEof".into() }).inc();
+            debug!(error = %e, "connection closed before the TLS handshake");
+            return;
+        }
         Ok(Err(e)) => e.to_string(),
         Err(_) => "no TLS handshake in time".to_owned(),
     };

@@ -224,18 +224,18 @@ fn render_status(v: &Value) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<5} {:<10} {:>9} {:>14} {:>15}  API",
+        "{:<5} {:<10} {:>9}  {:>14}  {:>15}  API",
         "NODE", "ROLE", "APPLIED", "ROOT KEY EPOCH", "ROOT GENERATION"
     );
     for m in v["meta_nodes"].as_array().into_iter().flatten() {
         let api = m["api"].as_str().unwrap_or("");
         if let Some(e) = m["error"].as_str() {
-            let _ = writeln!(out, "{:<5} {:<10} {:>9} {:>14} {:>15}  {api} ({e})", "?", "down", "-", "-", "-");
+            let _ = writeln!(out, "{:<5} {:<10} {:>9}  {:>14}  {:>15}  {api} ({e})", "?", "down", "-", "-", "-");
             continue;
         }
         let _ = writeln!(
             out,
-            "{:<5} {:<10} {:>9} {:>14} {:>15}  {api}",
+            "{:<5} {:<10} {:>9}  {:>14}  {:>15}  {api}",
             n(&m["node_id"]),
             m["role"].as_str().unwrap_or("-"),
             n(&m["applied_index"]),
