@@ -269,6 +269,37 @@ pub(super) fn bytes_h(n: u64) -> String {
     }
 }
 
+/// `ms` since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ` (proleptic Gregorian, UTC).
+fn utc(ms: u64) -> String {
+    let (secs, milli) = (ms / 1000, ms % 1000);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days since 1970-01-01 to a civil date, counting in 400-year eras from 0000-03-01.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{milli:03}Z", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+/// The audit records of `v` (a list, or a page with `records`) with a `time` field in UTC beside `time_ms`.
+fn with_utc_times(v: &Value) -> Value {
+    let mut v = v.clone();
+    let list = if v.is_array() { Some(&mut v) } else { v.get_mut("records") };
+    if let Some(Value::Array(records)) = list {
+        for r in records {
+            if let Some(ms) = r["time_ms"].as_u64() {
+                r["time"] = Value::String(utc(ms));
+            }
+        }
+    }
+    v
+}
+
 /// Every `security.*` audit record the caller may read, oldest first, paging through the chain.
 async fn security_events(api: &ApiClient) -> Result<Value> {
     let mut out = Vec::new();
@@ -485,10 +516,10 @@ pub async fn run(api: &ApiClient, cmd: Cmd, json_out: bool) -> Result<()> {
             let v = security_events(api).await?;
             print(json_out, &v, |v| {
                 table(
-                    v,
+                    &with_utc_times(v),
                     &[
                         ("SEQ", "seq"),
-                        ("TIME", "time_ms"),
+                        ("TIME (UTC)", "time"),
                         ("SOURCE", "client"),
                         ("EVENT", "action"),
                         ("COUNT", "object"),
@@ -503,10 +534,10 @@ pub async fn run(api: &ApiClient, cmd: Cmd, json_out: bool) -> Result<()> {
             let v: Value = api.get("/v1/audit").await?;
             print(json_out, &v, |v| {
                 table(
-                    v,
+                    &with_utc_times(v),
                     &[
                         ("SEQ", "seq"),
-                        ("TIME", "time_ms"),
+                        ("TIME (UTC)", "time"),
                         ("ACTOR", "actor"),
                         ("ACTION", "action"),
                         ("OBJECT", "object"),
@@ -753,5 +784,14 @@ mod status_tests {
         assert_eq!(cols(line("https://b:2"))[..5], ["2", "follower", "40", "1", "0"]);
         assert!(line("https://c:3").contains("down") && line("https://c:3").contains("connection refused"));
         assert!(text.contains("ROOT KEY EPOCH"));
+    }
+
+    #[test]
+    fn audit_times_print_in_utc() {
+        assert_eq!(super::utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(super::utc(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(super::utc(1_795_998_523_121), "2026-11-30T00:28:43.121Z");
+        let page = serde_json::json!({"records": [{"seq": 1, "time_ms": 86_400_000}]});
+        assert_eq!(super::with_utc_times(&page)["records"][0]["time"], "1970-01-02T00:00:00.000Z");
     }
 }
