@@ -447,6 +447,24 @@ impl Cluster {
         (status, serde_json::from_str(body).unwrap_or(Value::Null))
     }
 
+    /// Creates a host principal of `tenant` (`slate token create NAME --role host`) and
+    /// writes its token to a 0600 file in the scratch directory; returns (principal id, token file).
+    pub fn host_principal(&self, name: &str, tenant: u64) -> (u64, PathBuf) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let v = self.slate_json(&["token", "create", name, "--role", "host", "--tenant", &tenant.to_string()]);
+        let id = v["principal"]["id"].as_u64().expect("principal id");
+        let path = self.scratch().join(format!("{name}.token"));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .expect("create token file");
+        let token = v["token"].as_str().expect("token");
+        std::io::Write::write_all(&mut f, format!("{token}\n").as_bytes()).expect("write token file");
+        (id, path)
+    }
+
     /// The sum over every metadata node of the Prometheus sample `series` (exact text
     /// before the value, e.g. `slate_meta_security_events_total{kind="lockout",source="127.0.0.1"}`).
     pub fn meta_metric_sum(&self, series: &str) -> f64 {

@@ -20,25 +20,8 @@ use slate_protocol::{BlockIndex, ErrorKind, Generation, Reply, Request, SignedCa
 use slate_tests::cluster::{qemu_io_ok, qemu_io_ok_with, wait_for_unix_socket, Cluster, UpOptions};
 use slate_tests::ProcessGuard;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
-
-fn write_secret(path: &Path, text: &str) {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f =
-        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).expect("create token file");
-    std::io::Write::write_all(&mut f, format!("{text}\n").as_bytes()).expect("write token file");
-}
-
-/// Creates a host principal; returns (principal id, token file).
-fn host_principal(cluster: &Cluster, name: &str, tenant: u64) -> (u64, PathBuf) {
-    let v = cluster.slate_json(&["token", "create", name, "--role", "host", "--tenant", &tenant.to_string()]);
-    let id = v["principal"]["id"].as_u64().expect("principal id");
-    let token = v["token"].as_str().expect("token");
-    let path = cluster.scratch().join(format!("{name}.token"));
-    write_secret(&path, token);
-    (id, path)
-}
 
 /// Runs `slate --token-file TOKEN attach ARGS --nbd-unix SOCK`; expects it to exit non-zero within a minute.
 /// Returns its stderr.
@@ -80,14 +63,14 @@ fn no_grant_no_attach_and_capabilities_are_per_volume() {
     let generation = demo["generation"].clone();
 
     // ----- management plane -----
-    let (other_id, other_token) = host_principal(&cluster, "other-host", tenant);
+    let (other_id, other_token) = cluster.host_principal("other-host", tenant);
     for args in [vec!["demo"], vec![demo_id.as_str()], vec!["demo", "--force"], vec!["demo", "--read-only"]] {
         let msg = attach_refused(&cluster, &other_token, &args);
         assert!(is_clear_refusal(&msg), "unclear refusal for {args:?}: {msg}");
     }
     let t2 = cluster.slate_json(&["tenant", "create", "other-tenant"]);
     let t2 = t2["id"].as_u64().expect("tenant id");
-    let (_, stranger_token) = host_principal(&cluster, "stranger-host", t2);
+    let (_, stranger_token) = cluster.host_principal("stranger-host", t2);
     for args in [vec!["demo"], vec![demo_id.as_str(), "--force"], vec![demo_id.as_str(), "--read-only"]] {
         let msg = attach_refused(&cluster, &stranger_token, &args);
         assert!(is_clear_refusal(&msg), "unclear refusal for {args:?}: {msg}");

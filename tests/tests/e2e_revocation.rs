@@ -9,27 +9,11 @@
 
 use serde_json::Value;
 use slate_tests::cluster::{nbd_unix_uri, qemu_io, qemu_io_ok, Cluster, UpOptions};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const SEGMENT_BYTES: u64 = 16 << 20;
 /// Nodes heartbeat every 2 s; the fence must land well within this.
 const BOUND: Duration = Duration::from_secs(20);
-
-fn write_secret(path: &Path, text: &str) {
-    let mut f =
-        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).expect("create token file");
-    std::io::Write::write_all(&mut f, format!("{text}\n").as_bytes()).expect("write token file");
-}
-
-fn host_principal(cluster: &Cluster, name: &str, tenant: u64) -> (u64, PathBuf) {
-    let v = cluster.slate_json(&["token", "create", name, "--role", "host", "--tenant", &tenant.to_string()]);
-    let id = v["principal"]["id"].as_u64().expect("principal id");
-    let path = cluster.scratch().join(format!("{name}.token"));
-    write_secret(&path, v["token"].as_str().expect("token"));
-    (id, path)
-}
 
 /// One write per segment; how many failed, and the output.
 fn try_writes(uri: &str, pattern: u8) -> (usize, usize, String) {
@@ -46,7 +30,7 @@ fn revoking_a_grant_fences_the_live_attachment() {
     let tenant = cluster.volume_show("demo")["tenant"].as_u64().expect("tenant");
     let vol = cluster.slate_json(&["volume", "create", "rev", "--size", "64M", "--tenant", &tenant.to_string()]);
     let vol_id = vol["id"].as_u64().expect("volume id");
-    let (principal, token) = host_principal(&cluster, "revoked-host", tenant);
+    let (principal, token) = cluster.host_principal("revoked-host", tenant);
     let grant = cluster.slate_json(&[
         "grant",
         "create",
