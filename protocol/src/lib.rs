@@ -10,6 +10,7 @@ pub mod frame;
 pub mod ids;
 pub mod message;
 pub mod ops;
+pub mod stages;
 pub mod wire;
 
 pub use capability::{Capability, CapabilityError, Holder, Rights, SignedCapability};

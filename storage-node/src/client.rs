@@ -28,6 +28,9 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Instant;
+
+use slate_protocol::stages::Stage;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, oneshot};
 
@@ -62,7 +65,8 @@ type Pending = Arc<Mutex<PendingMap>>;
 
 #[derive(Debug, Default)]
 struct PendingMap {
-    waiting: HashMap<u64, oneshot::Sender<Result<Reply, ClientError>>>,
+    /// Each request's reply slot and when its frame was queued (for the `replica` stage).
+    waiting: HashMap<u64, (oneshot::Sender<Result<Reply, ClientError>>, Instant)>,
     /// Set once the connection is gone; later requests fail at once with it.
     closed: Option<ClientError>,
 }
@@ -119,7 +123,7 @@ fn fail_all(pending: &Pending, err: &ClientError) {
         }
         std::mem::take(&mut p.waiting)
     };
-    for (_, tx) in waiting {
+    for (_, (tx, _)) in waiting {
         let _ = tx.send(Err(err.clone()));
     }
 }
@@ -156,7 +160,7 @@ impl NodeClient {
 
         // The hello is request id 0's successor: ids start at 1 so that 0 means "connection-level".
         let (hello_tx, hello_rx) = oneshot::channel();
-        pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).waiting.insert(1, hello_tx);
+        pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).waiting.insert(1, (hello_tx, Instant::now()));
         let hello = Request::Hello { version: PROTOCOL_VERSION, capability: capability.clone() };
         tx.send(encode_request(1, &hello)).map_err(|_| ClientError::Closed("writer ended".into()))?;
         let reply = hello_rx.await.map_err(|_| ClientError::Closed("connection task ended".into()))??;
@@ -197,7 +201,7 @@ impl NodeClient {
             if let Some(e) = &p.closed {
                 return ReplyFuture { state: ReplyState::Failed(Some(e.clone())) };
             }
-            p.waiting.insert(id, tx);
+            p.waiting.insert(id, (tx, Instant::now()));
             // Encoding under the lock keeps the channel order equal to the call order across threads.
             if self.inner.frames.send(encode_request(id, req)).is_err() {
                 p.waiting.remove(&id);
@@ -314,7 +318,8 @@ async fn read_loop<R: AsyncRead + Unpin>(mut rd: R, pending: Pending) {
                 Ok((id, reply)) => {
                     let tx = pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).waiting.remove(&id);
                     match tx {
-                        Some(tx) => {
+                        Some((tx, queued)) => {
+                            Stage::Replica.since(queued);
                             let _ = tx.send(Ok(reply));
                         }
                         None => break ClientError::Protocol(format!("reply for unknown request id {id}")),

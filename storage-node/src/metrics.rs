@@ -14,6 +14,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use slate_protocol::stages::Side;
 use slate_protocol::{ErrorKind, Request};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -305,8 +306,21 @@ impl Metrics {
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
-        out
+        with_stages(out, Side::Node, "slate_node")
     }
+}
+
+/// Appends `side`'s data-path stage histograms to an OpenMetrics text (before its `# EOF`).
+pub fn with_stages(mut text: String, side: Side, prefix: &str) -> String {
+    let eof = text.ends_with("# EOF\n");
+    if eof {
+        text.truncate(text.len() - "# EOF\n".len());
+    }
+    slate_protocol::stages::render(side, prefix, &mut text);
+    if eof {
+        text.push_str("# EOF\n");
+    }
+    text
 }
 
 /// Counter of scrapes, to make the endpoint's own liveness visible in logs at debug level.
@@ -317,6 +331,20 @@ pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     engine: EngineHandle,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let render = move || {
+        metrics.observe_engine(&engine);
+        metrics.render()
+    };
+    serve_text(listener, Arc::new(render), shutdown).await;
+}
+
+/// Serves `GET /metrics` (whatever `render` returns, in the OpenMetrics text format)
+/// and `GET /health` on `listener` until `shutdown` fires.
+pub async fn serve_text(
+    listener: TcpListener,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
@@ -331,8 +359,7 @@ pub async fn serve(
             },
             () = crate::server::stopping(&mut shutdown) => return,
         };
-        let metrics = metrics.clone();
-        let engine = engine.clone();
+        let render = Arc::clone(&render);
         tokio::spawn(async move {
             let answer = tokio::time::timeout(Duration::from_secs(10), async {
                 let mut req = Vec::with_capacity(1024);
@@ -351,9 +378,8 @@ pub async fn serve(
                 let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
                 let (status, ctype, body) = if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?"))
                 {
-                    metrics.observe_engine(&engine);
                     SCRAPES.fetch_add(1, Ordering::Relaxed);
-                    ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render())
+                    ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", render())
                 } else if method == "GET" && path == "/health" {
                     ("200 OK", "text/plain", "ok\n".to_owned())
                 } else {

@@ -31,6 +31,7 @@ use crate::metrics::{Metrics, Op};
 use crate::session::{self, GenerationTable, OrderTracker, Session};
 use bytes::{Bytes, BytesMut};
 use ed25519_dalek::VerifyingKey;
+use slate_protocol::stages::Stage;
 use slate_protocol::{
     decode_frame, encode_reply, now_unix_secs, ErrorKind, FrameError, Holder, NodeId, Reply, Request, WireError,
     BLOCK_SIZE_BYTES, PROTOCOL_VERSION,
@@ -157,13 +158,15 @@ pub async fn stopping(rx: &mut watch::Receiver<bool>) {
 struct Outgoing {
     frame: Bytes,
     _permit: Option<OwnedSemaphorePermit>,
+    /// When the request arrived and when its reply was queued (stage timings).
+    times: Option<(Instant, Instant)>,
 }
 
 type ReplyTx = mpsc::UnboundedSender<Outgoing>;
 
 fn send(tx: &ReplyTx, id: u64, reply: &Reply, permit: Option<OwnedSemaphorePermit>) {
     // A send error means the writer is gone (connection dead): nothing to tell.
-    let _ = tx.send(Outgoing { frame: encode_reply(id, reply), _permit: permit });
+    let _ = tx.send(Outgoing { frame: encode_reply(id, reply), _permit: permit, times: None });
 }
 
 /// The id of a payload that failed to decode, if its header survived (kind: u8, id: u64 LE).
@@ -339,11 +342,11 @@ async fn serve_session<R, W>(
                     let fence = ctx.gens.fence(t.volume);
                     let _shared = fence.read().await;
                     match ctx.gens.check(t.volume, t.generation) {
-                        Ok(()) => execute(&ctx.engine, req).await,
+                        Ok(()) => timed_execute(&ctx.engine, req, arrived).await,
                         Err(e) => (Reply::Error(e), 0),
                     }
                 }
-                None => execute(&ctx.engine, req).await,
+                None => timed_execute(&ctx.engine, req, arrived).await,
             };
             drop(done);
             let error = match &reply {
@@ -354,7 +357,8 @@ async fn serve_session<R, W>(
                 debug!(id, ?op, ?kind, "request failed");
             }
             ctx.metrics.observe(op, arrived.elapsed(), block_bytes, error);
-            send(&tx, id, &reply, Some(permit));
+            let frame = encode_reply(id, &reply);
+            let _ = tx.send(Outgoing { frame, _permit: Some(permit), times: Some((arrived, Instant::now())) });
         });
     };
 
@@ -406,6 +410,15 @@ fn data(r: Result<ReadResult, EngineError>) -> (Reply, u64) {
     }
 }
 
+/// [`execute`], recording the `node_queue` and `engine` stages.
+async fn timed_execute(engine: &EngineHandle, req: Request, arrived: Instant) -> (Reply, u64) {
+    let t = Instant::now();
+    Stage::NodeQueue.record(t - arrived);
+    let r = execute(engine, req).await;
+    Stage::Engine.since(t);
+    r
+}
+
 /// Runs one authorized request against the engine. Returns the reply and the block bytes moved.
 async fn execute(engine: &EngineHandle, req: Request) -> (Reply, u64) {
     let Some(target) = req.target() else {
@@ -451,6 +464,14 @@ async fn execute(engine: &EngineHandle, req: Request) -> (Reply, u64) {
     }
 }
 
+/// Records the `node_reply` and `node_total` stages of a reply handed to the socket's buffer.
+fn written(out: &Outgoing) {
+    if let Some((arrived, queued)) = out.times {
+        Stage::NodeReply.since(queued);
+        Stage::NodeTotal.since(arrived);
+    }
+}
+
 /// Sends replies as they complete, batching whatever is ready into one flush.
 async fn write_loop<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
     let mut wr = BufWriter::with_capacity(256 << 10, wr);
@@ -460,10 +481,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::UnboundedReceive
             continue; // keep draining so that budgets return and tasks finish
         }
         let mut r = wr.write_all(&out.frame).await;
+        written(&out);
         drop(out);
         while r.is_ok() {
             match rx.try_recv() {
-                Ok(next) => r = wr.write_all(&next.frame).await,
+                Ok(next) => {
+                    r = wr.write_all(&next.frame).await;
+                    written(&next);
+                }
                 Err(_) => break,
             }
         }

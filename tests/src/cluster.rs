@@ -486,6 +486,27 @@ impl Cluster {
         total
     }
 
+    /// The sum over every process of `role` ("node" or "client") of the Prometheus sample
+    /// `series` on its plain-HTTP metrics endpoint (exact text before the value).
+    pub fn process_metric_sum(&self, role: &str, series: &str) -> f64 {
+        let mut total = 0.0;
+        for p in self.info().processes.iter().filter(|p| p.role == role) {
+            let addr = p.metrics.as_deref().unwrap_or_else(|| panic!("{role} {} serves no metrics", p.id));
+            let out = Command::new("curl")
+                .args(["-sS", "--max-time", "10"])
+                .arg(format!("http://{addr}/metrics"))
+                .output()
+                .expect("run curl");
+            let text = String::from_utf8_lossy(&out.stdout);
+            total += text
+                .lines()
+                .filter_map(|l| l.strip_prefix(series))
+                .filter_map(|rest| rest.trim().parse::<f64>().ok())
+                .sum::<f64>();
+        }
+        total
+    }
+
     /// Waits (up to `within`) until `slate audit list --security` shows a record of
     /// `action` (e.g. `security.capability-key-mismatch`) whose source starts with
     /// `source`; returns it. The audit aggregates events every few seconds.

@@ -77,6 +77,13 @@ fn slate_up_cli_discovery_quorum_loss_and_sigint() {
     // The data plane does not need the metadata service.
     qemu_io_ok(&cluster.nbd_unix(), &["write -P 0x22 1M 1M".into(), "read -P 0x22 1M 1M".into()]);
     qemu_io_ok(&cluster.nbd_tcp(), &["read -P 0x22 1M 1M".into()]);
+    // The data path's stage histograms saw those requests, on the client and on the nodes.
+    let client = cluster.process_metric_sum("client", "slate_client_stage_seconds_count{stage=\"client_total\"}");
+    let encrypt = cluster.process_metric_sum("client", "slate_client_stage_seconds_count{stage=\"encrypt\"}");
+    let node = cluster.process_metric_sum("node", "slate_node_stage_seconds_count{stage=\"node_total\"}");
+    eprintln!("stage counts: client_total {client}, encrypt {encrypt}, node_total {node}");
+    assert!(client >= 2.0 && encrypt >= 1.0, "the client's stage histograms missed the NBD requests");
+    assert!(node >= 2.0, "the nodes' stage histograms missed the replica writes");
 
     // Ctrl-C stops everything and removes cluster.json.
     let t = Instant::now();

@@ -27,6 +27,7 @@ use crate::volume::{
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use slate_node::client::NodeClient;
+use slate_protocol::stages::Side;
 use slate_protocol::{Generation, NodeId, Reply, Request, SegmentIndex, SignedCapability, Target, VolumeId};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -72,6 +73,10 @@ pub struct AttachArgs {
     /// decrypted volume. Logged as a warning and recorded in the audit chain.
     #[arg(long)]
     pub insecure_plaintext: bool,
+    /// Serve Prometheus metrics (the data path's per-stage latency histograms) on
+    /// this address, e.g. 127.0.0.1:9101: `GET /metrics`.
+    #[arg(long)]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Tells the nodes of `set` that they hold the segment (idempotent).
@@ -397,6 +402,12 @@ pub async fn run(api: ApiClient, args: AttachArgs) -> Result<()> {
     });
     let remote = NbdServer::new(registry, ServerConfig { tls: tcp_tls, security, ..ServerConfig::default() })?;
     let mut tasks = Vec::new();
+    let (stop_metrics, metrics_stopped) = tokio::sync::watch::channel(false);
+    if let Some(addr) = args.metrics {
+        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics on {addr}"))?;
+        let render = || slate_node::metrics::with_stages("# EOF\n".to_owned(), Side::Client, "slate_client");
+        tokio::spawn(slate_node::metrics::serve_text(l, Arc::new(render), metrics_stopped));
+    }
     if let Some(path) = &args.nbd_unix {
         let l = bind_private_socket(path)?;
         let s = local.clone();
@@ -414,6 +425,7 @@ pub async fn run(api: ApiClient, args: AttachArgs) -> Result<()> {
     info!("stopping: finishing in-flight requests");
     local.shutdown().await;
     remote.shutdown().await;
+    let _ = stop_metrics.send(true);
     for t in tasks {
         t.abort();
     }

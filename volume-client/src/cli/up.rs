@@ -46,6 +46,9 @@ pub struct UpState {
     pub meta: Vec<MetaMember>,
     pub nodes: Vec<NodeMember>,
     pub nbd_tcp_port: u16,
+    /// Where the client serves its metrics (0 in a state written before it did: none).
+    #[serde(default)]
+    pub client_metrics_port: u16,
     pub volume_size: u64,
     pub volume_name: String,
     /// Set once the demo tenant, principals and volume exist.
@@ -123,6 +126,7 @@ fn load_or_create_state(args: &UpArgs) -> Result<(UpState, bool)> {
         meta,
         nodes,
         nbd_tcp_port: procs::free_port()?,
+        client_metrics_port: procs::free_port()?,
         volume_size: args.volume_size,
         volume_name: "demo".into(),
         provisioned: false,
@@ -347,6 +351,9 @@ pub fn run(args: UpArgs) -> Result<()> {
             .arg("--tls-client-ca")
             .arg(layout.ca_path())
             .arg("--force");
+        if st.client_metrics_port != 0 {
+            cmd.arg("--metrics").arg(format!("127.0.0.1:{}", st.client_metrics_port));
+        }
         procs.push(Proc::spawn("slate attach", cmd, &logs.join("client.log"))?);
         let last = procs.len() - 1;
         procs::wait_for_port(&format!("127.0.0.1:{}", st.nbd_tcp_port), Duration::from_mins(1), &mut procs[last])?;
@@ -454,7 +461,7 @@ fn cluster_file(dir: &Path, st: &UpState, layout: &MetaLayout, procs: &[Proc]) -
             addr: format!("127.0.0.1:{}", st.nbd_tcp_port),
             failure_domain: String::new(),
             data: dir.join("nbd.sock"),
-            metrics: None,
+            metrics: (st.client_metrics_port != 0).then(|| format!("127.0.0.1:{}", st.client_metrics_port)),
         });
     }
     let sock = dir.join("nbd.sock");

@@ -18,6 +18,9 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Instant;
+
+use slate_protocol::stages::Stage;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
@@ -49,10 +52,14 @@ struct Out {
     head: BytesMut,
     data: Option<Bytes>,
     _permit: Option<OwnedSemaphorePermit>,
+    /// When the request's header was parsed, and when its reply was queued (stage timings).
+    times: Option<(Instant, Instant)>,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Request {
+    /// When the header was parsed.
+    t0: Instant,
     flags: u16,
     kind: u16,
     cookie: u64,
@@ -79,13 +86,18 @@ impl Conn {
     }
 
     fn reply_ok(&self, req: &Request, permit: Option<OwnedSemaphorePermit>) {
-        self.send(Out { head: simple_reply(req.cookie, 0), data: None, _permit: permit });
+        self.send(Out {
+            head: simple_reply(req.cookie, 0),
+            data: None,
+            _permit: permit,
+            times: Some((req.t0, Instant::now())),
+        });
     }
 
     fn reply_err(&self, req: &Request, code: u32, msg: &str, permit: Option<OwnedSemaphorePermit>) {
         debug!(cookie = req.cookie, kind = req.kind, code, msg, "NBD request failed");
         let head = if self.structured { error_chunk(req.cookie, code, msg) } else { simple_reply(req.cookie, code) };
-        self.send(Out { head, data: None, _permit: permit });
+        self.send(Out { head, data: None, _permit: permit, times: Some((req.t0, Instant::now())) });
     }
 
     fn reply_dev(&self, req: &Request, r: Result<(), DevError>, permit: Option<OwnedSemaphorePermit>) {
@@ -97,18 +109,23 @@ impl Conn {
 
     fn reply_read(&self, req: &Request, data: Bytes, permit: Option<OwnedSemaphorePermit>) {
         if !self.structured {
-            self.send(Out { head: simple_reply(req.cookie, 0), data: Some(data), _permit: permit });
+            self.send(Out {
+                head: simple_reply(req.cookie, 0),
+                data: Some(data),
+                _permit: permit,
+                times: Some((req.t0, Instant::now())),
+            });
             return;
         }
         let mut head = BytesMut::with_capacity(28);
         if data.is_empty() {
             chunk_header(&mut head, req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0);
-            self.send(Out { head, data: None, _permit: permit });
+            self.send(Out { head, data: None, _permit: permit, times: Some((req.t0, Instant::now())) });
             return;
         }
         chunk_header(&mut head, req.cookie, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 8 + data.len() as u32);
         head.put_u64(req.offset);
-        self.send(Out { head, data: Some(data), _permit: permit });
+        self.send(Out { head, data: Some(data), _permit: permit, times: Some((req.t0, Instant::now())) });
     }
 
     fn reply_status(&self, req: &Request, descs: &[(u32, u32)], permit: Option<OwnedSemaphorePermit>) {
@@ -120,7 +137,7 @@ impl Conn {
             head.put_u32(*l);
             head.put_u32(*f);
         }
-        self.send(Out { head, data: None, _permit: permit });
+        self.send(Out { head, data: None, _permit: permit, times: Some((req.t0, Instant::now())) });
     }
 }
 
@@ -208,6 +225,7 @@ pub(crate) async fn serve(neg: Negotiated, ctx: Arc<ServerCtx>, peer: &str) {
             break;
         }
         let req = Request {
+            t0: Instant::now(),
             flags: u16::from_be_bytes(hdr[4..6].try_into().expect("2 bytes")),
             kind: u16::from_be_bytes(hdr[6..8].try_into().expect("2 bytes")),
             cookie: u64::from_be_bytes(hdr[8..16].try_into().expect("8 bytes")),
@@ -293,6 +311,7 @@ async fn handle<R: AsyncBufRead + Unpin>(
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
             }
+            Stage::NbdReceive.since(req.t0);
             if req.flags & !CMD_FLAG_FUA != 0 {
                 conn.reply_err(&req, errno::EINVAL, "unsupported flags for NBD_CMD_WRITE", Some(permit));
             } else if read_only {
@@ -539,6 +558,11 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             w.write_all(&out.head).await?;
             if let Some(data) = &out.data {
                 w.write_all(data).await?;
+            }
+            if let Some((t0, queued)) = out.times {
+                // Written to the socket buffer; the flush below follows at once when the queue is dry.
+                Stage::NbdReply.since(queued);
+                Stage::ClientTotal.since(t0);
             }
         }
         w.flush().await?;

@@ -69,11 +69,12 @@ use crate::blockdev::{BlockDevice, DevError, DevFuture, Extent};
 use crate::crypto::{VolumeCipher, XtsKey};
 use actor::{Budget, Cmd, ReadChunk};
 use bytes::{Bytes, BytesMut};
+use slate_protocol::stages::Stage;
 use slate_protocol::{block_crc, Epoch, ErrorKind, NodeId, VolumeId, BLOCK_SIZE_BYTES, BLOCK_SIZE_BYTES_U64};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::{info, warn};
 
@@ -383,11 +384,16 @@ impl Volume {
         }
         let count = (plaintext.len() / BLOCK_SIZE_BYTES) as u64;
         let permit = self.permit(count).await?;
+        let t = Instant::now();
         let mut buf = BytesMut::from(plaintext);
         self.cipher.encrypt_blocks(start, &mut buf).map_err(|e| VolumeError::Io(e.to_string()))?;
         let crcs: Vec<u32> = buf.chunks(BLOCK_SIZE_BYTES).map(block_crc).collect();
         let data = buf.freeze();
-        self.ask(|reply| Cmd::Write { start, fua, crcs, data, permit: Some(permit), reply }).await
+        Stage::Encrypt.since(t);
+        let t = Instant::now();
+        let r = self.ask(|reply| Cmd::Write { start, fua, crcs, data, permit: Some(permit), reply }).await;
+        Stage::Volume.since(t);
+        r
     }
 
     /// Writes whole blocks that are already ciphertext under this volume's key
