@@ -19,7 +19,9 @@
 //! - [`uring`]: io_uring submission, aligned buffers (`unsafe`, documented).
 //! - [`zero`]: zeroing a range with fallocate / BLKZEROOUT (one documented `unsafe` ioctl),
 //!   shared with the whole-device erase (`crate::erase`).
-//! - [`core`]: the engine thread: batching, allocation, layers, zeroer, checkpoint.
+//! - [`core`]: the engine thread, one submodule per responsibility: the write path
+//!   (`core/commit.rs`), reads, recovery, page cache, allocation, zeroer, checkpoint,
+//!   intents, fencing, layers, scrub.
 //!
 //! Failpoints (feature `failpoints`, always on in this crate's tests), each of
 //! which stops the engine thread as a crash would (no checkpoint, no replies):
