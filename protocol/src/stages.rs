@@ -23,9 +23,10 @@
 //! | node | `node_queue` | frame decoded → handed to the engine (ordering and fences) |
 //! | node | `engine` | handed to the engine → its answer received |
 //! | node | `engine_queue` | handed to the engine → planned by the engine thread |
-//! | node | `engine_commit` | planned → durable (data, journal entry, fdatasync) and answered |
+//! | node | `commit_wait` | planned → its journal commit starts (the previous commit, gathering) |
+//! | node | `engine_commit` | a commit's journal entry submitted → durable (entry write and fdatasync; per commit) |
 //! | node | `disk_write` | a write's data submitted to io_uring → completed |
-//! | node | `fdatasync` | a commit's fdatasync submitted → completed |
+//! | node | `fdatasync` | a commit's own fdatasync submitted → completed (when not chained to the entry) |
 //! | node | `commit_items` | not a time: writes carried by one journal commit (count, not µs) |
 //! | node | `node_reply` | engine answered → reply written to the socket |
 //! | node | `node_total` | frame decoded → reply written |
@@ -50,6 +51,7 @@ pub enum Stage {
     NodeQueue,
     Engine,
     EngineQueue,
+    CommitWait,
     EngineCommit,
     DiskWrite,
     Fdatasync,
@@ -66,7 +68,7 @@ pub enum Side {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 16] = [
+    pub const ALL: [Stage; 17] = [
         Stage::NbdReceive,
         Stage::Encrypt,
         Stage::ActorQueue,
@@ -77,6 +79,7 @@ impl Stage {
         Stage::NodeQueue,
         Stage::Engine,
         Stage::EngineQueue,
+        Stage::CommitWait,
         Stage::EngineCommit,
         Stage::DiskWrite,
         Stage::Fdatasync,
@@ -98,6 +101,7 @@ impl Stage {
             Stage::NodeQueue => "node_queue",
             Stage::Engine => "engine",
             Stage::EngineQueue => "engine_queue",
+            Stage::CommitWait => "commit_wait",
             Stage::EngineCommit => "engine_commit",
             Stage::DiskWrite => "disk_write",
             Stage::Fdatasync => "fdatasync",

@@ -364,6 +364,8 @@ pub(crate) enum Cmd {
         crcs: Vec<u32>,
         data: Bytes,
         tx: Reply<()>,
+        /// When the command was handed to the engine (the `engine_queue` stage).
+        sent: std::time::Instant,
     },
     Read {
         volume: VolumeId,
@@ -587,7 +589,7 @@ impl EngineHandle {
                 return Err(EngineError::BadCrc { block: BlockIndex(start.0.saturating_add(i as u64)) });
             }
         }
-        self.call(|tx| Cmd::Write { volume, start, crcs, data, tx }).await
+        self.call(|tx| Cmd::Write { volume, start, crcs, data, tx, sent: std::time::Instant::now() }).await
     }
 
     /// Checks every written block of a read against its stored crc.

@@ -23,6 +23,7 @@ use crate::engine::layout::Superblock;
 use crate::engine::uring::{AlignedBuf, Completion, Fsync, ALIGN};
 use crate::engine::{Cmd, EngineError, ExtentPhase, Reply};
 use bytes::Bytes;
+use slate_protocol::stages::Stage;
 use slate_protocol::{BlockIndex, BlockRange, Epoch, VolumeId};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -59,6 +60,8 @@ pub(super) enum DataState {
     },
     InFlight {
         range: (VolumeId, u64, u64),
+        /// When the data was submitted (the `disk_write` stage).
+        since: Instant,
     },
     Done,
 }
@@ -92,6 +95,8 @@ pub(super) struct Commit {
     /// Items of this commit whose data is still being written.
     data_pending: usize,
     fsync_started: bool,
+    /// When a separate fdatasync was submitted (the `fdatasync` stage).
+    fsync_at: Option<Instant>,
 }
 
 const COMMIT_TOKEN: u64 = 1 << 63;
@@ -251,7 +256,8 @@ impl Core {
         let failed = self.failed.clone().map(EngineError::Failed);
         let seq = self.new_seq();
         match cmd {
-            Cmd::Write { volume, start, crcs, data, tx } => {
+            Cmd::Write { volume, start, crcs, data, tx, sent } => {
+                Stage::EngineQueue.since(sent);
                 if let Some(e) = failed {
                     let _ = tx.send(Err(e));
                     return;
@@ -272,7 +278,7 @@ impl Core {
                                 b.records,
                                 b.record_bytes,
                                 ItemReply::Unit(tx),
-                                DataState::InFlight { range },
+                                DataState::InFlight { range, since: Instant::now() },
                             );
                         } else {
                             // The intent must be durable before any of the data can reach the disk.
@@ -375,7 +381,7 @@ impl Core {
         data: DataState,
     ) {
         let range = match &data {
-            DataState::Deferred { range, .. } | DataState::InFlight { range } => Some(*range),
+            DataState::Deferred { range, .. } | DataState::InFlight { range, .. } => Some(*range),
             DataState::None | DataState::Done => None,
         };
         self.fifo_record_bytes += record_bytes;
@@ -404,7 +410,7 @@ impl Core {
             if let DataState::Deferred { buf, parts, range, .. } = data {
                 self.inflight_data_bytes += buf.len();
                 self.ring.start(seq, buf, &parts, Fsync::No);
-                self.fifo[i].data = DataState::InFlight { range };
+                self.fifo[i].data = DataState::InFlight { range, since: Instant::now() };
             }
         }
     }
@@ -450,6 +456,12 @@ impl Core {
         self.last_commit_items = clients.max(1);
         self.commit_started = Instant::now();
         let items: Vec<Item> = self.fifo.drain(..n).collect();
+        for item in items.iter().filter(|i| !matches!(i.reply, ItemReply::None)) {
+            Stage::CommitWait.record(self.commit_started - item.planned_at);
+        }
+        if clients > 0 {
+            Stage::CommitItems.count(clients as u64);
+        }
         self.fifo_record_bytes = self.fifo_record_bytes.saturating_sub(bytes);
         let last_seq = items.last().map_or(self.committed_seq, |i| i.seq);
         let mut records = std::mem::take(&mut self.pending);
@@ -506,6 +518,7 @@ impl Core {
             drained,
             data_pending,
             fsync_started: drained,
+            fsync_at: None,
         });
     }
 
@@ -514,6 +527,7 @@ impl Core {
         if let Some(c) = &mut self.committing {
             if c.entry_done && c.data_pending == 0 && !c.fsync_started {
                 c.fsync_started = true;
+                c.fsync_at = Some(Instant::now());
                 self.ring.start_fsync(COMMIT_FSYNC_TOKEN);
             }
         }
@@ -534,6 +548,9 @@ impl Core {
                 self.maybe_commit_fsync();
             }
         } else if c.user == COMMIT_FSYNC_TOKEN {
+            if let Some(at) = self.committing.as_ref().and_then(|c| c.fsync_at) {
+                Stage::Fdatasync.since(at);
+            }
             self.finish_commit(c.result);
         } else if c.user & READ_TOKEN != 0 {
             self.finish_read(c);
@@ -543,11 +560,18 @@ impl Core {
                 self.inflight_data_bytes = self.inflight_data_bytes.saturating_sub(buf.len());
             }
             let err = c.result.err().map(|e| e.to_string());
+            let data_since = |d: &DataState| {
+                if let DataState::InFlight { since, .. } = d {
+                    Stage::DiskWrite.since(*since);
+                }
+            };
             if let Ok(i) = self.fifo.binary_search_by_key(&c.user, |i| i.seq) {
+                data_since(&self.fifo[i].data);
                 self.fifo[i].io_err = err;
                 self.fifo[i].data = DataState::Done;
             } else if let Some(commit) = &mut self.committing {
                 if let Ok(i) = commit.items.binary_search_by_key(&c.user, |i| i.seq) {
+                    data_since(&commit.items[i].data);
                     commit.items[i].io_err = err;
                     commit.items[i].data = DataState::Done;
                     commit.data_pending -= 1;
@@ -568,6 +592,7 @@ impl Core {
         }
         self.journal.advance(commit.at, commit.nblocks);
         let took = self.commit_started.elapsed();
+        Stage::EngineCommit.record(took);
         self.commit_latency = (self.commit_latency * 7 + took) / 8;
         self.durable_lsn = commit.lsn;
         self.committed_seq = self.committed_seq.max(commit.last_seq);
