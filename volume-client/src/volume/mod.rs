@@ -27,8 +27,8 @@
 //! | `deps.rs` | the FIFO range lock that orders overlapping operations |
 //! | `replicas.rs` | per-segment replica sets, read rotation, rebuild progress |
 //! | `runs.rs` | splitting ranges, checking replies, building copy requests |
-//! | `actor.rs` | the task that owns the volume: fan-out, repair, failover, fencing |
-//! | `actor/freeze.rs` | freezing pending snapshots: hold new writes, drain, freeze every node, report |
+//! | `actor.rs` | the task that owns the volume: its commands, events, state, loop and dispatch |
+//! | `actor/` | the actor's parts, one responsibility each (listed in `actor.rs`): ordering, reads, the write path, flush, failures and fencing, membership, rebuilds, capability renewal, layout polling, growth, snapshot freezes, intent clearing |
 //! | `rebuild.rs` | filling a new replica under range locks |
 //! | `reconcile.rs` | write-intent reconciliation at open |
 //! | `intents.rs` | which intent regions may be cleared while serving |

@@ -30,7 +30,8 @@
 //! Freezing needs the capability's admin right (as assigning segments does);
 //! a node's refusal fails the attempt, never the volume (fencing aside).
 
-use super::{classify, Actor, Cmd, Event, OpKind, Outcome};
+use super::ops::OpKind;
+use super::{classify, Actor, Cmd, Event, Outcome};
 use crate::volume::layout::PendingSnapshot;
 use crate::volume::link::LinkError;
 use crate::volume::replicas::SegmentSet;
