@@ -107,9 +107,9 @@ def run_job(info, target, job, runtime):
             if c <= 0:
                 continue
             if stage == "commit_items":
-                # Recorded as items x 1 ms: print items per commit.
-                print(f"{n:<10} {stage:<14} {c / ios:>8.2f} {s / c * 1e3:>9.1f} "
-                      f"{quantile(b, c, 0.5) * 1e3:>9.0f} {quantile(b, c, 0.99) * 1e3:>9.0f}  (items per commit)")
+                # Recorded as items x 1 us: print items per commit.
+                print(f"{n:<10} {stage:<14} {c / ios:>8.2f} {s / c * 1e6:>9.1f} "
+                      f"{fmt_us(quantile(b, c, 0.5)):>9} {fmt_us(quantile(b, c, 0.99)):>9}  (items per commit)")
                 continue
             print(f"{n:<10} {stage:<14} {c / ios:>8.2f} {s / c * 1e6:>9.0f} "
                   f"{fmt_us(quantile(b, c, 0.5)):>9} {fmt_us(quantile(b, c, 0.99)):>9}")
@@ -131,6 +131,7 @@ def main():
     ap.add_argument("--jobs", default="qd1,qd32,read32")
     ap.add_argument("--cluster", help="cluster.json of a running `slate up` (default: start one)")
     ap.add_argument("--work", default="/var/tmp")
+    ap.add_argument("--up-arg", action="append", default=[], help="an extra argument for `slate up` (repeatable)")
     args = ap.parse_args()
     server = None
     with tempfile.TemporaryDirectory(prefix="slate-breakdown.", dir=args.work) as work:
@@ -140,7 +141,7 @@ def main():
                 target = {"name": "slate", "kind": "nbd", "uri": info["volumes"][0]["nbd_unix"], "pids": [],
                           "metrics": [p["metrics"] for p in info["processes"] if p["role"] == "node"]}
             else:
-                server, target = compare.start_slate(Path(work), str(Path(args.slate).resolve()))
+                server, target = compare.start_slate(Path(work), str(Path(args.slate).resolve()), args.up_arg)
                 info = json.loads((Path(work) / "slate-data" / "cluster.json").read_text())
                 compare.log("prefilling the volume")
                 compare.fio(target, "prefill", "write", "1M", 8, [], 0)

@@ -114,13 +114,20 @@ def fio(target, name, rw, bs, qd, extra, runtime, size=SIZE):
     job = json.loads(text)["jobs"][0]
     d = job["write"] if job["write"]["io_bytes"] > 0 else job["read"]
     pct = d["clat_ns"].get("percentile", {})
-    return {
+    r = {
         "iops": d["iops"],
         "mb_s": d["bw_bytes"] / 1e6,
         "p50_us": pct.get("50.000000", 0) / 1000,
         "p99_us": pct.get("99.000000", 0) / 1000,
         "ios": d["total_ios"],
     }
+    sync = job.get("sync", {}).get("lat_ns", {})
+    if sync.get("N", 0) > 0:
+        # The flush after each write (--fsync=1): its latency is part of the write's durability.
+        sp = sync.get("percentile", {})
+        r["sync_p50_us"] = sp.get("50.000000", 0) / 1000
+        r["sync_p99_us"] = sp.get("99.000000", 0) / 1000
+    return r
 
 
 def fua_probe(target, count=2000):
@@ -194,9 +201,9 @@ def start_nbd_luks(work):
     return s, {"name": "nbd-luks", "kind": "nbd", "uri": f"nbd+unix:///?socket={sock}", "pids": [s.proc.pid]}
 
 
-def start_slate(work, slate):
+def start_slate(work, slate, extra=()):
     data = work / "slate-data"
-    s = Server("slate up", [slate, "up", "--dir", str(data), "--volume-size", "2G", "--disk-size", "4G"],
+    s = Server("slate up", [slate, "up", "--dir", str(data), "--volume-size", "2G", "--disk-size", "4G", *extra],
                work / "slate-up.log")
     cluster = data / "cluster.json"
 
@@ -240,10 +247,12 @@ def run_system(target, runtime):
         r = fio(target, name, rw, bs, qd, extra, runtime)
         cpu = (cpu_ticks(target["pids"]) - before) / HZ
         r["server_cpu_s"] = cpu
-        r["server_cpu_us_per_io"] = cpu * 1e6 / max(r["ios"], 1) if target["pids"] else 0
+        # The CPU was read around fio's ramp too; fio's I/O count leaves the ramp out.
+        r["server_cpu_us_per_io"] = cpu * 1e6 / max(r["iops"] * (runtime + 2), 1) if target["pids"] else 0
         results[name] = r
+        flush = f", flush p50 {r['sync_p50_us']:.0f} p99 {r['sync_p99_us']:.0f} us" if "sync_p50_us" in r else ""
         log(f"   {name}: {r['iops']:.0f} IOPS, {r['mb_s']:.0f} MB/s, p50 {r['p50_us']:.0f} us, "
-            f"p99 {r['p99_us']:.0f} us, server CPU {r['server_cpu_us_per_io']:.0f} us/IO")
+            f"p99 {r['p99_us']:.0f} us{flush}, server CPU {r['server_cpu_us_per_io']:.0f} us/IO")
     before = cpu_ticks(target["pids"])
     r = fua_probe(target)
     r["server_cpu_s"] = (cpu_ticks(target["pids"]) - before) / HZ

@@ -49,6 +49,9 @@ pub enum ClientError {
     /// The node sent something this client does not understand.
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// No reply within the timeout the request was started with.
+    #[error("no reply in time")]
+    Timeout,
 }
 
 impl ClientError {
@@ -63,13 +66,54 @@ impl ClientError {
 
 type Pending = Arc<Mutex<PendingMap>>;
 
-#[derive(Debug, Default)]
+/// Called with a request's outcome, on the connection's reader task: it must not block.
+pub type OnReply = Box<dyn FnOnce(Result<Reply, ClientError>) + Send>;
+
+/// Where a request's outcome goes.
+enum Waiter {
+    Slot(oneshot::Sender<Result<Reply, ClientError>>),
+    Call(OnReply),
+}
+
+impl Waiter {
+    fn finish(self, r: Result<Reply, ClientError>) {
+        match self {
+            Waiter::Slot(tx) => drop(tx.send(r)),
+            Waiter::Call(f) => f(r),
+        }
+    }
+}
+
+/// A request waiting for its reply.
+struct Waiting {
+    waiter: Waiter,
+    /// When its frame was queued (the `replica` stage).
+    queued: Instant,
+    /// When it times out (requests started with [`NodeClient::start_with`]).
+    deadline: Option<Instant>,
+}
+
+#[derive(Default)]
 struct PendingMap {
-    /// Each request's reply slot and when its frame was queued (for the `replica` stage).
-    waiting: HashMap<u64, (oneshot::Sender<Result<Reply, ClientError>>, Instant)>,
+    waiting: HashMap<u64, Waiting>,
+    /// Requests failed by their deadline whose reply may still come (and is then dropped).
+    timed_out: std::collections::HashSet<u64>,
     /// Set once the connection is gone; later requests fail at once with it.
     closed: Option<ClientError>,
 }
+
+impl std::fmt::Debug for PendingMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingMap")
+            .field("waiting", &self.waiting.len())
+            .field("timed_out", &self.timed_out.len())
+            .field("closed", &self.closed)
+            .finish()
+    }
+}
+
+/// How often the reader looks for requests past their deadline.
+const TIMEOUT_SWEEP: std::time::Duration = std::time::Duration::from_millis(250);
 
 #[derive(Debug)]
 struct Inner {
@@ -123,8 +167,8 @@ fn fail_all(pending: &Pending, err: &ClientError) {
         }
         std::mem::take(&mut p.waiting)
     };
-    for (_, (tx, _)) in waiting {
-        let _ = tx.send(Err(err.clone()));
+    for (_, w) in waiting {
+        w.waiter.finish(Err(err.clone()));
     }
 }
 
@@ -160,7 +204,11 @@ impl NodeClient {
 
         // The hello is request id 0's successor: ids start at 1 so that 0 means "connection-level".
         let (hello_tx, hello_rx) = oneshot::channel();
-        pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).waiting.insert(1, (hello_tx, Instant::now()));
+        pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .waiting
+            .insert(1, Waiting { waiter: Waiter::Slot(hello_tx), queued: Instant::now(), deadline: None });
         let hello = Request::Hello { version: PROTOCOL_VERSION, capability: capability.clone() };
         tx.send(encode_request(1, &hello)).map_err(|_| ClientError::Closed("writer ended".into()))?;
         let reply = hello_rx.await.map_err(|_| ClientError::Closed("connection task ended".into()))??;
@@ -194,21 +242,35 @@ impl NodeClient {
 
     /// Sends `req` now (frames leave in the order of `start` calls) and returns its reply's future.
     pub fn start(&self, req: &Request) -> ReplyFuture {
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        {
-            let mut p = self.inner.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(e) = &p.closed {
-                return ReplyFuture { state: ReplyState::Failed(Some(e.clone())) };
-            }
-            p.waiting.insert(id, (tx, Instant::now()));
-            // Encoding under the lock keeps the channel order equal to the call order across threads.
-            if self.inner.frames.send(encode_request(id, req)).is_err() {
-                p.waiting.remove(&id);
-                return ReplyFuture { state: ReplyState::Failed(Some(ClientError::Closed("writer ended".into()))) };
-            }
+        match self.enqueue(req, Waiter::Slot(tx), None) {
+            Ok(()) => ReplyFuture { state: ReplyState::Waiting(rx) },
+            Err((e, _)) => ReplyFuture { state: ReplyState::Failed(Some(e)) },
         }
-        ReplyFuture { state: ReplyState::Waiting(rx) }
+    }
+
+    /// Sends `req` now, like [`NodeClient::start`], and calls `on_reply` with its outcome
+    /// from the connection's reader task: no task or timer per request. Without a reply
+    /// within `timeout` the outcome is [`ClientError::Timeout`] (checked every 250 ms).
+    pub fn start_with(&self, req: &Request, timeout: std::time::Duration, on_reply: OnReply) {
+        if let Err((e, w)) = self.enqueue(req, Waiter::Call(on_reply), Some(Instant::now() + timeout)) {
+            w.finish(Err(e));
+        }
+    }
+
+    fn enqueue(&self, req: &Request, waiter: Waiter, deadline: Option<Instant>) -> Result<(), (ClientError, Waiter)> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut p = self.inner.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(e) = &p.closed {
+            return Err((e.clone(), waiter));
+        }
+        p.waiting.insert(id, Waiting { waiter, queued: Instant::now(), deadline });
+        // Encoding under the lock keeps the channel order equal to the call order across threads.
+        if self.inner.frames.send(encode_request(id, req)).is_err() {
+            let w = p.waiting.remove(&id).map(|w| w.waiter);
+            return Err((ClientError::Closed("writer ended".into()), w.expect("just inserted")));
+        }
+        Ok(())
     }
 
     /// Sends `req` and waits for its reply; an error reply becomes [`ClientError::Remote`].
@@ -307,8 +369,25 @@ async fn write_loop<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::UnboundedReceive
     let _ = wr.shutdown().await;
 }
 
+/// Fails the requests whose deadline has passed.
+fn sweep_timeouts(pending: &Pending) {
+    let now = Instant::now();
+    let expired: Vec<Waiting> = {
+        let mut p = pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ids: Vec<u64> =
+            p.waiting.iter().filter(|(_, w)| w.deadline.is_some_and(|d| d <= now)).map(|(id, _)| *id).collect();
+        p.timed_out.extend(ids.iter().copied());
+        ids.into_iter().filter_map(|id| p.waiting.remove(&id)).collect()
+    };
+    for w in expired {
+        w.waiter.finish(Err(ClientError::Timeout));
+    }
+}
+
 async fn read_loop<R: AsyncRead + Unpin>(mut rd: R, pending: Pending) {
     let mut buf = BytesMut::with_capacity(1 << 20);
+    let mut sweep = tokio::time::interval(TIMEOUT_SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let why = loop {
         match decode_frame(&mut buf) {
             Err(e) => break ClientError::Protocol(format!("bad frame from node: {e}")),
@@ -316,20 +395,30 @@ async fn read_loop<R: AsyncRead + Unpin>(mut rd: R, pending: Pending) {
                 Err(e) => break ClientError::Protocol(format!("bad reply from node: {e}")),
                 Ok((0, Reply::Error(e))) => break ClientError::Remote(e),
                 Ok((id, reply)) => {
-                    let tx = pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).waiting.remove(&id);
+                    let (tx, late) = {
+                        let mut p = pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        let w = p.waiting.remove(&id);
+                        let late = w.is_none() && p.timed_out.remove(&id);
+                        (w, late)
+                    };
                     match tx {
-                        Some((tx, queued)) => {
-                            Stage::Replica.since(queued);
-                            let _ = tx.send(Ok(reply));
+                        Some(w) => {
+                            Stage::Replica.since(w.queued);
+                            w.waiter.finish(Ok(reply));
                         }
+                        // A request that timed out (its outcome was given already) gets its reply late.
+                        None if late => {}
                         None => break ClientError::Protocol(format!("reply for unknown request id {id}")),
                     }
                 }
             },
-            Ok(None) => match rd.read_buf(&mut buf).await {
-                Ok(0) => break ClientError::Closed("closed by node".into()),
-                Ok(_) => {}
-                Err(e) => break ClientError::Closed(format!("read: {e}")),
+            Ok(None) => tokio::select! {
+                r = rd.read_buf(&mut buf) => match r {
+                    Ok(0) => break ClientError::Closed("closed by node".into()),
+                    Ok(_) => {}
+                    Err(e) => break ClientError::Closed(format!("read: {e}")),
+                },
+                _ = sweep.tick() => sweep_timeouts(&pending),
             },
         }
     };

@@ -330,9 +330,14 @@ async fn serve_session<R, W>(
 
         // Register in arrival order, then run concurrently.
         let (deps, done) = order.arrive(session::ordering_of(&req));
+        let arrived = Instant::now();
+        // A write with nothing to wait for goes to the engine from here, and the engine
+        // thread queues its reply: no task per write.
+        let Some((req, done, permit)) = write_now(&ctx, &tx, id, req, &deps, done, permit, arrived) else {
+            continue;
+        };
         let ctx = ctx.clone();
         let tx = tx.clone();
-        let arrived = Instant::now();
         tokio::spawn(async move {
             deps.wait().await;
             // Re-check the generation under the volume's fence: a takeover that
@@ -408,6 +413,53 @@ fn data(r: Result<ReadResult, EngineError>) -> (Reply, u64) {
         }
         Err(e) => (Reply::Error(e.to_wire()), 0),
     }
+}
+
+/// Sends a write to the engine at once when nothing delays it (no earlier overlapping
+/// mutation in flight, the volume's fence free, the generation current); the engine
+/// thread then queues the reply through `on_done`. Hands everything back otherwise.
+#[allow(clippy::too_many_arguments)]
+fn write_now(
+    ctx: &Arc<Ctx>,
+    tx: &ReplyTx,
+    id: u64,
+    req: Request,
+    deps: &session::Dependencies,
+    done: session::Completion,
+    permit: OwnedSemaphorePermit,
+    arrived: Instant,
+) -> Option<(Request, session::Completion, OwnedSemaphorePermit)> {
+    let Request::Write { target, .. } = &req else { return Some((req, done, permit)) };
+    if !deps.is_ready() {
+        return Some((req, done, permit));
+    }
+    // Held until the write is durable, as on the task path (a takeover waits for it); the
+    // generation is checked under it, so a takeover cannot slip in between.
+    let Ok(fence) = ctx.gens.fence(target.volume).try_read_owned() else { return Some((req, done, permit)) };
+    if ctx.gens.check(target.volume, target.generation).is_err() {
+        return Some((req, done, permit));
+    }
+    let Request::Write { target, start, crcs, data, .. } = req else { unreachable!("matched above") };
+    let n = data.len() as u64;
+    let t = Instant::now();
+    Stage::NodeQueue.record(t - arrived);
+    let (ctx2, tx) = (Arc::clone(ctx), tx.clone());
+    let on_done = move |r: Result<(), EngineError>| {
+        Stage::Engine.since(t);
+        drop(fence);
+        drop(done);
+        let reply = self::done(r);
+        let error = match &reply {
+            Reply::Error(e) => Some(e.kind),
+            _ => None,
+        };
+        let moved = if error.is_none() { n } else { 0 };
+        ctx2.metrics.observe(Op::Write, arrived.elapsed(), moved, error);
+        let frame = encode_reply(id, &reply);
+        let _ = tx.send(Outgoing { frame, _permit: Some(permit), times: Some((arrived, Instant::now())) });
+    };
+    ctx.engine.write_with(target.volume, start, crcs, data, Box::new(on_done));
+    None
 }
 
 /// [`execute`], recording the `node_queue` and `engine` stages.

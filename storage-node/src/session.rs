@@ -276,6 +276,11 @@ impl Dependencies {
         self.0.is_empty()
     }
     /// Resolves once every dependency's [`Completion`] is dropped.
+    /// True when every mutation it waits for has finished already.
+    pub fn is_ready(&self) -> bool {
+        self.0.iter().all(|rx| rx.has_changed().is_err())
+    }
+
     pub async fn wait(self) {
         for mut rx in self.0 {
             // No value is ever sent: `changed` returns (with an error) when the sender is dropped.

@@ -335,6 +335,48 @@ impl StatsCell {
 
 type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 
+/// Called on the engine thread with a write's outcome, once it is durable (or failed):
+/// it must not block. See [`EngineHandle::write_with`].
+pub type OnDone = Box<dyn FnOnce(Result<(), EngineError>) + Send>;
+
+/// Where the engine sends an outcome without a value: a waiting task, or a callback.
+pub(crate) enum Done {
+    Slot(Reply<()>),
+    Call(OnDone),
+}
+
+impl Done {
+    pub(crate) fn send(self, r: Result<(), EngineError>) {
+        match self {
+            Done::Slot(tx) => drop(tx.send(r)),
+            Done::Call(f) => f(r),
+        }
+    }
+}
+
+impl std::fmt::Debug for Done {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Done::Slot(_) => "Done::Slot",
+            Done::Call(_) => "Done::Call",
+        })
+    }
+}
+
+/// Checks a write's shape and every block's crc, on the caller's task, so that the
+/// engine thread only does I/O.
+fn check_write(start: BlockIndex, crcs: &[u32], data: &[u8]) -> Result<(), EngineError> {
+    if data.len() != crcs.len() * BLOCK_SIZE_BYTES {
+        return Err(EngineError::Invalid(format!("{} crcs for {} bytes", crcs.len(), data.len())));
+    }
+    for (i, (block, crc)) in data.chunks_exact(BLOCK_SIZE_BYTES).zip(crcs).enumerate() {
+        if crc32c::crc32c(block) != *crc {
+            return Err(EngineError::BadCrc { block: BlockIndex(start.0.saturating_add(i as u64)) });
+        }
+    }
+    Ok(())
+}
+
 /// A command to the engine thread. Processed in arrival order.
 #[derive(Debug)]
 pub(crate) enum Cmd {
@@ -363,7 +405,7 @@ pub(crate) enum Cmd {
         start: BlockIndex,
         crcs: Vec<u32>,
         data: Bytes,
-        tx: Reply<()>,
+        tx: Done,
         /// When the command was handed to the engine (the `engine_queue` stage).
         sent: std::time::Instant,
     },
@@ -580,16 +622,27 @@ impl EngineHandle {
         crcs: Vec<u32>,
         data: Bytes,
     ) -> Result<(), EngineError> {
-        // Checked here, on the caller's task, so the engine thread only does I/O.
-        if data.len() != crcs.len() * BLOCK_SIZE_BYTES {
-            return Err(EngineError::Invalid(format!("{} crcs for {} bytes", crcs.len(), data.len())));
+        check_write(start, &crcs, &data)?;
+        let sent = std::time::Instant::now();
+        self.call(|tx| Cmd::Write { volume, start, crcs, data, tx: Done::Slot(tx), sent }).await
+    }
+
+    /// [`Self::write`] without a task waiting: `on_done` is called with the outcome, on the
+    /// engine thread once the write is durable (or at once if it is refused here). The data
+    /// plane answers its client from there, saving a task wake-up per write.
+    pub fn write_with(&self, volume: VolumeId, start: BlockIndex, crcs: Vec<u32>, data: Bytes, on_done: OnDone) {
+        if let Err(e) = check_write(start, &crcs, &data) {
+            return on_done(Err(e));
         }
-        for (i, (block, crc)) in data.chunks_exact(BLOCK_SIZE_BYTES).zip(&crcs).enumerate() {
-            if crc32c::crc32c(block) != *crc {
-                return Err(EngineError::BadCrc { block: BlockIndex(start.0.saturating_add(i as u64)) });
+        let sent = std::time::Instant::now();
+        match self.tx.send(Cmd::Write { volume, start, crcs, data, tx: Done::Call(on_done), sent }) {
+            Ok(()) => self.waker.notify(),
+            Err(mpsc::SendError(cmd)) => {
+                if let Cmd::Write { tx, .. } = cmd {
+                    tx.send(Err(EngineError::ShuttingDown));
+                }
             }
         }
-        self.call(|tx| Cmd::Write { volume, start, crcs, data, tx, sent: std::time::Instant::now() }).await
     }
 
     /// Checks every written block of a read against its stored crc.

@@ -280,6 +280,8 @@ pub struct Actor {
     cfg: VolumeConfig,
     sets: Vec<SegmentSet>,
     links: HashMap<NodeId, Arc<dyn NodeLink>>,
+    /// Requests sent to each node whose reply has not come back (reads go to the least loaded).
+    inflight: std::cell::RefCell<HashMap<NodeId, usize>>,
     dead: HashSet<NodeId>,
     replacing: HashSet<(SegmentIndex, NodeId)>,
     control: Arc<dyn ControlPlane>,
@@ -350,6 +352,7 @@ pub async fn run(init: Init, cmds: mpsc::Receiver<Cmd>) {
         cfg: init.cfg,
         sets,
         links: init.links,
+        inflight: std::cell::RefCell::default(),
         dead: HashSet::new(),
         replacing: HashSet::new(),
         control: init.control,
@@ -476,6 +479,9 @@ impl Actor {
     fn on_event(&mut self, ev: Event) {
         match ev {
             Event::Reply { op, tag, node, result } => {
+                if let Some(n) = self.inflight.borrow_mut().get_mut(&node) {
+                    *n = n.saturating_sub(1);
+                }
                 if self.fatal.is_some() {
                     return;
                 }

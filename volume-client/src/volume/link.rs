@@ -11,6 +11,7 @@ use slate_protocol::{NodeId, Reply, Request, SignedCapability, WireError};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A boxed, sendable future.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -39,7 +40,21 @@ pub trait NodeLink: Send + Sync + std::fmt::Debug + 'static {
     /// Sends `req` before returning (requests leave in call order) and returns its reply.
     /// An error reply may come back either as `Ok(Reply::Error)` or as `Err(LinkError::Remote)`.
     fn start(&self, req: &Request) -> BoxFuture<Result<Reply, LinkError>>;
+
+    /// Sends `req` before returning, like [`NodeLink::start`], and calls `on_reply` with
+    /// its outcome, or with [`LinkError::Timeout`] once `timeout` has passed without one.
+    /// `on_reply` may run on any task and must not block. The default spawns a task to
+    /// wait; a real connection calls it from its reader, with no task or timer per request.
+    fn start_with(&self, req: &Request, timeout: Duration, on_reply: OnReply) {
+        let fut = self.start(req);
+        tokio::spawn(async move {
+            on_reply(tokio::time::timeout(timeout, fut).await.unwrap_or(Err(LinkError::Timeout)));
+        });
+    }
 }
+
+/// Receives one request's outcome (see [`NodeLink::start_with`]).
+pub type OnReply = Box<dyn FnOnce(Result<Reply, LinkError>) + Send>;
 
 /// Opens sessions.
 pub trait Connector: Send + Sync + std::fmt::Debug + 'static {

@@ -3,10 +3,11 @@
 //! `start` enqueues the frame before returning, so requests leave in the
 //! order the engine issued them).
 
-use super::link::{BoxFuture, Connector, LinkError, NodeLink};
+use super::link::{BoxFuture, Connector, LinkError, NodeLink, OnReply};
 use slate_node::client::{ClientError, NodeClient};
 use slate_protocol::{NodeId, Reply, Request, SignedCapability};
 use std::sync::Arc;
+use std::time::Duration;
 
 fn link_error(e: ClientError) -> LinkError {
     match e {
@@ -14,6 +15,7 @@ fn link_error(e: ClientError) -> LinkError {
         ClientError::Closed(s) => LinkError::Closed(s),
         ClientError::Connect { addr, detail } => LinkError::Closed(format!("connect to {addr}: {detail}")),
         ClientError::Protocol(s) => LinkError::Protocol(s),
+        ClientError::Timeout => LinkError::Timeout,
     }
 }
 
@@ -37,6 +39,10 @@ impl NodeLink for NodeClientLink {
     fn start(&self, req: &Request) -> BoxFuture<Result<Reply, LinkError>> {
         let fut = self.client.start(req);
         Box::pin(async move { fut.await.map_err(link_error) })
+    }
+
+    fn start_with(&self, req: &Request, timeout: Duration, on_reply: OnReply) {
+        self.client.start_with(req, timeout, Box::new(move |r| on_reply(r.map_err(link_error))));
     }
 }
 

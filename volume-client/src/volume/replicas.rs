@@ -93,16 +93,27 @@ impl SegmentSet {
     /// The next in-sync member to read from, skipping `exclude`; rotates so that
     /// successive reads spread over the replicas.
     pub fn pick_reader(&mut self, exclude: &[NodeId]) -> Option<NodeId> {
+        self.pick_least_loaded(exclude, |_| 0)
+    }
+
+    /// The in-sync member not in `exclude` with the fewest requests in flight (`load`);
+    /// members equally loaded take turns.
+    pub fn pick_least_loaded(&mut self, exclude: &[NodeId], load: impl Fn(NodeId) -> usize) -> Option<NodeId> {
         let n = self.members.len();
+        let mut best: Option<(usize, usize)> = None; // (load, k)
         for k in 0..n {
             let m = &self.members[(self.next_reader + k) % n];
             if m.role == ReplicaRole::InSync && !exclude.contains(&m.node) {
-                let node = m.node;
-                self.next_reader = (self.next_reader + k + 1) % n;
-                return Some(node);
+                let l = load(m.node);
+                if best.is_none_or(|(bl, _)| l < bl) {
+                    best = Some((l, k));
+                }
             }
         }
-        None
+        let (_, k) = best?;
+        let node = self.members[(self.next_reader + k) % n].node;
+        self.next_reader = (self.next_reader + k + 1) % n;
+        Some(node)
     }
 
     /// Removes a failed member. Returns whether it was one.
@@ -189,6 +200,25 @@ mod tests {
         assert_eq!(s.pick_reader(&[NodeId(1)]), Some(NodeId(3)));
         assert_eq!(s.pick_reader(&[NodeId(1), NodeId(3)]), None);
         assert_eq!(s.write_set().count(), 3);
+    }
+
+    #[test]
+    fn reads_go_to_the_least_loaded_in_sync_member() {
+        let mut s = SegmentSet::from_layout(
+            &set(&[(1, ReplicaRole::InSync), (2, ReplicaRole::Rebuilding), (3, ReplicaRole::InSync)]),
+            100,
+        );
+        let load = |n: NodeId| match n.0 {
+            1 => 5,
+            2 => 0, // rebuilding: never a reader, however idle
+            _ => 1,
+        };
+        for _ in 0..3 {
+            assert_eq!(s.pick_least_loaded(&[], load), Some(NodeId(3)));
+        }
+        assert_eq!(s.pick_least_loaded(&[NodeId(3)], load), Some(NodeId(1)), "the busy one when it is the only one");
+        let even: Vec<_> = (0..4).map(|_| s.pick_least_loaded(&[], |_| 2).unwrap()).collect();
+        assert_ne!(even[0], even[1], "equally loaded members take turns");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use super::layers::Loc;
 use super::Core;
 use crate::engine::journal::Record;
 use crate::engine::meta::ExtentState;
-use crate::engine::{Cmd, EngineError, Reply};
+use crate::engine::{Cmd, Done, EngineError, Reply};
 use slate_protocol::{BlockRange, VolumeId};
 
 /// Most blocks in one trim / allocated command (one default segment).
@@ -25,7 +25,7 @@ impl Core {
                 Some(e) => {
                     let _ = tx.send(Err(e));
                 }
-                None => self.push_item(seq, Vec::new(), 0, ItemReply::Unit(tx), DataState::None),
+                None => self.push_item(seq, Vec::new(), 0, ItemReply::Unit(Done::Slot(tx)), DataState::None),
             },
             Cmd::Trim { volume, range, tx } => {
                 let r = match failed {
@@ -122,7 +122,7 @@ impl Core {
             }
             // Planned by `plan` before it gets here.
             Cmd::Write { tx, .. } => {
-                let _ = tx.send(Err(EngineError::Invalid("internal: a write is planned by the write path".into())));
+                tx.send(Err(EngineError::Invalid("internal: a write is planned by the write path".into())));
             }
             Cmd::Crash | Cmd::Shutdown => {}
         }
@@ -131,7 +131,7 @@ impl Core {
     /// A metadata command: its records wait for the next commit, its reply for that commit.
     fn finish_meta(&mut self, seq: u64, b: Batch, tx: Reply<()>, r: Result<(), EngineError>) {
         match r {
-            Ok(()) => self.push_meta(seq, b, ItemReply::Unit(tx)),
+            Ok(()) => self.push_meta(seq, b, ItemReply::Unit(Done::Slot(tx))),
             Err(e) => {
                 self.salvage(b);
                 let _ = tx.send(Err(e));

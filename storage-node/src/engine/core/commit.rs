@@ -21,7 +21,7 @@ use super::{crash_point, Core, MAX_IO_BLOCKS, PIN_BUDGET_PAGES};
 use crate::engine::journal::{encode_entry, Record};
 use crate::engine::layout::Superblock;
 use crate::engine::uring::{AlignedBuf, Completion, Fsync, ALIGN};
-use crate::engine::{Cmd, EngineError, ExtentPhase, Reply};
+use crate::engine::{Cmd, Done, EngineError, ExtentPhase, Reply};
 use bytes::Bytes;
 use slate_protocol::stages::Stage;
 use slate_protocol::{BlockIndex, BlockRange, Epoch, VolumeId};
@@ -39,7 +39,7 @@ const PENDING_FLUSH_RECORDS: usize = 512;
 pub(super) enum ItemReply {
     /// Background records (zeroer, lazy intent clears): nobody waits.
     None,
-    Unit(Reply<()>),
+    Unit(Done),
     Ranges(Reply<Vec<BlockRange>>, Vec<BlockRange>),
     Bitmap(Reply<Vec<u8>>, Vec<u8>),
     Epochs(Reply<Vec<Epoch>>, Vec<Epoch>),
@@ -259,7 +259,7 @@ impl Core {
             Cmd::Write { volume, start, crcs, data, tx, sent } => {
                 Stage::EngineQueue.since(sent);
                 if let Some(e) = failed {
-                    let _ = tx.send(Err(e));
+                    tx.send(Err(e));
                     return;
                 }
                 let mut b = Batch::default();
@@ -297,7 +297,7 @@ impl Core {
                     }
                     Err(e) => {
                         self.salvage(b);
-                        let _ = tx.send(Err(e));
+                        tx.send(Err(e));
                     }
                 }
             }
@@ -614,9 +614,7 @@ impl Core {
                 .or_else(|| item.io_err.map(|e| EngineError::Io(std::io::Error::other(e))));
             match item.reply {
                 ItemReply::None => {}
-                ItemReply::Unit(tx) => {
-                    let _ = tx.send(err.map_or(Ok(()), Err));
-                }
+                ItemReply::Unit(tx) => tx.send(err.map_or(Ok(()), Err)),
                 ItemReply::Ranges(tx, v) => {
                     let _ = tx.send(err.map_or(Ok(v), Err));
                 }

@@ -69,17 +69,15 @@ impl Actor {
     }
 
     /// Sends `req` to `node` now; its outcome comes back as an [`Event::Reply`].
+    /// The link calls back from its reader with the outcome: no task or timer per request.
     pub(super) fn send(&self, node: NodeId, req: &Request, op: u64, tag: Tag) {
-        let fut = self.links.get(&node).map(|l| l.start(req));
+        *self.inflight.borrow_mut().entry(node).or_default() += 1;
         let tx = self.events_tx.clone();
-        let timeout = self.cfg.request_timeout;
-        tokio::spawn(async move {
-            let result = match fut {
-                None => Err(LinkError::Closed("no connection to the node".into())),
-                Some(f) => tokio::time::timeout(timeout, f).await.unwrap_or(Err(LinkError::Timeout)),
-            };
-            let _ = tx.send(Event::Reply { op, tag, node, result });
-        });
+        let done = move |result| drop(tx.send(Event::Reply { op, tag, node, result }));
+        match self.links.get(&node) {
+            Some(l) => l.start_with(req, self.cfg.request_timeout, Box::new(done)),
+            None => done(Err(LinkError::Closed("no connection to the node".into()))),
+        }
     }
 
     pub(super) fn finish_op(&mut self, id: u64) {

@@ -89,7 +89,10 @@ impl Actor {
             return;
         }
         let (seg, tried, allocated_only, piece) = (p.piece.segment, p.tried.clone(), r.allocated_only, p.piece);
-        let pick = self.set_mut(seg).and_then(|s| s.pick_reader(&tried));
+        // The replica with the fewest requests in flight from this client serves the read.
+        let inflight = &self.inflight;
+        let load = |n: NodeId| inflight.borrow().get(&n).copied().unwrap_or(0);
+        let pick = self.sets.get_mut(seg.0 as usize).and_then(|s| s.pick_least_loaded(&tried, load));
         let Some(Op { kind: OpKind::Read(r), .. }) = self.ops.get_mut(&id) else { return };
         if let Some(node) = pick {
             let p = &mut r.pieces[i];
