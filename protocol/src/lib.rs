@@ -1,8 +1,30 @@
 //! Slate's shared vocabulary: ids and units, data-plane messages, the frame
-//! codec and capability tokens. This crate does no I/O, so every component
+//! codec, capability tokens and the management API's request and view types. This crate does no I/O, so every component
 //! (storage node, metadata service, volume client, tests) speaks exactly the
 //! same bytes.
 
+/// `as_str` and `Display` for a field-less enum: each variant's name as serde writes it.
+/// The names are the wire format; `api/tests.rs` checks they match serde's.
+macro_rules! wire_names {
+    ($ty:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            /// The value as it appears on the wire.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $name,)+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+pub mod api;
 pub mod backup;
 pub mod capability;
 pub mod certificate;

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// Why a segment replica (or one of its layers) is released.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ReleaseReason {
     /// The volume was deleted (its key shredded).
@@ -21,6 +22,13 @@ pub enum ReleaseReason {
     /// A snapshot was deleted: its layer is folded away.
     SnapshotDeleted,
 }
+
+wire_names!(ReleaseReason {
+    VolumeDeleted => "volume_deleted",
+    ReplicaReplaced => "replica_replaced",
+    ReplicaMoved => "replica_moved",
+    SnapshotDeleted => "snapshot_deleted",
+});
 
 /// One entry of the release queue, as a node sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,8 +136,8 @@ pub struct VolumeFence {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeartbeatReply {
     pub node: u64,
-    /// The node's state as slate-meta records it (`active`, `draining`, ...).
-    pub state: String,
+    /// The node's state as slate-meta records it.
+    pub state: crate::api::NodeState,
     #[serde(default)]
     pub work: NodeWork,
 }

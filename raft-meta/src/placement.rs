@@ -5,29 +5,9 @@
 //! command computes the same replica sets. Failure domains are paths
 //! `zone/rack/host`; the operator picks the level at which replicas must differ.
 
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use utoipa::ToSchema;
 
-/// The level of the failure-domain path at which replicas must be distinct.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum DomainLevel {
-    Zone,
-    Rack,
-    #[default]
-    Host,
-}
-
-impl DomainLevel {
-    fn depth(self) -> usize {
-        match self {
-            Self::Zone => 1,
-            Self::Rack => 2,
-            Self::Host => 3,
-        }
-    }
-}
+pub use slate_protocol::api::DomainLevel;
 
 /// Longest failure-domain path accepted.
 pub const MAX_DOMAIN_PATH: usize = 192;

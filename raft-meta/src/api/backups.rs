@@ -4,7 +4,6 @@
 //! re-wrapped for them (see `state/backups.rs`).
 
 use super::{ApiError, ApiJson, ApiPath, ApiState, Caller, ErrorBody};
-use crate::state::backups::{Backup, BackupState};
 use crate::state::command::{
     BeginBackupRequest, Command, CompleteBackupRequest, ErrorCode, Refusal, RestoreProgressRequest,
     RestoreVolumeRequest,
@@ -12,6 +11,7 @@ use crate::state::command::{
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use slate_protocol::api::{Backup, BackupState, CompletedBackup, RestoreReply};
 use slate_protocol::backup::Manifest;
 use slate_protocol::certificate::{body_sha256, render_signed, BACKUP_MANIFEST};
 use std::sync::Arc;
@@ -103,7 +103,7 @@ fn check_manifest(m: &Manifest, b: &Backup, parent: Option<&Backup>) -> Result<(
 #[utoipa::path(post, path = "/v1/backups/{bid}/complete", tag = "backups", security(("bearer" = [])),
     params(("bid" = u64, Path)), request_body(content = serde_json::Value, description = "`{\"manifest\": MANIFEST}`"),
     description = "Completes a backup: the manifest is checked against the record and signed with the cluster's key; `text` is the signed manifest file to store in the target.",
-    responses((status = 200), (status = "4XX", body = ErrorBody)))]
+    responses((status = 200, body = CompletedBackup), (status = "4XX", body = ErrorBody)))]
 async fn complete_backup(
     State(s): S,
     caller: Caller,
@@ -131,15 +131,16 @@ async fn complete_backup(
         blocks_stored: manifest.blocks_stored,
         bytes_stored: manifest.bytes_stored,
     };
-    let record = s.call(&caller, Command::CompleteBackup { backup: bid, req }).await?.body;
+    let backup: Backup = decode(s.call(&caller, Command::CompleteBackup { backup: bid, req }).await?.body)?;
     let text = render_signed(BACKUP_MANIFEST, &canonical, &s.signing_key);
-    Ok(Json(serde_json::json!({"backup": record, "sha256": sha, "text": text})))
+    let reply = CompletedBackup { backup, sha256: sha, text };
+    Ok(Json(serde_json::to_value(reply).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?))
 }
 
 #[utoipa::path(post, path = "/v1/restores", tag = "backups", security(("bearer" = [])),
     request_body = RestoreVolumeRequest,
     description = "Creates the volume a backup restores into, with the backed-up volume's key re-wrapped for it; refused with \"key destroyed\" once that volume was deleted.",
-    responses((status = 200), (status = "4XX", body = ErrorBody)))]
+    responses((status = 200, body = RestoreReply), (status = "4XX", body = ErrorBody)))]
 async fn restore_volume(
     State(s): S,
     caller: Caller,

@@ -2,17 +2,16 @@
 //! flattened once its client copied what it read from its parent. The parent
 //! part of a clone's attach reply and capability refresh is signed here too.
 
-use super::handlers::{sign, CapabilityView};
+use super::handlers::sign;
 use super::{ApiError, ApiJson, ApiPath, ApiState, Caller, ErrorBody};
 use crate::state::clones::{validate_create_clone, CreateCloneRequest, FlattenedRequest, ParentGrant};
 use crate::state::command::Command;
-use crate::state::view::VolumeView;
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
+use slate_protocol::api::{ParentAttach, VolumeView};
 use std::sync::Arc;
-use utoipa::{OpenApi, ToSchema};
+use utoipa::OpenApi;
 
 type S = State<Arc<ApiState>>;
 type JsonResult = Result<Json<serde_json::Value>, ApiError>;
@@ -21,20 +20,6 @@ pub(super) fn routes() -> Router<Arc<ApiState>> {
     Router::new()
         .route("/v1/volumes/:id/clones", post(create_clone))
         .route("/v1/volumes/:id/flattened", post(flattened))
-}
-
-/// How a clone's attachment reads its parent: the parent's layout, the snapshot
-/// epoch, and a read-only capability for the parent volume (same lifetime as the
-/// attachment's own, renewed with it).
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct ParentAttach {
-    pub volume: VolumeView,
-    pub snapshot: u64,
-    pub snapshot_name: String,
-    pub epoch: u64,
-    /// The parent's size at the snapshot: the clone reads the parent no further.
-    pub size_bytes: u64,
-    pub capability: CapabilityView,
 }
 
 /// Signs the parent part of an attach or refresh.

@@ -17,12 +17,15 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+use slate_protocol::api::{
+    AttachReply, CapabilityRefresh, CapabilityView, MemberView, MetaRole, ReconfigureReply, StatusView,
+};
 use slate_protocol::capability::MAX_SCOPE_NODES;
 use slate_protocol::{Capability, Generation, Holder, NodeId, Rights, VolumeId};
 use std::sync::Arc;
 use std::time::Instant;
-use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa::{IntoParams, OpenApi};
 
 type S = State<Arc<ApiState>>;
 type JsonResult = Result<Json<serde_json::Value>, ApiError>;
@@ -121,13 +124,11 @@ async fn metrics(State(s): S) -> impl IntoResponse {
         })
         .await;
     if let Ok((nodes, volumes, tenants, attachments, audit, epoch)) = counts {
-        for state in ["active", "draining", "decommissioned", "down"] {
-            m.nodes.get_or_create(&crate::metrics::StateLabel { state: state.into() }).set(0);
+        for state in crate::state::types::NodeState::ALL {
+            m.nodes.get_or_create(&crate::metrics::StateLabel { state: state.as_str().into() }).set(0);
         }
         for (state, n) in nodes {
-            let name =
-                serde_json::to_value(state).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
-            m.nodes.get_or_create(&crate::metrics::StateLabel { state: name }).set(gauge(n));
+            m.nodes.get_or_create(&crate::metrics::StateLabel { state: state.as_str().into() }).set(gauge(n));
         }
         m.volumes.set(gauge(volumes as u64));
         m.tenants.set(gauge(tenants as u64));
@@ -138,40 +139,15 @@ async fn metrics(State(s): S) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.render())
 }
 
-/// This node's view of the cluster (no authentication; nothing secret).
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct StatusView {
-    pub node_id: u64,
-    pub role: String,
-    pub term: u64,
-    pub commit_index: u64,
-    pub applied_index: u64,
-    /// 0 when unknown.
-    pub leader_id: u64,
-    /// The leader's API address, when known.
-    pub leader_api: Option<String>,
-    pub members: Vec<MemberView>,
-    pub bootstrapped: bool,
-    pub root_epoch: u64,
-    /// The epoch of the root key this node holds (after a shred it equals `root_epoch`
-    /// once the node has ratcheted; `slate status` shows it per metadata node).
-    #[serde(default)]
-    pub root_key_epoch: u64,
-    /// The root key generation: bumped by `slate-meta rotate-root` (fresh randomness).
-    #[serde(default)]
-    pub root_generation: u64,
-    /// DEKs this node unwrapped for replies to calls it proposed (never for replicated ones).
-    #[serde(default)]
-    pub dek_unwraps: u64,
-    pub snapshot_index: u64,
-    pub first_log_index: u64,
-    pub last_log_index: u64,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct MemberView {
-    pub id: u64,
-    pub raft_addr: Option<String>,
+fn meta_role(r: crate::consensus::Role) -> MetaRole {
+    use crate::consensus::Role;
+    match r {
+        Role::Follower => MetaRole::Follower,
+        Role::PreCandidate => MetaRole::PreCandidate,
+        Role::Candidate => MetaRole::Candidate,
+        Role::Leader => MetaRole::Leader,
+        Role::Failed => MetaRole::Failed,
+    }
 }
 
 #[utoipa::path(get, path = "/v1/status", tag = "cluster", responses((status = 200, body = StatusView)))]
@@ -186,7 +162,7 @@ async fn status(State(s): S) -> Result<Json<StatusView>, ApiError> {
         .await?;
     Ok(Json(StatusView {
         node_id: s.node_id,
-        role: st.role.as_str().into(),
+        role: meta_role(st.role),
         term: st.term,
         commit_index: st.commit,
         applied_index: st.applied,
@@ -543,58 +519,6 @@ async fn delete_volume(
     simple(&s, &caller, Command::DeleteVolume { volume: id, force: q.force }).await
 }
 
-/// A signed capability.
-#[derive(Clone, Serialize, Deserialize, ToSchema)]
-pub struct CapabilityView {
-    /// The token storage nodes verify (hex of the wire form; see `SignedCapability::from_token`).
-    pub token: String,
-    pub volume: u64,
-    pub generation: u64,
-    /// Rights bits: 1 read, 2 write, 4 admin (assign/release segments, snapshots).
-    pub rights: u8,
-    pub nodes: Vec<u64>,
-    pub expires_unix_secs: u64,
-}
-
-/// What an attach returns. `Debug` leaves the key out.
-#[derive(Clone, Serialize, Deserialize, ToSchema)]
-pub struct AttachReply {
-    pub attachment: AttachmentView,
-    /// The volume with its segment map (replica sets with node addresses).
-    pub volume: VolumeView,
-    pub capability: CapabilityView,
-    /// The volume's AES-256-XTS key (128 hex digits), for this attachment only. Keep it in memory only.
-    pub dek_hex: String,
-    /// The cluster's capability verifying key (hex), as storage nodes hold it.
-    pub verifying_key_hex: String,
-    /// For a clone: how to read its parent's snapshot (layout, epoch, read-only capability).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parent: Option<super::clones::ParentAttach>,
-}
-
-impl std::fmt::Debug for CapabilityView {
-    /// The token is a bearer credential for the data plane: left out.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CapabilityView")
-            .field("volume", &self.volume)
-            .field("generation", &self.generation)
-            .field("rights", &self.rights)
-            .field("nodes", &self.nodes)
-            .field("expires_unix_secs", &self.expires_unix_secs)
-            .finish_non_exhaustive()
-    }
-}
-
-impl std::fmt::Debug for AttachReply {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AttachReply")
-            .field("attachment", &self.attachment)
-            .field("volume", &self.volume.id)
-            .field("capability", &self.capability)
-            .finish_non_exhaustive()
-    }
-}
-
 /// Signs `c` for `holder`: valid from now (nodes allow for clock skew) until the TTL runs out.
 pub(super) fn sign(s: &ApiState, c: &CapabilityClaims, holder: Holder) -> Result<CapabilityView, ApiError> {
     if c.nodes.is_empty() || c.nodes.len() > MAX_SCOPE_NODES {
@@ -676,7 +600,7 @@ async fn detach(
 #[utoipa::path(post, path = "/v1/volumes/{id}/attachments/{aid}/capability", tag = "attachments", security(("bearer" = [])),
     params(("id" = u64, Path), ("aid" = u64, Path)),
     description = "A fresh capability for a live attachment (same generation, current node scope); for a clone, with `parent` renewed as in the attach reply.",
-    responses((status = 200, body = CapabilityView), (status = "4XX", body = ErrorBody)))]
+    responses((status = 200, body = CapabilityRefresh), (status = "4XX", body = ErrorBody)))]
 async fn refresh_capability(
     State(s): S,
     caller: Caller,
@@ -686,21 +610,11 @@ async fn refresh_capability(
     let r = s.call(&caller, Command::RefreshCapability { volume: id, attachment: aid }).await?;
     let grant: crate::state::clones::RefreshGrant =
         serde_json::from_value(r.body).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
-    let cap = sign(&s, &grant.claims, holder)?;
-    let mut body = serde_json::to_value(cap).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
-    if let Some(p) = super::clones::sign_parent(&s, grant.parent, holder)? {
-        body["parent"] = serde_json::to_value(p).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
-    }
-    Ok(Json(body))
-}
-
-/// The outcome of a failure report, with a capability re-signed for the new node scope.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct ReconfigureReply {
-    pub replaced: bool,
-    pub new_node: Option<u64>,
-    pub segment: SegmentView,
-    pub capability: Option<CapabilityView>,
+    let reply = CapabilityRefresh {
+        capability: sign(&s, &grant.claims, holder)?,
+        parent: super::clones::sign_parent(&s, grant.parent, holder)?,
+    };
+    Ok(Json(serde_json::to_value(reply).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?))
 }
 
 #[utoipa::path(post, path = "/v1/volumes/{id}/report-failure", tag = "attachments", security(("bearer" = [])),

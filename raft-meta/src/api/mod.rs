@@ -44,16 +44,14 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use ed25519_dalek::SigningKey;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use utoipa::ToSchema;
 use zeroize::{Zeroize, Zeroizing};
 
-pub use handlers::{ApiDoc, AttachReply, CapabilityView, ReconfigureReply, StatusView};
+pub use handlers::ApiDoc;
 
 /// The consensus handle over Slate's machine.
 pub type Handle = ConsensusHandle<SlateMachine>;
@@ -109,17 +107,7 @@ async fn count_status(
 
 // ----- errors -----
 
-/// The one error body.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct ErrorDetail {
-    pub code: ErrorCode,
-    pub message: String,
-}
+pub use slate_protocol::api::{ErrorBody, ErrorDetail};
 
 /// An API error: a code (which fixes the HTTP status) and a message without secrets.
 #[derive(Debug)]

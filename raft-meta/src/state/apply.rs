@@ -24,9 +24,9 @@ use super::types::{
     Snapshot, SnapshotState, StorageNode, Tenant, Token, Volume,
 };
 use super::view::{
-    AttachGrant, AttachmentView, AuditPage, CapabilityClaims, DekInfo, DiskView, GrantView, IssuedToken, NodeView,
-    PrincipalView, ReconfigureResult, ReplicaView, SegmentView, SettingsView, ShredReport, SnapshotView, TenantView,
-    TokenView, VolumeView,
+    AttachGrant, AuditPage, CapabilityClaims, DekInfo, DiskView, GrantView, IssuedToken, NodeView, PrincipalView,
+    ReconfigureResult, ReplicaView, SegmentView, SettingsView, ShredReport, SnapshotView, TenantView, TokenView,
+    VolumeState, VolumeView,
 };
 use super::{take, Applied, MetaState};
 use crate::audit::AuditEntry;
@@ -858,11 +858,11 @@ impl MetaState {
                 < usize::from(v.replicas)
         });
         let state = if degraded {
-            "degraded"
+            VolumeState::Degraded
         } else if v.attachments.is_empty() {
-            "available"
+            VolumeState::Available
         } else {
-            "attached"
+            VolumeState::Attached
         };
         VolumeView {
             id: v.id,
@@ -873,11 +873,11 @@ impl MetaState {
             replicas: v.replicas,
             failure_domain_level: v.level,
             qos: v.qos,
-            state: state.into(),
+            state,
             generation: v.generation,
             segment_blocks: v.segment_blocks,
             segments: v.segments.iter().map(|s| self.segment_view(v, s)).collect(),
-            attachments: v.attachments.values().map(attachment_view).collect(),
+            attachments: v.attachments.values().cloned().collect(),
             snapshots: v.snapshots.values().map(|s| snapshot_view(v.id, s)).collect(),
             parent: self.parent_view(v),
             clones: self.clone_views(v.id),
@@ -961,17 +961,6 @@ pub(super) fn place_segments(
 
 fn grant_view(g: &Grant) -> GrantView {
     GrantView { id: g.id, principal: g.principal, volume: g.volume, access: g.access, created_ms: g.created_ms }
-}
-
-fn attachment_view(a: &Attachment) -> AttachmentView {
-    AttachmentView {
-        id: a.id,
-        principal: a.principal,
-        host: a.host.clone(),
-        mode: a.mode,
-        generation: a.generation,
-        attached_ms: a.attached_ms,
-    }
 }
 
 fn snapshot_view(volume: u64, s: &Snapshot) -> SnapshotView {

@@ -23,58 +23,9 @@ use super::command::{
 use super::types::SnapshotState;
 use super::{take, MetaState};
 use crate::keys::{KeyRelease, RootKey, WrappedKey};
-use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
-use utoipa::ToSchema;
 
-/// Where a backup is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum BackupState {
-    /// Begun: the CLI is sending data (or was killed and will resume).
-    Creating,
-    /// Every object and the signed manifest are in the target.
-    Complete,
-}
-
-/// The record of one backup.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct Backup {
-    pub id: u64,
-    pub volume: u64,
-    pub volume_name: String,
-    pub tenant: u64,
-    pub snapshot: u64,
-    pub snapshot_name: String,
-    pub epoch: u64,
-    /// `file:///dir` or `s3://bucket/prefix` (no credentials).
-    pub target: String,
-    /// The backup this one is an increment of.
-    pub parent: Option<u64>,
-    /// The parent's snapshot epoch (the base of the block difference).
-    pub parent_epoch: Option<u64>,
-    pub state: BackupState,
-    pub created_ms: u64,
-    pub completed_ms: Option<u64>,
-    /// SHA-256 of the volume key.
-    pub key_fingerprint: String,
-    pub manifest_sha256: Option<String>,
-    pub blocks_changed: u64,
-    pub blocks_stored: u64,
-    pub bytes_stored: u64,
-}
-
-/// A restore in progress into a volume (so that a killed restore resumes).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct Restore {
-    pub volume: u64,
-    pub backup: u64,
-    /// Manifests of the chain fully applied, oldest first.
-    pub done_manifests: u64,
-    /// Objects of the next manifest applied.
-    pub done_chunks: u64,
-    pub started_ms: u64,
-}
+pub use slate_protocol::api::{Backup, BackupState, Restore};
 
 /// Checks a target URL's form (the CLI reaches it; slate-meta only records it).
 fn validate_target(target: &str) -> Result<(), Refusal> {

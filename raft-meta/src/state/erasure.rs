@@ -13,7 +13,7 @@
 use super::apply::{json, require_operator, Ctx, Res};
 use super::command::Refusal;
 use super::types::{Erasure, Release};
-use super::view::{ErasureView, ReleaseView, VoterPurgeView};
+use super::view::{ErasureState, ErasureView, ReleaseState, ReleaseView, VoterPurgeView};
 use super::{take, MetaState};
 use crate::audit::AuditEntry;
 use slate_protocol::ops::{NodeWork, ReleaseReason, ReleaseReport, ReleaseTask, MAX_REPORTED_EXTENTS};
@@ -226,14 +226,12 @@ impl MetaState {
 
     pub(super) fn release_view(&self, r: &Release) -> ReleaseView {
         let state = if r.erased_ms.is_some() {
-            "erased"
+            ReleaseState::Erased
         } else if r.released_ms.is_some() {
-            "released"
+            ReleaseState::Released
         } else {
-            "pending"
+            ReleaseState::Pending
         };
-        let reason =
-            serde_json::to_value(r.reason).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
         ReleaseView {
             id: r.id,
             node: r.node,
@@ -241,8 +239,8 @@ impl MetaState {
             volume: r.volume,
             segment: r.segment,
             layer_epoch: r.layer_epoch,
-            reason,
-            state: state.into(),
+            reason: r.reason,
+            state,
             queued_ms: r.queued_ms,
             released_ms: r.released_ms,
             erased_ms: r.erased_ms,
@@ -288,18 +286,17 @@ impl MetaState {
             deleted_ms: e.deleted_ms,
             deleted_by: e.deleted_by.clone(),
             state: if e.completed_ms.is_some() {
-                "complete"
+                ErasureState::Complete
             } else if self.is_retained(e.volume) {
-                "kept_for_clones"
+                ErasureState::KeptForClones
             } else {
-                "erasing"
-            }
-            .into(),
+                ErasureState::Erasing
+            },
             completed_ms: e.completed_ms,
             root_epoch: e.root_epoch,
             replicas_total: releases.len() as u64,
-            replicas_released: releases.iter().filter(|r| r.state != "pending").count() as u64,
-            replicas_erased: releases.iter().filter(|r| r.state == "erased").count() as u64,
+            replicas_released: releases.iter().filter(|r| r.state != ReleaseState::Pending).count() as u64,
+            replicas_erased: releases.iter().filter(|r| r.state == ReleaseState::Erased).count() as u64,
             extents_released: releases.iter().map(|r| r.extents_released).sum(),
             extents_verified: releases.iter().map(|r| r.extents_verified).sum(),
             extents_failed: releases.iter().map(|r| r.extents_failed).sum(),

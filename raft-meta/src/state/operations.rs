@@ -12,7 +12,7 @@
 use super::apply::{json, require_operator, segment_bytes, Ctx, Need, Res};
 use super::command::{ErrorCode, RebuildProgressRequest, Refusal};
 use super::types::{AttachMode, Decommission, DiskState, Drain, Move, NodeState, Replica, ReplicaState};
-use super::view::{DecommissionView, DrainView, MoveView};
+use super::view::{DecommissionView, DrainState, DrainView, MoveView};
 use super::{take, MetaState};
 use crate::audit::AuditEntry;
 use crate::placement;
@@ -420,12 +420,11 @@ impl MetaState {
             node,
             node_name: n.name.clone(),
             state: match d {
-                None => "none",
-                Some(d) if d.completed_ms.is_some() => "complete",
-                Some(d) if d.blocked.is_some() => "blocked",
-                Some(_) => "draining",
-            }
-            .into(),
+                None => DrainState::None,
+                Some(d) if d.completed_ms.is_some() => DrainState::Complete,
+                Some(d) if d.blocked.is_some() => DrainState::Blocked,
+                Some(_) => DrainState::Draining,
+            },
             started_ms: d.map(|d| d.started_ms),
             completed_ms: d.and_then(|d| d.completed_ms),
             replicas_total: d.map_or(0, |d| d.replicas_total),

@@ -17,6 +17,7 @@ use super::types::{NodeState, Role};
 use super::view::VolumeView;
 use super::MetaState;
 use crate::audit::AuditEntry;
+use slate_protocol::ops::HeartbeatReply;
 use std::collections::{BTreeMap, HashMap};
 
 /// Public token ids drawn by the proposer lie in `[RANDOM_TOKEN_ID_MIN, RANDOM_TOKEN_ID_MAX)`:
@@ -103,7 +104,8 @@ impl MetaState {
         work.scrub = self.scrub_request(node);
         work.freezes = self.freeze_tasks(node);
         work.fences = self.fences_for(node);
-        Ok(serde_json::json!({"node": node, "state": n.state, "work": work}))
+        serde_json::to_value(HeartbeatReply { node, state: n.state, work })
+            .map_err(|e| super::apply::internal(e.to_string()))
     }
 
     /// The storage nodes and their replicated liveness.

@@ -4,7 +4,8 @@
 //! files, Raft snapshots) is byte-identical on every replica. Ids come from
 //! per-kind counters in the state and are never reused. Secrets appear only in
 //! wrapped form ([`WrappedKey`]) or as SHA-256 hashes (token secrets); the API
-//! shows these entities through the views in `view.rs`, never directly.
+//! shows these entities through the views in `view.rs` (defined in
+//! `slate_protocol::api`), never directly.
 
 use crate::keys::WrappedKey;
 use crate::placement::DomainLevel;
@@ -12,69 +13,15 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use utoipa::ToSchema;
 
-/// What a principal is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// Runs the cluster: every action, every tenant.
-    Operator,
-    /// Manages one tenant: its volumes, principals, grants, keys and audit records.
-    TenantAdmin,
-    /// Sees its tenant's volumes; acts on volumes through grants.
-    TenantMember,
-    /// A hypervisor host: attaches volumes it is granted; reports security events.
-    Host,
-    /// One storage node (`Principal::node`): its heartbeats and reports, nothing else.
-    Node,
-}
+// The enums and settings the API shows as they are stored: pure data, defined once with
+// the API's other types.
+pub use slate_protocol::api::{
+    Access, AttachMode, DiskState, NodeState, Qos, ReplicaState, Role, Settings, SnapshotState,
+    DEFAULT_AUDIT_MAX_AGE_MS, DEFAULT_AUDIT_MAX_RECORDS,
+};
 
-/// What a grant allows on one volume.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Access {
-    /// Attach read-write (and read-only).
-    ReadWrite,
-    /// Attach read-only.
-    ReadOnly,
-    /// Create, list and delete snapshots.
-    Snapshot,
-    /// Snapshot and attach read-only (to copy a snapshot out).
-    Backup,
-}
-
-/// A storage node's state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum NodeState {
-    /// Takes new replicas.
-    Active,
-    /// Takes no new replicas; its replicas are being moved away.
-    Draining,
-    /// Out of service for good (holds no replicas).
-    Decommissioned,
-    /// Missed heartbeats for longer than the timeout; its replicas were re-placed.
-    Down,
-}
-
-/// How a volume is attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum AttachMode {
-    /// Exclusive; bumps the volume's generation.
-    ReadWrite,
-    /// Shared; keeps the generation.
-    ReadOnly,
-}
-
-/// A replica's state within its segment.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ReplicaState {
-    /// Holds every acknowledged write.
-    InSync,
-    /// Freshly placed; receives new writes while a background copy fills it.
-    Rebuilding,
-}
+/// A live attachment of a volume, as stored and as shown.
+pub type Attachment = slate_protocol::api::AttachmentView;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tenant {
@@ -159,18 +106,6 @@ pub struct Disk {
     pub decommission: Option<Decommission>,
 }
 
-/// A disk's life.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum DiskState {
-    #[default]
-    Active,
-    /// Being overwritten and verified by its node.
-    Decommissioning,
-    /// Erased, verified and certified; never used again.
-    Decommissioned,
-}
-
 /// A disk's decommission: progress as its node reports it, then the certificate.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decommission {
@@ -243,16 +178,6 @@ pub struct Segment {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Attachment {
-    pub id: u64,
-    pub principal: u64,
-    pub host: String,
-    pub mode: AttachMode,
-    pub generation: u64,
-    pub attached_ms: u64,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub id: u64,
     pub name: String,
@@ -271,29 +196,6 @@ pub struct Snapshot {
     /// The volume's size when the snapshot was taken (0: recorded before sizes were).
     #[serde(default)]
     pub size_bytes: u64,
-}
-
-/// Whether a snapshot can be read.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum SnapshotState {
-    /// Recorded; not every replica is frozen yet.
-    Pending,
-    /// Frozen on every replica at its epoch: crash-consistent and readable.
-    #[default]
-    Ready,
-}
-
-/// QoS limits of a volume (absent: unlimited).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Qos {
-    /// I/O operations per second.
-    #[serde(default)]
-    pub iops_limit: Option<u64>,
-    /// Megabytes (10^6 bytes) per second.
-    #[serde(default)]
-    pub mbps_limit: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -333,59 +235,6 @@ pub struct CloneParent {
     pub snapshot: u64,
     pub snapshot_name: String,
     pub epoch: u64,
-}
-
-/// Cluster-wide settings (operator-controlled).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct Settings {
-    /// Failure-domain level at which a segment's replicas must differ, for new volumes by default.
-    pub placement_level: DomainLevel,
-    /// A storage node silent for longer than this is marked down.
-    pub heartbeat_timeout_ms: u64,
-    /// Consecutive failed authentications that lock a principal out.
-    pub lockout_threshold: u32,
-    /// How long a lockout lasts.
-    pub lockout_ms: u64,
-    /// Lifetime of a capability handed out at attach.
-    pub capability_ttl_secs: u64,
-    /// Blocks per segment for new volumes.
-    pub segment_blocks: u64,
-    /// Most audit records kept in the replicated state; older ones are pruned in batches and
-    /// the chain is anchored at the last pruned record (audit.rs).
-    #[serde(default = "default_audit_max_records")]
-    pub audit_max_records: u64,
-    /// Audit records older than this (by the proposer's clock) are pruned, in batches, at most
-    /// a tenth of it (capped at a day) later.
-    #[serde(default = "default_audit_max_age_ms")]
-    pub audit_max_age_ms: u64,
-}
-
-/// Default audit record budget: about 1 KB each, so on the order of 1 GB of state at most.
-pub const DEFAULT_AUDIT_MAX_RECORDS: u64 = 1_000_000;
-/// Default audit record age: 400 days (a year of records, with room for an annual review).
-pub const DEFAULT_AUDIT_MAX_AGE_MS: u64 = 400 * 24 * 3600 * 1000;
-
-fn default_audit_max_records() -> u64 {
-    DEFAULT_AUDIT_MAX_RECORDS
-}
-
-fn default_audit_max_age_ms() -> u64 {
-    DEFAULT_AUDIT_MAX_AGE_MS
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            placement_level: DomainLevel::Host,
-            heartbeat_timeout_ms: 30_000,
-            lockout_threshold: 5,
-            lockout_ms: 15 * 60 * 1000,
-            capability_ttl_secs: 3600,
-            segment_blocks: slate_protocol::DEFAULT_SEGMENT_BLOCKS,
-            audit_max_records: DEFAULT_AUDIT_MAX_RECORDS,
-            audit_max_age_ms: DEFAULT_AUDIT_MAX_AGE_MS,
-        }
-    }
 }
 
 /// One entry of the durable release queue: a segment replica (or one snapshot layer of it)

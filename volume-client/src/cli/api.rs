@@ -26,6 +26,7 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use slate_node::tls::{Connector, Identity};
+use slate_protocol::api::{ErrorBody, ErrorCode, StatusView};
 use slate_protocol::capability::HOLDER_HEADER;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -67,31 +68,14 @@ impl std::fmt::Debug for ApiClient {
     }
 }
 
-/// An error body from the API: `{"error": {"code", "message"}}`.
-#[derive(Debug, serde::Deserialize)]
-struct ErrorBody {
-    error: ErrorInner,
-}
-#[derive(Debug, serde::Deserialize)]
-struct ErrorInner {
-    code: String,
-    message: String,
-}
-
-/// A refusal by the API (4xx/5xx with its error body).
+/// A refusal by the API (4xx/5xx with its error body; `code` is `None` for an answer
+/// without one, e.g. from a proxy).
 #[derive(Debug, thiserror::Error)]
-#[error("{message} ({code}, HTTP {status})")]
+#[error("{message} ({}, HTTP {status})", code.map_or("http", ErrorCode::as_str))]
 pub struct ApiError {
     pub status: u16,
-    pub code: String,
+    pub code: Option<ErrorCode>,
     pub message: String,
-}
-
-/// The parts of `GET /v1/status` used to find the leader.
-#[derive(Debug, serde::Deserialize)]
-struct StatusProbe {
-    #[serde(default)]
-    leader_api: Option<String>,
 }
 
 /// What one attempt against one node came to.
@@ -206,7 +190,7 @@ impl ApiClient {
             if !resp.status().is_success() {
                 continue;
             }
-            let Ok(st) = resp.json::<StatusProbe>().await else { continue };
+            let Ok(st) = resp.json::<StatusView>().await else { continue };
             if let Some(addr) = st.leader_api.filter(|a| !a.is_empty()) {
                 let leader = if addr.contains("://") {
                     addr
@@ -248,10 +232,10 @@ impl ApiClient {
             };
         }
         let err = match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(b) => ApiError { status: status.as_u16(), code: b.error.code, message: b.error.message },
+            Ok(b) => ApiError { status: status.as_u16(), code: Some(b.error.code), message: b.error.message },
             Err(_) => ApiError {
                 status: status.as_u16(),
-                code: "http".into(),
+                code: None,
                 message: String::from_utf8_lossy(&bytes).chars().take(300).collect(),
             },
         };

@@ -14,10 +14,7 @@
 //! (`VolumeConfig::read_epoch`, `ReadAt` on the wire).
 
 use super::api::ApiClient;
-use super::open::{
-    self, layout_from_view, parse_capability, pending_snapshots, segment_from_view, CapabilityView, SegmentView,
-    VolumeView,
-};
+use super::open::{self, layout_from_view, parse_capability, pending_snapshots, segment_from_view};
 use crate::blockdev::BlockDevice;
 use crate::nbd::{ExportConfig, ExportRegistry, NbdServer, ServerConfig};
 use crate::volume::{
@@ -27,6 +24,10 @@ use crate::volume::{
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use slate_node::client::NodeClient;
+use slate_protocol::api::{
+    CapabilityView, DetachRequest, MarkInSyncRequest, RebuildProgressRequest, ReconfigureReply, ReportFailureRequest,
+    SnapshotFrozenRequest, VolumeView,
+};
 use slate_protocol::stages::Side;
 use slate_protocol::{Generation, NodeId, Reply, Request, SegmentIndex, SignedCapability, Target, VolumeId};
 use std::path::PathBuf;
@@ -154,18 +155,16 @@ impl ControlPlane for MetaControl {
         segment: SegmentIndex,
         node: NodeId,
     ) -> Result<ReplicaUpdate, ControlError> {
-        let reply: Value = self
+        let reply: ReconfigureReply = self
             .api
-            .post(&format!("/v1/volumes/{}/report-failure", volume.0), &json!({"segment": segment.0, "node": node.0}))
+            .post(
+                &format!("/v1/volumes/{}/report-failure", volume.0),
+                &ReportFailureRequest { segment: segment.0, node: node.0 },
+            )
             .await
             .map_err(|e| ControlError(format!("{e:#}")))?;
-        let seg: SegmentView =
-            serde_json::from_value(reply["segment"].clone()).map_err(|e| ControlError(e.to_string()))?;
-        let set = segment_from_view(&seg);
-        let capability = match reply["capability"]["token"].as_str() {
-            Some(t) => Some(parse_capability(t)?),
-            None => None,
-        };
+        let set = segment_from_view(&reply.segment);
+        let capability = reply.capability.as_ref().map(|c| parse_capability(&c.token)).transpose()?;
         let cap = match &capability {
             Some(c) => {
                 *self.capability.lock().await = c.clone();
@@ -180,7 +179,7 @@ impl ControlPlane for MetaControl {
             replicas: set.replicas.iter().filter(|r| r.role == ReplicaRole::Rebuilding).cloned().collect(),
         };
         assign(self.api.data_plane(), &fresh, &cap, self.segment_blocks).await?;
-        info!(volume = %volume, %segment, failed = %node, new = ?reply["new_node"], "replica replaced");
+        info!(volume = %volume, %segment, failed = %node, new = ?reply.new_node, "replica replaced");
         Ok(ReplicaUpdate { set, capability })
     }
 
@@ -193,8 +192,7 @@ impl ControlPlane for MetaControl {
         total_blocks: u64,
     ) -> Result<(), ControlError> {
         // Progress is advisory: one attempt, no patience (the engine ignores failures).
-        let body =
-            json!({"segment": segment.0, "node": node.0, "done_blocks": done_blocks, "total_blocks": total_blocks});
+        let body = RebuildProgressRequest { segment: segment.0, node: node.0, done_blocks, total_blocks };
         let _: Value = self
             .quick_api
             .post(&format!("/v1/volumes/{}/rebuild-progress", volume.0), &body)
@@ -215,7 +213,10 @@ impl ControlPlane for MetaControl {
     async fn report_rebuilt(&self, volume: VolumeId, segment: SegmentIndex, node: NodeId) -> Result<(), ControlError> {
         let _: Value = self
             .api
-            .post(&format!("/v1/volumes/{}/mark-in-sync", volume.0), &json!({"segment": segment.0, "node": node.0}))
+            .post(
+                &format!("/v1/volumes/{}/mark-in-sync", volume.0),
+                &MarkInSyncRequest { segment: segment.0, node: node.0 },
+            )
             .await
             .map_err(|e| ControlError(format!("{e:#}")))?;
         Ok(())
@@ -253,7 +254,7 @@ impl ControlPlane for MetaControl {
     async fn report_snapshot_frozen(&self, volume: VolumeId, snapshot: u64) -> Result<(), ControlError> {
         let _: Value = self
             .api
-            .post(&format!("/v1/volumes/{}/snapshots/{snapshot}/frozen", volume.0), &json!({}))
+            .post(&format!("/v1/volumes/{}/snapshots/{snapshot}/frozen", volume.0), &SnapshotFrozenRequest::default())
             .await
             .map_err(|e| ControlError(format!("{e:#}")))?;
         Ok(())
@@ -436,8 +437,7 @@ pub async fn run(api: ApiClient, args: AttachArgs) -> Result<()> {
     if let Some(path) = &args.nbd_unix {
         let _ = std::fs::remove_file(path);
     }
-    if let Err(e) = api.post::<_, Value>(&format!("/v1/volumes/{id}/detach"), &json!({"attachment": attachment})).await
-    {
+    if let Err(e) = api.post::<_, Value>(&format!("/v1/volumes/{id}/detach"), &DetachRequest { attachment }).await {
         warn!(error = %format!("{e:#}"), "detach failed (a later attach may need --force)");
     }
     Ok(())

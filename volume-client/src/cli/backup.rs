@@ -16,8 +16,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Deserialize;
 use serde_json::{json, Value};
+use slate_protocol::api::{
+    Backup, BackupState, BeginBackupRequest, CompletedBackup, RestoreProgressRequest, RestoreReply,
+    RestoreVolumeRequest,
+};
 use slate_protocol::backup::{Manifest, ManifestSnapshot, ManifestVolume, ParentRef};
 use std::sync::Arc;
 use std::time::Instant;
@@ -91,22 +94,6 @@ pub struct RestoreArgs {
     pub s3: S3Args,
 }
 
-/// slate-meta's record of a backup (the fields used here).
-#[derive(Debug, Clone, Deserialize)]
-struct BackupRecord {
-    id: u64,
-    volume: u64,
-    tenant: u64,
-    snapshot: u64,
-    snapshot_name: String,
-    epoch: u64,
-    target: String,
-    parent_epoch: Option<u64>,
-    state: String,
-    key_fingerprint: String,
-    manifest_sha256: Option<String>,
-}
-
 fn bar(json_out: bool, len: u64, unit: &str) -> ProgressBar {
     if json_out {
         return ProgressBar::hidden();
@@ -136,7 +123,7 @@ pub async fn run(api: &ApiClient, cmd: BackupCmd, cluster_key: Option<String>, j
             create(api, &snapshot, &to, incremental_from.as_deref(), parallel, &s3, json_out).await
         }
         BackupCmd::List { volume } => {
-            let list: Vec<Value> = match &volume {
+            let list: Vec<Backup> = match &volume {
                 Some(v) => api.get(&format!("/v1/volumes/{}/backups", resolve_volume(api, v).await?)).await?,
                 None => api.get("/v1/backups").await?,
             };
@@ -144,16 +131,16 @@ pub async fn run(api: &ApiClient, cmd: BackupCmd, cluster_key: Option<String>, j
                 .iter()
                 .map(|b| {
                     json!({
-                        "id": b["id"],
-                        "snapshot": format!("{}@{}", b["volume_name"].as_str().unwrap_or("?"), b["snapshot_name"].as_str().unwrap_or("?")),
-                        "kind": b["parent"].as_u64().map_or("full".into(), |p| format!("incremental of {p}")),
-                        "state": b["state"],
-                        "stored": format!("{:.1} MiB", b["bytes_stored"].as_u64().unwrap_or(0) as f64 / 1_048_576.0),
-                        "target": b["target"],
+                        "id": b.id,
+                        "snapshot": format!("{}@{}", b.volume_name, b.snapshot_name),
+                        "kind": b.parent.map_or("full".into(), |p| format!("incremental of {p}")),
+                        "state": b.state,
+                        "stored": format!("{:.1} MiB", b.bytes_stored as f64 / 1_048_576.0),
+                        "target": b.target,
                     })
                 })
                 .collect();
-            print(json_out, &Value::Array(list), |_| {
+            print(json_out, &serde_json::to_value(&list)?, |_| {
                 table(
                     &Value::Array(rows),
                     &[
@@ -170,8 +157,8 @@ pub async fn run(api: &ApiClient, cmd: BackupCmd, cluster_key: Option<String>, j
         }
         BackupCmd::Verify { backup, verifying_key, s3 } => {
             let key = key_or(cluster_key, verifying_key)?;
-            let b: BackupRecord = api.get(&format!("/v1/backups/{backup}")).await?;
-            if b.state != "complete" {
+            let b: Backup = api.get(&format!("/v1/backups/{backup}")).await?;
+            if b.state != BackupState::Complete {
                 bail!("backup {backup} is not complete ({}): resume it with the same `slate backup create`", b.state);
             }
             let store = Store::open(&b.target, &s3.options())?;
@@ -223,10 +210,10 @@ async fn create(
             if resolve_volume(api, bvol).await? != id {
                 bail!("--incremental-from {base}: the base must be a snapshot of the same volume");
             }
-            let list: Vec<BackupRecord> = api.get(&format!("/v1/volumes/{id}/backups")).await?;
+            let list: Vec<Backup> = api.get(&format!("/v1/volumes/{id}/backups")).await?;
             let found = list
                 .into_iter()
-                .filter(|b| b.snapshot_name == bsnap && b.state == "complete" && b.target == to)
+                .filter(|b| b.snapshot_name == bsnap && b.state == BackupState::Complete && b.target == to)
                 .max_by_key(|b| b.id);
             Some(found.ok_or_else(|| {
                 anyhow!(
@@ -240,8 +227,8 @@ async fn create(
     let attachment = opened.attachment;
     let res = async {
         let s = opened.snapshot.clone().ok_or_else(|| anyhow!("no snapshot attached"))?;
-        let body = json!({"snapshot": s.id, "target": to, "parent": parent.as_ref().map(|p| p.id)});
-        let rec: BackupRecord = api.post(&format!("/v1/volumes/{id}/backups"), &body).await?;
+        let body = BeginBackupRequest { snapshot: s.id, target: to.to_owned(), parent: parent.as_ref().map(|p| p.id) };
+        let rec: Backup = api.post(&format!("/v1/volumes/{id}/backups"), &body).await?;
         let header = BackupHeader {
             backup: rec.id,
             volume: ManifestVolume {
@@ -278,9 +265,9 @@ async fn create(
         })
         .await?;
         pb.finish_and_clear();
-        let done: Value = api.post(&format!("/v1/backups/{}/complete", rec.id), &json!({"manifest": manifest})).await?;
-        let text = done["text"].as_str().ok_or_else(|| anyhow!("slate-meta returned no signed manifest"))?;
-        store.put(&Manifest::manifest_key(id, rec.id), Bytes::from(text.to_owned())).await?;
+        let done: CompletedBackup =
+            api.post(&format!("/v1/backups/{}/complete", rec.id), &json!({"manifest": manifest})).await?;
+        store.put(&Manifest::manifest_key(id, rec.id), Bytes::from(done.text)).await?;
         create::finish(&store, rec.id).await?;
         let secs = t.elapsed().as_secs_f64();
         // The rate of this run: blocks a killed earlier run had sent are not counted.
@@ -289,7 +276,7 @@ async fn create(
             "id": rec.id, "volume": id, "snapshot": rec.snapshot_name, "target": to,
             "kind": if parent.is_some() { "incremental" } else { "full" }, "parent": parent.as_ref().map(|p| p.id),
             "blocks_changed": manifest.blocks_changed, "blocks_stored": manifest.blocks_stored,
-            "bytes_stored": manifest.bytes_stored, "manifest_sha256": done["sha256"], "seconds": secs,
+            "bytes_stored": manifest.bytes_stored, "manifest_sha256": done.sha256, "seconds": secs,
             "resumed_blocks": resumed,
             "mb_per_s": if secs > 0.0 { mb / secs } else { 0.0 },
         }))
@@ -319,8 +306,8 @@ pub async fn restore(api: &ApiClient, args: RestoreArgs, cluster_key: Option<Str
     let key = key_or(cluster_key, args.verifying_key.clone())?;
     let quick = api.clone();
     let api = api.patient(CONTROL_PATIENCE);
-    let b: BackupRecord = api.get(&format!("/v1/backups/{}", args.backup)).await?;
-    if b.state != "complete" {
+    let b: Backup = api.get(&format!("/v1/backups/{}", args.backup)).await?;
+    if b.state != BackupState::Complete {
         bail!("backup {} is not complete ({}): only a complete backup can be restored", args.backup, b.state);
     }
     let store = Store::open(&b.target, &args.s3.options())?;
@@ -329,24 +316,25 @@ pub async fn restore(api: &ApiClient, args: RestoreArgs, cluster_key: Option<Str
         bail!("backup {}: the manifest in {} is not the one slate-meta recorded", b.id, b.target);
     }
     let size = chain.last().map_or(0, |m| m.manifest.volume.size_bytes);
-    let body = json!({"backup": b.id, "name": args.name, "size_bytes": size, "tenant": args.tenant});
-    let mut created: Value = api.post("/v1/restores", &body).await?;
-    let vid = created["id"].as_u64().ok_or_else(|| anyhow!("slate-meta created no volume"))?;
+    let body = RestoreVolumeRequest {
+        backup: b.id,
+        name: args.name.clone(),
+        size_bytes: size,
+        tenant: args.tenant,
+        replicas: None,
+    };
+    let mut created: RestoreReply = api.post("/v1/restores", &body).await?;
+    let vid = created.volume.id;
     // The backed-up volume's key, to decrypt the backup with; the new volume has its own.
     let source = {
-        let mut hex_key = match created["source_dek_hex"].take() {
-            Value::String(s) => Zeroizing::new(s),
-            _ => bail!("slate-meta sent no key for the backup"),
-        };
+        let mut hex_key = Zeroizing::new(std::mem::take(&mut created.source_dek_hex));
         let bytes = Zeroizing::new(hex::decode(hex_key.as_str()).context("the backup's key is not hex")?);
         zeroize::Zeroize::zeroize(&mut *hex_key);
         let key = XtsKey::from_bytes(&bytes).map_err(|e| anyhow!("the backup's key: {e}"))?;
         Arc::new(VolumeCipher::new(&key))
     };
-    let from = Position {
-        manifests: created["restore"]["done_manifests"].as_u64().unwrap_or(0),
-        chunks: created["restore"]["done_chunks"].as_u64().unwrap_or(0),
-    };
+    let from = Position { manifests: created.restore.done_manifests, chunks: created.restore.done_chunks };
+    drop(created);
     let t = Instant::now();
     let res = async {
         // Force: the only writer of a volume being restored is a restore (one killed
@@ -368,7 +356,11 @@ pub async fn restore(api: &ApiClient, args: RestoreArgs, cluster_key: Option<Str
                 while let Some(p) = rx.recv().await {
                     if last.elapsed().as_secs() >= 1 {
                         last = Instant::now();
-                        let body = json!({"done_manifests": p.manifests, "done_chunks": p.chunks});
+                        let body = RestoreProgressRequest {
+                            done_manifests: p.manifests,
+                            done_chunks: p.chunks,
+                            finished: false,
+                        };
                         let _: Result<Value> = api.post(&format!("/v1/volumes/{vid}/restore-progress"), &body).await;
                     }
                 }
@@ -398,7 +390,7 @@ pub async fn restore(api: &ApiClient, args: RestoreArgs, cluster_key: Option<Str
         let _: Value = api
             .post(
                 &format!("/v1/volumes/{vid}/restore-progress"),
-                &json!({"done_manifests": chain.len(), "done_chunks": 0, "finished": true}),
+                &RestoreProgressRequest { done_manifests: chain.len() as u64, done_chunks: 0, finished: true },
             )
             .await?;
         Ok::<u64, anyhow::Error>(blocks)

@@ -10,15 +10,15 @@
 
 use super::api::ApiClient;
 use super::commands::{bytes_h, print};
-use super::open::{self, resolve_volume, AttachedParent, ParentReply, SnapshotEntry};
+use super::open::{self, attached_parent, resolve_volume, AttachedParent};
 use super::up::parse_size;
 use crate::volume::{
     AttachInfo, ControlError, ControlPlane, Dek, Parent, ParentOpener, ReplicaUpdate, Volume, VolumeConfig,
     VolumeError, VolumeLayout,
 };
 use anyhow::{Context, Result};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
+use slate_protocol::api::{CapabilityRefresh, CreateCloneRequest, SnapshotView, VolumeView};
 use slate_protocol::{Generation, NodeId, SegmentIndex, SignedCapability, VolumeId};
 use std::sync::Arc;
 
@@ -44,33 +44,27 @@ pub async fn run(api: &ApiClient, args: CloneArgs, json_out: bool) -> Result<()>
         anyhow::bail!("{volume} names no snapshot: clone VOLUME@SNAPSHOT (take one with `slate snapshot create`)");
     };
     let id = resolve_volume(api, volume).await?;
-    let list: Vec<SnapshotEntry> = api
+    let list: Vec<SnapshotView> = api
         .get(&format!("/v1/volumes/{id}/snapshots"))
         .await
         .with_context(|| format!("listing the snapshots of volume {volume} (a snapshot or backup grant is needed)"))?;
     let s = open::pick_snapshot(&list, volume, snap)?;
-    let body = json!({"snapshot": s.id, "name": args.name, "tenant": args.tenant, "size_bytes": args.size});
-    let v: Value = api
+    let body =
+        CreateCloneRequest { snapshot: s.id, name: args.name.clone(), tenant: args.tenant, size_bytes: args.size };
+    let v: VolumeView = api
         .post(&format!("/v1/volumes/{id}/clones"), &body)
         .await
         .with_context(|| format!("cloning {volume}@{snap} as {}", args.name))?;
-    print(json_out, &v, |v| {
+    print(json_out, &serde_json::to_value(&v)?, |_| {
         format!(
             "created clone {} ({}) of {volume}@{snap}, {}, tenant {}: nothing copied; it reads the snapshot until written\n",
-            v["name"].as_str().unwrap_or("?"),
-            v["id"],
-            bytes_h(v["size_bytes"].as_u64().unwrap_or(0)),
-            v["tenant"],
+            v.name,
+            v.id,
+            bytes_h(v.size_bytes),
+            v.tenant,
         )
     });
     Ok(())
-}
-
-/// The parent part of a capability refresh.
-#[derive(Deserialize)]
-struct Refresh {
-    #[serde(default)]
-    parent: Option<ParentReply>,
 }
 
 /// A clone's way to its parent: renews the parent's read-only capability (and
@@ -88,9 +82,10 @@ pub struct ParentLink {
 impl ParentLink {
     async fn fetch(&self) -> Result<AttachedParent, ControlError> {
         let path = format!("/v1/volumes/{}/attachments/{}/capability", self.clone, self.attachment);
-        let r: Refresh = self.api.post(&path, &json!(null)).await.map_err(|e| ControlError(format!("{e:#}")))?;
+        let r: CapabilityRefresh =
+            self.api.post(&path, &json!(null)).await.map_err(|e| ControlError(format!("{e:#}")))?;
         let p = r.parent.ok_or_else(|| ControlError(format!("vol-{} no longer reads a parent", self.clone)))?;
-        let p = p.open()?;
+        let p = attached_parent(&p)?;
         if p.id != self.parent {
             return Err(ControlError(format!("vol-{} now reads vol-{}, not vol-{}", self.clone, p.id, self.parent)));
         }

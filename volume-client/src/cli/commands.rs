@@ -8,6 +8,7 @@ use super::Cmd;
 use anyhow::{bail, Result};
 use clap::Subcommand;
 use serde_json::{json, Value};
+use slate_protocol::api::{DetachRequest, NodeView, ResizeVolumeRequest};
 use std::fmt::Write as _;
 
 #[derive(Subcommand, Debug)]
@@ -423,8 +424,8 @@ pub async fn run(api: &ApiClient, cmd: Cmd, json_out: bool) -> Result<()> {
         }
         Cmd::Node(NodeCmd::Show { node }) => {
             let id = super::operations::resolve_node(api, &node).await?;
-            let v: Value = api.get(&format!("/v1/nodes/{id}")).await?;
-            print(json_out, &v, super::operations::render_node);
+            let node: NodeView = api.get(&format!("/v1/nodes/{id}")).await?;
+            print(json_out, &serde_json::to_value(&node)?, |_| super::operations::render_node(&node));
             Ok(())
         }
         Cmd::Node(NodeCmd::Token { node, out, name }) => {
@@ -590,7 +591,7 @@ pub async fn run(api: &ApiClient, cmd: Cmd, json_out: bool) -> Result<()> {
                 v["attachments"].as_array().into_iter().flatten().filter_map(|a| a["id"].as_u64()).collect()
             };
             for a in ids {
-                let _: Value = api.post(&format!("/v1/volumes/{id}/detach"), &json!({"attachment": a})).await?;
+                let _: Value = api.post(&format!("/v1/volumes/{id}/detach"), &DetachRequest { attachment: a }).await?;
                 if !json_out {
                     println!("detached attachment {a} of volume {id}");
                 }
@@ -649,7 +650,8 @@ async fn volume(api: &ApiClient, cmd: VolumeCmd, json_out: bool) -> Result<()> {
         }
         VolumeCmd::Resize { volume, size } => {
             let id = resolve_volume(api, &volume).await?;
-            let v: Value = api.post(&format!("/v1/volumes/{id}/resize"), &json!({"size_bytes": size})).await?;
+            let v: Value =
+                api.post(&format!("/v1/volumes/{id}/resize"), &ResizeVolumeRequest { size_bytes: size }).await?;
             print(json_out, &v, |v| {
                 format!("volume {} is now {}\n", v["id"], bytes_h(v["size_bytes"].as_u64().unwrap_or(0)))
             });

@@ -8,6 +8,7 @@ use super::commands::{bytes_h, print, table};
 use anyhow::{bail, Result};
 use clap::Subcommand;
 use serde_json::Value;
+use slate_protocol::api::{ErasureState, ErasureView};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
@@ -87,14 +88,8 @@ pub async fn resolve_deleted(api: &ApiClient, volume: &str) -> Result<u64> {
     if let Ok(n) = id.parse::<u64>() {
         return Ok(n);
     }
-    let list: Value = api.get("/v1/erasures").await?;
-    let ids: Vec<u64> = list
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| e["name"].as_str() == Some(volume))
-        .filter_map(|e| e["volume"].as_u64())
-        .collect();
+    let list: Vec<ErasureView> = api.get("/v1/erasures").await?;
+    let ids: Vec<u64> = list.iter().filter(|e| e.name == volume).map(|e| e.volume).collect();
     match ids.as_slice() {
         [one] => Ok(*one),
         [] => bail!("no deleted volume named {volume:?}"),
@@ -105,10 +100,13 @@ pub async fn resolve_deleted(api: &ApiClient, volume: &str) -> Result<u64> {
 /// Shows one erasure; with `wait`, polls with a progress bar until it is complete.
 pub async fn show(api: &ApiClient, id: u64, wait: bool, timeout: Option<Duration>, json_out: bool) -> Result<()> {
     let path = format!("/v1/erasures/{id}");
+    let out = |v: &ErasureView| -> Result<()> {
+        print(json_out, &serde_json::to_value(v)?, |_| render(v));
+        Ok(())
+    };
     if !wait {
-        let v: Value = api.get(&path).await?;
-        print(json_out, &v, render);
-        return Ok(());
+        let v: ErasureView = api.get(&path).await?;
+        return out(&v);
     }
     let started = Instant::now();
     let bar = if json_out { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(1) };
@@ -118,75 +116,74 @@ pub async fn show(api: &ApiClient, id: u64, wait: bool, timeout: Option<Duration
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     loop {
-        let v: Value = api.get(&path).await?;
+        let v: ErasureView = api.get(&path).await?;
         let (done, total) = steps(&v);
         bar.set_length(total.max(1));
         bar.set_position(done);
         bar.set_message(summary(&v));
-        if v["state"].as_str() == Some("complete") {
-            bar.finish_and_clear();
-            print(json_out, &v, render);
-            return Ok(());
-        }
-        if v["state"].as_str() == Some("kept_for_clones") {
-            bar.abandon();
-            print(json_out, &v, render);
-            bail!(
-                "volume {id}'s key is shredded, but its segments are kept while clones read through its snapshot: \
-                 they are zeroed once the last of them is flattened (`slate volume flatten CLONE`) or deleted"
-            );
+        match v.state {
+            ErasureState::Complete => {
+                bar.finish_and_clear();
+                return out(&v);
+            }
+            ErasureState::KeptForClones => {
+                bar.abandon();
+                out(&v)?;
+                bail!(
+                    "volume {id}'s key is shredded, but its segments are kept while clones read through its snapshot: \
+                     they are zeroed once the last of them is flattened (`slate volume flatten CLONE`) or deleted"
+                );
+            }
+            ErasureState::Erasing => {}
         }
         if timeout.is_some_and(|t| started.elapsed() >= t) {
             bar.abandon();
-            print(json_out, &v, render);
+            out(&v)?;
             bail!("the erasure of volume {id} is not complete after {:?}", started.elapsed());
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
-/// Progress in steps: each replica released, each replica verified, each voter purged.
-fn steps(v: &Value) -> (u64, u64) {
-    let n = |k: &str| v[k].as_u64().unwrap_or(0);
-    let voters = v["meta_voters"].as_array().map_or(0, Vec::len) as u64;
-    let purged = v["meta_voters"].as_array().into_iter().flatten().filter(|m| m["purged"] == true).count() as u64;
-    (n("replicas_released") + n("replicas_erased") + purged, 2 * n("replicas_total") + voters)
+/// Metadata voters that purged the volume's key, of all.
+fn voters_purged(v: &ErasureView) -> (u64, u64) {
+    (v.meta_voters.iter().filter(|m| m.purged).count() as u64, v.meta_voters.len() as u64)
 }
 
-fn summary(v: &Value) -> String {
-    let n = |k: &str| v[k].as_u64().unwrap_or(0);
-    let voters = v["meta_voters"].as_array().map_or(0, Vec::len);
-    let purged = v["meta_voters"].as_array().into_iter().flatten().filter(|m| m["purged"] == true).count();
+/// Progress in steps: each replica released, each replica verified, each voter purged.
+fn steps(v: &ErasureView) -> (u64, u64) {
+    let (purged, voters) = voters_purged(v);
+    (v.replicas_released + v.replicas_erased + purged, 2 * v.replicas_total + voters)
+}
+
+fn summary(v: &ErasureView) -> String {
+    let (purged, voters) = voters_purged(v);
     format!(
         "replicas {}/{} erased, extents {}/{} verified zero, voters {purged}/{voters} purged",
-        n("replicas_erased"),
-        n("replicas_total"),
-        n("extents_verified"),
-        n("extents_released"),
+        v.replicas_erased, v.replicas_total, v.extents_verified, v.extents_released,
     )
 }
 
 /// The human view of one erasure.
-pub fn render(v: &Value) -> String {
+pub fn render(v: &ErasureView) -> String {
     let mut s = String::new();
-    let n = |k: &str| v[k].as_u64().unwrap_or(0);
-    let _ = writeln!(s, "deleted volume {} ({})", v["volume"], v["name"].as_str().unwrap_or("?"));
-    let _ = writeln!(s, "  tenant:      {}", v["tenant"]);
-    let _ = writeln!(s, "  size:        {}", bytes_h(n("size_bytes")));
-    let _ = writeln!(s, "  deleted by:  {} at {} ms", v["deleted_by"].as_str().unwrap_or("?"), v["deleted_ms"]);
-    let state = v["state"].as_str().unwrap_or("?");
-    match v["completed_ms"].as_u64() {
-        Some(t) => {
+    let _ = writeln!(s, "deleted volume {} ({})", v.volume, v.name);
+    let _ = writeln!(s, "  tenant:      {}", v.tenant);
+    let _ = writeln!(s, "  size:        {}", bytes_h(v.size_bytes));
+    let _ = writeln!(s, "  deleted by:  {} at {} ms", v.deleted_by, v.deleted_ms);
+    let state = v.state;
+    match (v.completed_ms, state) {
+        (Some(t), _) => {
             let _ = writeln!(s, "  erasure:     {state} at {t} ms (recorded in the audit chain as volume.erased)");
         }
-        None if state == "kept_for_clones" => {
+        (None, ErasureState::KeptForClones) => {
             let _ = writeln!(
                 s,
                 "  erasure:     {state}: key shredded; its segments stay while clones read through its snapshot, \
                  and are zeroed once the last of them is flattened or deleted"
             );
         }
-        None => {
+        (None, _) => {
             let _ = writeln!(
                 s,
                 "  erasure:     {state}: complete once every replica is verified zero and every metadata voter purged the key"
@@ -196,39 +193,35 @@ pub fn render(v: &Value) -> String {
     let _ = writeln!(
         s,
         "  replicas:    {} total, {} released, {} verified zero",
-        n("replicas_total"),
-        n("replicas_released"),
-        n("replicas_erased")
+        v.replicas_total, v.replicas_released, v.replicas_erased
     );
     let _ = writeln!(
         s,
         "  extents:     {} released, {} verified zero, {} retired after failed verification",
-        n("extents_released"),
-        n("extents_verified"),
-        n("extents_failed")
+        v.extents_released, v.extents_verified, v.extents_failed
     );
     let _ = writeln!(s, "  releases:");
-    for r in v["releases"].as_array().into_iter().flatten() {
-        let layer = r["layer_epoch"].as_u64().map(|e| format!(" layer {e}")).unwrap_or_default();
+    for r in &v.releases {
+        let layer = r.layer_epoch.map(|e| format!(" layer {e}")).unwrap_or_default();
         let _ = writeln!(
             s,
             "    {:<10} segment {:<4}{layer} {:<9} {:<17} extents released {:>5}, verified zero {:>5}",
-            r["node_name"].as_str().unwrap_or("?"),
-            r["segment"],
-            r["state"].as_str().unwrap_or("?"),
-            r["reason"].as_str().unwrap_or("?"),
-            r["extents_released"],
-            r["extents_verified"],
+            r.node_name,
+            r.segment,
+            r.state.as_str(),
+            r.reason.as_str(),
+            r.extents_released,
+            r.extents_verified,
         );
     }
-    if let Some(k) = v["key_shred"].as_str().filter(|k| !k.is_empty()) {
-        let _ = writeln!(s, "  key shred:   {k}");
+    if !v.key_shred.is_empty() {
+        let _ = writeln!(s, "  key shred:   {}", v.key_shred);
     }
-    let _ = writeln!(s, "  metadata voters (key shredded at root epoch {}):", v["root_epoch"]);
-    for m in v["meta_voters"].as_array().into_iter().flatten() {
-        let what = if m["purged"] == true { "purged".to_string() } else { format!("pending on node {}", m["id"]) };
-        let gone = if m["current"] == true { "" } else { " (no longer a voter)" };
-        let _ = writeln!(s, "    meta-{}: {what}{gone}", m["id"]);
+    let _ = writeln!(s, "  metadata voters (key shredded at root epoch {}):", v.root_epoch);
+    for m in &v.meta_voters {
+        let what = if m.purged { "purged".to_string() } else { format!("pending on node {}", m.id) };
+        let gone = if m.current { "" } else { " (no longer a voter)" };
+        let _ = writeln!(s, "    meta-{}: {what}{gone}", m.id);
     }
     s
 }

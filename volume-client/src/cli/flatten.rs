@@ -20,6 +20,7 @@ use super::up::parse_size;
 use crate::volume::{CopyStep, Parent};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+use slate_protocol::api::{FlattenedRequest, VolumeView};
 use slate_protocol::BLOCK_SIZE_BYTES_U64;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -71,14 +72,14 @@ pub async fn run(api: &ApiClient, args: FlattenArgs, json_out: bool) -> Result<(
     let quick_api = api.clone();
     let api = api.patient(CONTROL_PATIENCE);
     let id = resolve_volume(&api, &args.volume).await?;
-    let v: Value = api.get(&format!("/v1/volumes/{id}")).await?;
-    if v["parent"].is_null() {
+    let v: VolumeView = api.get(&format!("/v1/volumes/{id}")).await?;
+    if v.parent.is_none() {
         print(json_out, &json!({"volume": id, "flattened": true, "copied_bytes": 0}), |_| {
             format!("volume {} reads no parent: it is not a clone, or it is flattened already\n", args.volume)
         });
         return Ok(());
     }
-    let snaps: Vec<&str> = v["snapshots"].as_array().into_iter().flatten().filter_map(|s| s["name"].as_str()).collect();
+    let snaps: Vec<&str> = v.snapshots.iter().map(|s| s.name.as_str()).collect();
     if !snaps.is_empty() {
         bail!(
             "volume {} has snapshots {snaps:?}, which read through its parent and would lose it: \
@@ -164,7 +165,7 @@ async fn flatten(
     let secs = started.elapsed().as_secs_f64();
     let done = match copied {
         Ok(()) => api
-            .post::<_, Value>(&format!("/v1/volumes/{id}/flattened"), &json!({"attachment": attachment}))
+            .post::<_, Value>(&format!("/v1/volumes/{id}/flattened"), &FlattenedRequest { attachment })
             .await
             .context("telling slate-meta the clone is flattened (run the flatten again: it copies nothing twice)"),
         Err(e) => Err(e.context(format!(

@@ -1,65 +1,26 @@
 //! Attaching a volume, or one of its snapshots, through slate-meta: the one
 //! step `slate attach`, `slate backup`, `slate export` and `slate volume
-//! flatten` share. The attach reply's views, the `VOL@SNAP` syntax and the
-//! volume key's hand-over (zeroized as soon as it is a [`Dek`]) live here.
+//! flatten` share. Reading the attach reply (`slate_protocol::api`) into a
+//! layout, the `VOL@SNAP` syntax and the volume key's hand-over (zeroized as
+//! soon as it is a [`Dek`]) live here.
 
 use super::api::ApiClient;
-use crate::volume::{ControlError, Dek, PendingSnapshot, ReplicaInfo, ReplicaRole, SegmentReplicas, VolumeLayout};
+use crate::volume::{ControlError, Dek, PendingSnapshot, ReplicaInfo, SegmentReplicas, VolumeLayout};
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
+use slate_protocol::api::{
+    AttachMode, AttachReply, AttachRequest, DetachRequest, ParentAttach, SegmentView, SnapshotState, SnapshotView,
+    VolumeView,
+};
 use slate_protocol::{Epoch, Generation, NodeId, SegmentIndex, SignedCapability, VolumeId};
-
-#[derive(Deserialize)]
-pub(super) struct CapabilityView {
-    pub(super) token: String,
-}
-
-#[derive(Deserialize)]
-pub(super) struct ReplicaView {
-    pub(super) node: u64,
-    pub(super) addr: String,
-    pub(super) state: String,
-}
-
-#[derive(Deserialize)]
-pub(super) struct SegmentView {
-    pub(super) index: u32,
-    pub(super) epoch: u64,
-    pub(super) replicas: Vec<ReplicaView>,
-}
-
-#[derive(Deserialize)]
-pub(super) struct VolumeView {
-    pub(super) id: u64,
-    pub(super) name: String,
-    pub(super) size_bytes: u64,
-    pub(super) generation: u64,
-    pub(super) segment_blocks: u64,
-    pub(super) segments: Vec<SegmentView>,
-    /// `{id, name, epoch, state, created_ms}` per snapshot; read leniently, so
-    /// that an entry of another shape never stops the layout from being read.
-    #[serde(default)]
-    pub(super) snapshots: Vec<Value>,
-}
 
 /// The snapshots of a volume view that wait for the read-write attachment to freeze them.
 pub(super) fn pending_snapshots(v: &VolumeView) -> Vec<PendingSnapshot> {
     v.snapshots
         .iter()
-        .filter(|s| s["state"] == "pending")
-        .filter_map(|s| Some(PendingSnapshot { id: s["id"].as_u64()?, epoch: Epoch(s["epoch"].as_u64()?) }))
+        .filter(|s| s.state == SnapshotState::Pending)
+        .map(|s| PendingSnapshot { id: s.id, epoch: Epoch(s.epoch) })
         .collect()
-}
-
-#[derive(Debug, Deserialize)]
-pub(super) struct SnapshotEntry {
-    pub(super) id: u64,
-    pub(super) name: String,
-    pub(super) epoch: u64,
-    /// Absent from metadata services that only list finished snapshots.
-    #[serde(default)]
-    pub(super) state: Option<String>,
 }
 
 /// Splits `VOL@SNAP` (neither volume nor snapshot names may contain `@`).
@@ -72,8 +33,8 @@ pub(super) fn split_snapshot_spec(spec: &str) -> Result<(&str, Option<&str>)> {
 }
 
 /// Picks snapshot `name` of volume `volume` from its list; it must be ready to be served.
-pub(super) fn pick_snapshot<'a>(list: &'a [SnapshotEntry], volume: &str, name: &str) -> Result<&'a SnapshotEntry> {
-    let by_name: Vec<&SnapshotEntry> = list.iter().filter(|s| s.name == name).collect();
+pub(super) fn pick_snapshot<'a>(list: &'a [SnapshotView], volume: &str, name: &str) -> Result<&'a SnapshotView> {
+    let by_name: Vec<&SnapshotView> = list.iter().filter(|s| s.name == name).collect();
     let snap = match by_name.as_slice() {
         [one] => *one,
         [] => match name.parse::<u64>().ok().and_then(|id| list.iter().find(|s| s.id == id)) {
@@ -82,67 +43,38 @@ pub(super) fn pick_snapshot<'a>(list: &'a [SnapshotEntry], volume: &str, name: &
         },
         _ => bail!("volume {volume} has several snapshots named {name:?}"),
     };
-    match snap.state.as_deref() {
-        None | Some("ready") => Ok(snap),
-        Some(state) => {
-            bail!("snapshot {name:?} of volume {volume} is {state}, not ready: only a ready snapshot can be served")
+    match snap.state {
+        SnapshotState::Ready => Ok(snap),
+        SnapshotState::Pending => {
+            bail!("snapshot {name:?} of volume {volume} is pending, not ready: only a ready snapshot can be served")
         }
     }
 }
 
-#[derive(Deserialize)]
-pub(super) struct AttachmentView {
-    pub(super) id: u64,
-}
-
-#[derive(Deserialize)]
-pub(super) struct AttachReply {
-    pub(super) attachment: AttachmentView,
-    pub(super) volume: VolumeView,
-    pub(super) capability: CapabilityView,
-    pub(super) dek_hex: String,
-    /// For a clone: how to read its parent.
-    #[serde(default)]
-    pub(super) parent: Option<ParentReply>,
-}
-
-/// A clone's parent as an attach reply or a capability refresh hands it over: the
-/// parent's layout, the snapshot's epoch and a read-only capability for the parent.
-#[derive(Deserialize)]
-pub(super) struct ParentReply {
-    pub(super) volume: VolumeView,
-    pub(super) snapshot_name: String,
-    pub(super) epoch: u64,
-    /// The parent's size at the snapshot (0: not told; the parent's current size).
-    #[serde(default)]
-    pub(super) size_bytes: u64,
-    pub(super) capability: CapabilityView,
-}
-
-impl ParentReply {
-    /// The parent's layout and capability, checked against each other.
-    pub(super) fn open(&self) -> Result<AttachedParent, ControlError> {
-        let capability = parse_capability(&self.capability.token)?;
-        if capability.claims.volume.0 != self.volume.id {
-            return Err(ControlError("slate-meta handed out a parent capability for another volume".into()));
-        }
-        let generation = capability.claims.generation.0.max(self.volume.generation);
-        let mut layout = layout_from_view(&self.volume, generation);
-        // A parent grown since the snapshot: its later segments hold no layer at the epoch.
-        if self.size_bytes > 0 && self.size_bytes < layout.size_bytes {
-            layout.size_bytes = self.size_bytes;
-            let count = layout.segment_count();
-            layout.segments.retain(|s| s.segment.0 < count);
-        }
-        Ok(AttachedParent {
-            id: self.volume.id,
-            name: self.volume.name.clone(),
-            snapshot_name: self.snapshot_name.clone(),
-            epoch: Epoch(self.epoch),
-            layout,
-            capability,
-        })
+/// A clone's parent as an attach reply or a capability refresh hands it over (the
+/// parent's layout, the snapshot's epoch and a read-only capability for the parent),
+/// its layout and capability checked against each other.
+pub(super) fn attached_parent(p: &ParentAttach) -> Result<AttachedParent, ControlError> {
+    let capability = parse_capability(&p.capability.token)?;
+    if capability.claims.volume.0 != p.volume.id {
+        return Err(ControlError("slate-meta handed out a parent capability for another volume".into()));
     }
+    let generation = capability.claims.generation.0.max(p.volume.generation);
+    let mut layout = layout_from_view(&p.volume, generation);
+    // A parent grown since the snapshot: its later segments hold no layer at the epoch.
+    if p.size_bytes > 0 && p.size_bytes < layout.size_bytes {
+        layout.size_bytes = p.size_bytes;
+        let count = layout.segment_count();
+        layout.segments.retain(|s| s.segment.0 < count);
+    }
+    Ok(AttachedParent {
+        id: p.volume.id,
+        name: p.volume.name.clone(),
+        snapshot_name: p.snapshot_name.clone(),
+        epoch: Epoch(p.epoch),
+        layout,
+        capability,
+    })
 }
 
 /// How a clone's attachment reads its parent (see `volume/clone.rs`).
@@ -163,11 +95,7 @@ pub(super) fn segment_from_view(s: &SegmentView) -> SegmentReplicas {
         replicas: s
             .replicas
             .iter()
-            .map(|r| ReplicaInfo {
-                node: NodeId(r.node),
-                addr: r.addr.clone(),
-                role: if r.state == "in_sync" { ReplicaRole::InSync } else { ReplicaRole::Rebuilding },
-            })
+            .map(|r| ReplicaInfo { node: NodeId(r.node), addr: r.addr.clone(), role: r.state })
             .collect(),
     }
 }
@@ -191,8 +119,8 @@ pub async fn resolve_volume(api: &ApiClient, name_or_id: &str) -> Result<u64> {
     if let Ok(id) = name_or_id.parse::<u64>() {
         return Ok(id);
     }
-    let vols: Vec<Value> = api.get("/v1/volumes").await?;
-    let hits: Vec<u64> = vols.iter().filter(|v| v["name"] == name_or_id).filter_map(|v| v["id"].as_u64()).collect();
+    let vols: Vec<VolumeView> = api.get("/v1/volumes").await?;
+    let hits: Vec<u64> = vols.iter().filter(|v| v.name == name_or_id).map(|v| v.id).collect();
     match hits.as_slice() {
         [id] => Ok(*id),
         [] => bail!("no volume named {name_or_id:?} is visible to you"),
@@ -255,21 +183,16 @@ pub async fn attach_opts(
     let snapshot = match snapshot {
         None => None,
         Some(name) => {
-            let list: Vec<SnapshotEntry> =
-                api.get(&format!("/v1/volumes/{id}/snapshots")).await.with_context(|| {
-                    format!("listing the snapshots of volume {volume} (a snapshot or backup grant is needed)")
-                })?;
+            let list: Vec<SnapshotView> = api.get(&format!("/v1/volumes/{id}/snapshots")).await.with_context(|| {
+                format!("listing the snapshots of volume {volume} (a snapshot or backup grant is needed)")
+            })?;
             let snap = pick_snapshot(&list, volume, name)?;
             Some(AttachedSnapshot { id: snap.id, name: snap.name.clone(), epoch: Epoch(snap.epoch) })
         }
     };
-    let mode = if read_only { "read_only" } else { "read_write" };
-    let reply: AttachReply = api
-        .post(
-            &format!("/v1/volumes/{id}/attach"),
-            &json!({"mode": mode, "host": host, "force": force, "insecure_plaintext_nbd": insecure_plaintext_nbd}),
-        )
-        .await?;
+    let mode = if read_only { AttachMode::ReadOnly } else { AttachMode::ReadWrite };
+    let req = AttachRequest { mode, host: host.to_owned(), force, insecure_plaintext_nbd };
+    let reply: AttachReply = api.post(&format!("/v1/volumes/{id}/attach"), &req).await?;
     let capability = parse_capability(&reply.capability.token)?;
     let generation = capability.claims.generation.0.max(reply.volume.generation);
     let layout = layout_from_view(&reply.volume, generation);
@@ -280,23 +203,47 @@ pub async fn attach_opts(
     let dek = dek.map_err(|e| anyhow::anyhow!(e))?;
     let name = reply.volume.name.clone();
     let attachment = reply.attachment.id;
-    let parent = reply.parent.as_ref().map(ParentReply::open).transpose()?;
+    let parent = reply.parent.as_ref().map(attached_parent).transpose()?;
     drop(reply);
     Ok(Attached { id, name, snapshot, attachment, generation, layout, capability, dek, parent })
 }
 
 /// Ends attachment `attachment` of volume `id`.
 pub async fn detach(api: &ApiClient, id: u64, attachment: u64) -> Result<()> {
-    let _: Value = api.post(&format!("/v1/volumes/{id}/detach"), &json!({"attachment": attachment})).await?;
+    let _: Value = api.post(&format!("/v1/volumes/{id}/detach"), &DetachRequest { attachment }).await?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
-    fn snap(id: u64, name: &str, state: Option<&str>) -> SnapshotEntry {
-        SnapshotEntry { id, name: name.into(), epoch: id * 10, state: state.map(str::to_owned) }
+    fn snap(id: u64, name: &str, state: SnapshotState) -> SnapshotView {
+        SnapshotView { id, volume: 4, name: name.into(), epoch: id * 10, created_ms: 1, state, ready_ms: None }
+    }
+
+    fn replica(node: u64, state: &str) -> Value {
+        json!({"node": node, "addr": format!("127.0.0.1:{node}"), "failure_domain": format!("z/r/h{node}"),
+               "state": state, "node_state": "active", "rebuild_done_blocks": 0, "rebuild_total_blocks": 0})
+    }
+
+    fn segment(index: u32, replicas: &[Value]) -> Value {
+        json!({"index": index, "epoch": 1, "first_block": u64::from(index) * 2, "blocks": 2, "replicas": replicas})
+    }
+
+    /// A volume view as slate-meta sends it.
+    fn volume(id: u64, name: &str, size_bytes: u64, generation: u64, segments: &[Value]) -> Value {
+        json!({
+            "id": id, "name": name, "tenant": 1, "size_bytes": size_bytes, "block_size": 4096, "replicas": 2,
+            "failure_domain_level": "host", "qos": {}, "state": "attached", "generation": generation,
+            "segment_blocks": 2, "segments": segments, "attachments": [], "snapshots": [],
+            "dek": {"created_ms": 1, "age_secs": 0, "wrapped_ms": 1, "tenant_key_version": 1}
+        })
+    }
+
+    fn capability(token: &str, volume: u64) -> Value {
+        json!({"token": token, "volume": volume, "generation": 1, "rights": 1, "nodes": [1, 2], "expires_unix_secs": 9})
     }
 
     #[test]
@@ -311,26 +258,19 @@ mod tests {
 
     #[test]
     fn only_a_ready_snapshot_is_picked() {
-        let list = vec![snap(1, "a", None), snap(2, "b", Some("ready")), snap(3, "c", Some("creating"))];
+        let list = vec![
+            snap(1, "a", SnapshotState::Ready),
+            snap(2, "b", SnapshotState::Ready),
+            snap(3, "c", SnapshotState::Pending),
+        ];
         assert_eq!(pick_snapshot(&list, "db", "a").unwrap().epoch, 10);
         assert_eq!(pick_snapshot(&list, "db", "b").unwrap().epoch, 20);
         assert_eq!(pick_snapshot(&list, "db", "2").unwrap().name, "b", "an id works where no name matches");
         let e = pick_snapshot(&list, "db", "c").unwrap_err().to_string();
-        assert!(e.contains("creating") && e.contains("not ready"), "{e}");
+        assert!(e.contains("pending") && e.contains("not ready"), "{e}");
         assert!(pick_snapshot(&list, "db", "zz").unwrap_err().to_string().contains("no snapshot"));
-        let twice = vec![snap(1, "a", None), snap(2, "a", None)];
+        let twice = vec![snap(1, "a", SnapshotState::Ready), snap(2, "a", SnapshotState::Ready)];
         assert!(pick_snapshot(&twice, "db", "a").unwrap_err().to_string().contains("several"));
-    }
-
-    #[test]
-    fn snapshot_list_parses_with_and_without_state() {
-        let old: Vec<SnapshotEntry> =
-            serde_json::from_str(r#"[{"id":1,"volume":4,"name":"a","epoch":3,"created_ms":5}]"#).unwrap();
-        assert_eq!(old[0].state, None);
-        let new: Vec<SnapshotEntry> =
-            serde_json::from_str(r#"[{"id":1,"volume":4,"name":"a","epoch":3,"created_ms":5,"state":"deleting"}]"#)
-                .unwrap();
-        assert_eq!(new[0].state.as_deref(), Some("deleting"));
     }
 
     #[test]
@@ -348,27 +288,18 @@ mod tests {
             .sign(&key)
             .to_token()
         };
-        let view = json!({
-            "id": 4, "name": "c1", "size_bytes": 8192, "generation": 1, "segment_blocks": 2,
-            "segments": [{"index": 0, "epoch": 1, "replicas": [
-                {"node": 1, "addr": "127.0.0.1:1", "state": "in_sync"},
-                {"node": 2, "addr": "127.0.0.1:2", "state": "in_sync"}]}]
-        });
+        let reps = [replica(1, "in_sync"), replica(2, "in_sync")];
+        let view = volume(4, "c1", 8192, 1, &[segment(0, &reps)]);
         // The parent grew since the snapshot: two segments now, one at the snapshot.
-        let mut parent_view = view.clone();
-        parent_view["id"] = json!(1);
-        parent_view["name"] = json!("demo");
-        parent_view["generation"] = json!(5);
-        parent_view["size_bytes"] = json!(16384);
-        let second = json!({"index": 1, "epoch": 1, "replicas": view["segments"][0]["replicas"].clone()});
-        parent_view["segments"].as_array_mut().unwrap().push(second);
+        let parent_view = volume(1, "demo", 16384, 5, &[segment(0, &reps), segment(1, &reps)]);
         let mut reply = json!({
-            "attachment": {"id": 9}, "volume": view, "capability": {"token": cap(4, 1)}, "dek_hex": "00",
+            "attachment": {"id": 9, "principal": 3, "host": "h", "mode": "read_write", "generation": 1, "attached_ms": 1},
+            "volume": view, "capability": capability(&cap(4, 1), 4), "dek_hex": "00", "verifying_key_hex": "00",
             "parent": {"volume": parent_view, "snapshot": 3, "snapshot_name": "s1", "epoch": 2,
-                       "size_bytes": 8192, "capability": {"token": cap(1, 5)}}
+                       "size_bytes": 8192, "capability": capability(&cap(1, 5), 1)}
         });
         let r: AttachReply = serde_json::from_value(reply.clone()).unwrap();
-        let p = r.parent.as_ref().unwrap().open().unwrap();
+        let p = attached_parent(r.parent.as_ref().unwrap()).unwrap();
         assert_eq!((p.id, p.name.as_str(), p.snapshot_name.as_str(), p.epoch), (1, "demo", "s1", Epoch(2)));
         assert_eq!((p.layout.volume, p.layout.generation), (VolumeId(1), Generation(5)));
         assert_eq!((p.layout.size_bytes, p.layout.segments.len()), (8192, 1), "read no further than the snapshot");
@@ -376,7 +307,7 @@ mod tests {
         // A capability for another volume than the parent's layout is refused.
         reply["parent"]["capability"]["token"] = json!(cap(4, 5));
         let r: AttachReply = serde_json::from_value(reply.clone()).unwrap();
-        assert!(r.parent.as_ref().unwrap().open().unwrap_err().to_string().contains("another volume"));
+        assert!(attached_parent(r.parent.as_ref().unwrap()).unwrap_err().to_string().contains("another volume"));
         // A plain volume's reply has none.
         reply.as_object_mut().unwrap().remove("parent");
         assert!(serde_json::from_value::<AttachReply>(reply).unwrap().parent.is_none());
@@ -384,26 +315,17 @@ mod tests {
 
     #[test]
     fn the_volume_view_yields_its_pending_snapshots() {
-        let v: VolumeView = serde_json::from_value(json!({
-            "id": 7, "name": "v", "size_bytes": 8192, "generation": 3, "segment_blocks": 2,
-            "segments": [{"index": 0, "epoch": 1, "replicas": [
-                {"node": 1, "addr": "127.0.0.1:1", "state": "in_sync"},
-                {"node": 2, "addr": "127.0.0.1:2", "state": "rebuilding"}]}],
-            "snapshots": [
-                {"id": 4, "name": "a", "epoch": 2, "state": "ready", "created_ms": 1},
-                {"id": 5, "name": "b", "epoch": 3, "state": "pending", "created_ms": 2},
-                {"id": 6, "name": "c", "state": "pending"}
-            ]
-        }))
-        .unwrap();
+        let mut view = volume(7, "v", 8192, 3, &[segment(0, &[replica(1, "in_sync"), replica(2, "rebuilding")])]);
+        view["snapshots"] = json!([
+            {"id": 4, "volume": 7, "name": "a", "epoch": 2, "state": "ready", "created_ms": 1, "ready_ms": 2},
+            {"id": 5, "volume": 7, "name": "b", "epoch": 3, "state": "pending", "created_ms": 2, "ready_ms": null}
+        ]);
+        let v: VolumeView = serde_json::from_value(view).unwrap();
         assert_eq!(pending_snapshots(&v), vec![PendingSnapshot { id: 5, epoch: Epoch(3) }]);
         let l = layout_from_view(&v, 3);
-        assert_eq!(l.segments[0].replicas[1].role, ReplicaRole::Rebuilding);
-        // A view without snapshots (an older slate-meta) has none pending.
-        let v: VolumeView = serde_json::from_value(json!({
-            "id": 7, "name": "v", "size_bytes": 8192, "generation": 3, "segment_blocks": 2, "segments": []
-        }))
-        .unwrap();
+        assert_eq!(l.segments[0].replicas[0].role, crate::volume::ReplicaRole::InSync);
+        assert_eq!(l.segments[0].replicas[1].role, crate::volume::ReplicaRole::Rebuilding);
+        let v: VolumeView = serde_json::from_value(volume(7, "v", 8192, 3, &[])).unwrap();
         assert!(pending_snapshots(&v).is_empty());
     }
 }

@@ -8,6 +8,10 @@ use super::commands::{bytes_h, print};
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use serde_json::Value;
+use slate_protocol::api::{
+    CreatePrincipalRequest, CreateTokenRequest, DecommissionView, DiskState, DrainState, DrainView, IssuedToken,
+    NodeView, PrincipalView, Role,
+};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -38,21 +42,28 @@ pub enum CertificateCmd {
 /// principal of that name for that node exists already, a new token is issued to it. The
 /// token is never printed. Returns the principal's id.
 pub async fn node_token(api: &ApiClient, node: u64, name: &str, out: &Path) -> Result<u64> {
-    let list: Value = api.get("/v1/principals").await?;
-    let existing = list.as_array().into_iter().flatten().find(|p| p["name"] == name).cloned();
-    let issued: Value = match existing {
-        Some(p) => {
-            if p["role"] != "node" || p["node"].as_u64() != Some(node) {
-                bail!("a principal named {name:?} exists and is not node {node}'s; choose another --name");
-            }
-            let id = p["id"].as_u64().context("principal without id")?;
-            api.post(&format!("/v1/principals/{id}/tokens"), &serde_json::json!({})).await?
+    let list: Vec<PrincipalView> = api.get("/v1/principals").await?;
+    let mut issued: IssuedToken = if let Some(p) = list.into_iter().find(|p| p.name == name) {
+        if p.role != Role::Node || p.node != Some(node) {
+            bail!("a principal named {name:?} exists and is not node {node}'s; choose another --name");
         }
-        None => api.post("/v1/principals", &serde_json::json!({"name": name, "role": "node", "node": node})).await?,
+        api.post(&format!("/v1/principals/{}/tokens", p.id), &CreateTokenRequest::default()).await?
+    } else {
+        let req = CreatePrincipalRequest {
+            name: name.to_owned(),
+            role: Role::Node,
+            tenant: None,
+            node: Some(node),
+            not_before_ms: None,
+            not_after_ms: None,
+            token_expires_ms: None,
+        };
+        api.post("/v1/principals", &req).await?
     };
-    let token = zeroize::Zeroizing::new(format!("{}\n", issued["token"].as_str().context("reply without a token")?));
+    let secret = zeroize::Zeroizing::new(issued.token.take().context("reply without a token")?);
+    let token = zeroize::Zeroizing::new(format!("{}\n", secret.as_str()));
     write_secret(out, token.as_bytes())?;
-    issued["principal"]["id"].as_u64().context("reply without a principal id")
+    Ok(issued.principal.id)
 }
 
 /// Writes `bytes` to `path` through a fresh 0600 temporary file and a rename.
@@ -144,31 +155,26 @@ pub async fn drain(api: &ApiClient, node: u64, path: &str, wait: bool, json_out:
         "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} replicas moved  {msg}",
     );
     loop {
-        let v: Value = api.get(&format!("/v1/nodes/{node}/drain")).await?;
-        b.set_length(v["replicas_total"].as_u64().unwrap_or(0).max(1));
-        b.set_position(v["replicas_moved"].as_u64().unwrap_or(0));
-        let moving: Vec<String> = v["moves"]
-            .as_array()
-            .into_iter()
-            .flatten()
+        let v: DrainView = api.get(&format!("/v1/nodes/{node}/drain")).await?;
+        b.set_length(v.replicas_total.max(1));
+        b.set_position(v.replicas_moved);
+        let moving: Vec<String> = v
+            .moves
+            .iter()
             .map(|m| {
-                let pct = m["done_blocks"].as_u64().unwrap_or(0) * 100 / m["total_blocks"].as_u64().unwrap_or(1).max(1);
-                format!("vol-{}/{} -> node {} {pct}%", m["volume"], m["segment"], m["to"])
+                let pct = m.done_blocks * 100 / m.total_blocks.max(1);
+                format!("vol-{}/{} -> node {} {pct}%", m.volume, m.segment, m.to)
             })
             .collect();
         let mut msg = moving.join(", ");
-        if let Some(why) = v["blocked"].as_str() {
+        if let Some(why) = &v.blocked {
             let _ = write!(msg, " (blocked: {why})");
         }
         b.set_message(msg);
-        if v["state"] == "complete" {
+        if v.state == DrainState::Complete {
             b.finish_and_clear();
-            print(json_out, &v, |v| {
-                format!(
-                    "node {} drained: {} replica(s) moved; it holds none\n",
-                    v["node_name"].as_str().unwrap_or("?"),
-                    v["replicas_moved"]
-                )
+            print(json_out, &serde_json::to_value(&v)?, |_| {
+                format!("node {} drained: {} replica(s) moved; it holds none\n", v.node_name, v.replicas_moved)
             });
             return Ok(());
         }
@@ -177,59 +183,56 @@ pub async fn drain(api: &ApiClient, node: u64, path: &str, wait: bool, json_out:
 }
 
 /// `slate node show`.
-pub fn render_node(v: &Value) -> String {
+pub fn render_node(v: &NodeView) -> String {
     let mut s = String::new();
-    let n = |k: &str| v[k].as_u64().unwrap_or(0);
-    let _ = writeln!(s, "node {} ({})", v["id"], v["name"].as_str().unwrap_or("?"));
-    let _ = writeln!(s, "  address:     {}", v["addr"].as_str().unwrap_or("?"));
-    let _ = writeln!(s, "  domain:      {}", v["failure_domain"].as_str().unwrap_or("?"));
-    let _ = writeln!(s, "  state:       {}", v["state"].as_str().unwrap_or("?"));
-    let _ =
-        writeln!(s, "  capacity:    {} ({} allocated)", bytes_h(n("capacity_bytes")), bytes_h(n("allocated_bytes")));
-    let _ = writeln!(s, "  replicas:    {}", n("replicas"));
-    let _ = writeln!(s, "  releases:    {} not yet verified zero", n("releases_outstanding"));
-    let d = &v["drain"];
-    if d["state"] != "none" {
+    let _ = writeln!(s, "node {} ({})", v.id, v.name);
+    let _ = writeln!(s, "  address:     {}", v.addr);
+    let _ = writeln!(s, "  domain:      {}", v.failure_domain);
+    let _ = writeln!(s, "  state:       {}", v.state);
+    let _ = writeln!(s, "  capacity:    {} ({} allocated)", bytes_h(v.capacity_bytes), bytes_h(v.allocated_bytes));
+    let _ = writeln!(s, "  replicas:    {}", v.replicas);
+    let _ = writeln!(s, "  releases:    {} not yet verified zero", v.releases_outstanding);
+    let d = &v.drain;
+    if d.state != DrainState::None {
         let _ = writeln!(
             s,
             "  drain:       {} ({}/{} moved, {} left){}",
-            d["state"].as_str().unwrap_or("?"),
-            d["replicas_moved"],
-            d["replicas_total"],
-            d["replicas_left"],
-            d["blocked"].as_str().map(|b| format!("; blocked: {b}")).unwrap_or_default()
+            d.state,
+            d.replicas_moved,
+            d.replicas_total,
+            d.replicas_left,
+            d.blocked.as_ref().map(|b| format!("; blocked: {b}")).unwrap_or_default()
         );
-        for m in d["moves"].as_array().into_iter().flatten() {
+        for m in &d.moves {
             let _ = writeln!(
                 s,
                 "    vol-{} segment {} -> node {}: {}/{} blocks",
-                m["volume"], m["segment"], m["to"], m["done_blocks"], m["total_blocks"]
+                m.volume, m.segment, m.to, m.done_blocks, m.total_blocks
             );
         }
     }
-    let sc = &v["scrub"];
-    if sc.is_object() {
+    if let Some(sc) = &v.scrub {
         let _ = writeln!(
             s,
             "  scrub:       {} ({}/{} segments, {} blocks checked, {} corrupt found, {} repaired, {} unrepaired)",
-            if sc["running"] == true { "running" } else { "last pass done" },
-            sc["segments_done"],
-            sc["segments_total"],
-            sc["blocks_checked"],
-            sc["corrupt_found"],
-            sc["repaired"],
-            sc["unrepaired"]
+            if sc.running { "running" } else { "last pass done" },
+            sc.segments_done,
+            sc.segments_total,
+            sc.blocks_checked,
+            sc.corrupt_found,
+            sc.repaired,
+            sc.unrepaired
         );
     }
-    for d in v["disks"].as_array().into_iter().flatten() {
+    for d in &v.disks {
         let _ = writeln!(
             s,
             "  disk {} ({}): {}, {}; decommission {}",
-            d["id"],
-            d["name"].as_str().unwrap_or("?"),
-            bytes_h(d["capacity_bytes"].as_u64().unwrap_or(0)),
-            d["state"].as_str().unwrap_or("?"),
-            d["decommission_stage"].as_str().unwrap_or("?")
+            d.id,
+            d.name,
+            bytes_h(d.capacity_bytes),
+            d.state,
+            d.decommission_stage
         );
     }
     s
@@ -254,10 +257,9 @@ pub async fn decommission(api: &ApiClient, disk: u64, wait: bool, out: Option<&P
         "{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes}  {msg}",
     );
     loop {
-        let v: Value = api.get(&format!("/v1/disks/{disk}/decommission")).await?;
-        let total = v["bytes_total"].as_u64().unwrap_or(0);
-        let done = v["bytes_done"].as_u64().unwrap_or(0);
-        let stage = v["stage"].as_str().unwrap_or("?").to_owned();
+        let v: DecommissionView = api.get(&format!("/v1/disks/{disk}/decommission")).await?;
+        let (total, done) = (v.bytes_total, v.bytes_done);
+        let stage = v.stage.clone();
         b.set_length((2 * total).max(1));
         b.set_position(if stage == "verify" {
             total + done
@@ -269,18 +271,18 @@ pub async fn decommission(api: &ApiClient, disk: u64, wait: bool, out: Option<&P
         b.set_message(stage.clone());
         if stage == "failed" {
             b.abandon();
-            bail!("decommission of disk {disk} failed: {}", v["failure"].as_str().unwrap_or("?"));
+            bail!("decommission of disk {disk} failed: {}", v.failure.as_deref().unwrap_or("?"));
         }
-        if v["state"] == "decommissioned" {
+        if v.state == DiskState::Decommissioned {
             b.finish_and_clear();
             if let Some(path) = out {
                 save_certificate(api, disk, path).await?;
             }
-            print(json_out, &v, |v| {
+            print(json_out, &serde_json::to_value(&v)?, |_| {
                 format!(
                     "disk {} decommissioned: every byte overwritten and verified zero; certificate sha256 {}{}\n",
-                    v["disk_name"].as_str().unwrap_or("?"),
-                    v["certificate_sha256"].as_str().unwrap_or("?"),
+                    v.disk_name,
+                    v.certificate_sha256.as_deref().unwrap_or("?"),
                     out.map(|p| format!(", written to {}", p.display())).unwrap_or_default()
                 )
             });
@@ -318,21 +320,20 @@ pub async fn scrub(api: &ApiClient, node: u64, wait: bool, json_out: bool) -> Re
     }
     let b = bar(json_out, 1, "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} segments  {msg}");
     loop {
-        let n: Value = api.get(&format!("/v1/nodes/{node}")).await?;
-        let sc = &n["scrub_requested_report"];
-        if sc["scrub_id"].as_u64() == Some(id) {
-            b.set_length(sc["segments_total"].as_u64().unwrap_or(0).max(1));
-            b.set_position(sc["segments_done"].as_u64().unwrap_or(0));
+        let n: NodeView = api.get(&format!("/v1/nodes/{node}")).await?;
+        if let Some(sc) = n.scrub_requested_report.filter(|sc| sc.scrub_id == id) {
+            b.set_length(sc.segments_total.max(1));
+            b.set_position(sc.segments_done);
             b.set_message(format!(
                 "{} blocks checked, {} corrupt, {} repaired",
-                sc["blocks_checked"], sc["corrupt_found"], sc["repaired"]
+                sc.blocks_checked, sc.corrupt_found, sc.repaired
             ));
-            if sc["running"] == false {
+            if !sc.running {
                 b.finish_and_clear();
-                print(json_out, sc, |sc| {
+                print(json_out, &serde_json::to_value(&sc)?, |_| {
                     format!(
                         "scrub {id} of node {node} done: {} blocks checked, {} corrupt found, {} repaired, {} unrepaired\n",
-                        sc["blocks_checked"], sc["corrupt_found"], sc["repaired"], sc["unrepaired"]
+                        sc.blocks_checked, sc.corrupt_found, sc.repaired, sc.unrepaired
                     )
                 });
                 return Ok(());

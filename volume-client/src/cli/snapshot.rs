@@ -8,7 +8,8 @@ use super::commands::{print, table};
 use super::open::resolve_volume;
 use anyhow::{bail, Result};
 use clap::Subcommand;
-use serde_json::{json, Value};
+use serde_json::Value;
+use slate_protocol::api::{CreateSnapshotRequest, SnapshotState, SnapshotView};
 use std::time::{Duration, Instant};
 
 #[derive(Subcommand, Debug)]
@@ -30,10 +31,10 @@ pub enum SnapshotCmd {
     Delete { volume: String, name: String },
 }
 
-async fn snapshot_by_name(api: &ApiClient, id: u64, name: &str) -> Result<Value> {
-    let list: Value = api.get(&format!("/v1/volumes/{id}/snapshots")).await?;
-    match list.as_array().into_iter().flatten().find(|s| s["name"].as_str() == Some(name)) {
-        Some(s) => Ok(s.clone()),
+async fn snapshot_by_name(api: &ApiClient, id: u64, name: &str) -> Result<SnapshotView> {
+    let list: Vec<SnapshotView> = api.get(&format!("/v1/volumes/{id}/snapshots")).await?;
+    match list.into_iter().find(|s| s.name == name) {
+        Some(s) => Ok(s),
         None => bail!("volume {id} has no snapshot named {name:?}"),
     }
 }
@@ -43,8 +44,9 @@ pub async fn run(api: &ApiClient, cmd: SnapshotCmd, json_out: bool) -> Result<()
         SnapshotCmd::Create { volume, name, no_wait, timeout } => {
             let id = resolve_volume(api, &volume).await?;
             let t = Instant::now();
-            let mut s: Value = api.post(&format!("/v1/volumes/{id}/snapshots"), &json!({"name": name})).await?;
-            while !no_wait && s["state"] != "ready" {
+            let req = CreateSnapshotRequest { name: name.clone() };
+            let mut s: SnapshotView = api.post(&format!("/v1/volumes/{id}/snapshots"), &req).await?;
+            while !no_wait && s.state != SnapshotState::Ready {
                 if t.elapsed() >= Duration::from_secs(timeout) {
                     bail!(
                         "snapshot {name:?} of volume {id} is recorded but not frozen on every replica after {timeout} s \
@@ -55,13 +57,10 @@ pub async fn run(api: &ApiClient, cmd: SnapshotCmd, json_out: bool) -> Result<()
                 s = snapshot_by_name(api, id, &name).await?;
             }
             let secs = t.elapsed().as_secs_f64();
-            print(json_out, &s, |s| {
+            print(json_out, &serde_json::to_value(&s)?, |_| {
                 format!(
                     "snapshot {} ({}) of volume {id}: {} at epoch {} ({secs:.1} s)\n",
-                    s["name"].as_str().unwrap_or("?"),
-                    s["id"],
-                    s["state"].as_str().unwrap_or("?"),
-                    s["epoch"]
+                    s.name, s.id, s.state, s.epoch
                 )
             });
         }
@@ -84,7 +83,7 @@ pub async fn run(api: &ApiClient, cmd: SnapshotCmd, json_out: bool) -> Result<()
         SnapshotCmd::Delete { volume, name } => {
             let id = resolve_volume(api, &volume).await?;
             let s = snapshot_by_name(api, id, &name).await?;
-            let sid = s["id"].as_u64().unwrap_or_default();
+            let sid = s.id;
             let v: Value = api.delete(&format!("/v1/volumes/{id}/snapshots/{sid}")).await?;
             print(json_out, &v, |_| {
                 format!("snapshot {name:?} of volume {id} deleted; its layer's extents are being zeroed and verified\n")

@@ -18,16 +18,10 @@ use zeroize::{Zeroize, Zeroizing};
 /// Bytes in an AES-256-XTS key: two 256-bit halves.
 pub const DEK_BYTES: usize = 64;
 
-/// Where a replica stands for the client.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReplicaRole {
-    /// Holds every acknowledged write of its segment: serves reads, receives writes.
-    #[default]
-    InSync,
-    /// Being filled from a survivor: receives every new write, serves no reads.
-    Rebuilding,
-}
+/// Where a replica stands for the client: the state the metadata service records
+/// (in sync: serves reads and receives writes; rebuilding: being filled from a
+/// survivor, receives every new write, serves no reads).
+pub use slate_protocol::api::ReplicaState as ReplicaRole;
 
 /// One replica of a segment: which node, where to reach it, and its role.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,9 +1,9 @@
 //! Command handlers: attachments: attach and fencing, detach, capabilities, replica failure and rebuild.
 
 use super::{
-    attachment_view, internal, json, placement, segment_bytes, take, validate_host, AttachGrant, AttachMode,
-    AttachRequest, Attachment, BTreeSet, Command, Ctx, ErrorCode, KeyRelease, MetaState, Need, ReconfigureResult,
-    RefreshGrant, Refusal, ReleaseReason, Replica, ReplicaState, Res, SnapshotState,
+    internal, json, placement, segment_bytes, take, validate_host, AttachGrant, AttachMode, AttachRequest, Attachment,
+    BTreeSet, Command, Ctx, ErrorCode, KeyRelease, MetaState, Need, ReconfigureResult, RefreshGrant, Refusal,
+    ReleaseReason, Replica, ReplicaState, Res, SnapshotState,
 };
 
 impl MetaState {
@@ -139,7 +139,7 @@ impl MetaState {
             let _ = write!(ctx.object, " reads parent vol-{} at epoch:{} read-only", p.volume.id, p.epoch);
         }
         json(&AttachGrant {
-            attachment: attachment_view(&a),
+            attachment: a.clone(),
             volume: self.volume_view(v, ctx.now),
             claims: self.claims(v, &a),
             parent,
