@@ -13,7 +13,11 @@ Systems, each on a 2 GiB image in the same work directory (default /var/tmp):
 
 Each volume is prefilled and settled (Slate: its fresh disks' zeroing ends),
 then fio's jobs run through the nbd engine (io_uring for raw), then a QD1 FUA
-latency probe through libnbd (O_DIRECT|O_DSYNC writes for raw). The CPU time
+latency probe through libnbd (O_DIRECT|O_DSYNC writes for raw). Slate also runs
+4K random writes at QD32 the moment `slate up` is ready, before the prefill (the
+fresh-cluster figure). The row "4K QD1 durable write" compares latencies of
+writes that are durable when they complete: Slate's QD1 writes, and a peer's
+write plus its flush (the `+ flush` job, write and flush latency added). The CPU time
 of every server is read from /proc around each job. The script prints a table
 with each system's ratio to nbd-luks and writes the JSON to
 results/e2e-<time>.json. Every server it starts is stopped by its PID.
@@ -237,6 +241,11 @@ def slate_settled(target):
 
 
 def run_system(target, runtime):
+    fresh = None
+    if target["name"] == "slate":
+        # Right after `slate up`: the fresh disks' zeroing and first-touch allocation compete.
+        log("== slate: 4K randwrite QD32 on the fresh cluster")
+        fresh = fio(target, "fresh", "randwrite", "4k", 32, [], runtime)
     log(f"== {target['name']}: prefill")
     fio(target, "prefill", "write", "1M", 8, [], 0)
     if target["name"] == "slate":
@@ -259,7 +268,21 @@ def run_system(target, runtime):
     r["server_cpu_us_per_io"] = r["server_cpu_s"] * 1e6 / r["ios"] if target["pids"] else 0
     results["4K write QD1 FUA (libnbd)"] = r
     log(f"   QD1 FUA ({r['how']}): p50 {r['p50_us']:.0f} us, p99 {r['p99_us']:.0f} us")
+    if fresh:
+        results["4K randwrite QD32 fresh"] = fresh
+        log(f"   fresh cluster: {fresh['iops']:.0f} IOPS, "
+            f"{fresh['iops'] / max(results['4K randwrite QD32']['iops'], 1):.2f}x the settled figure")
     return results
+
+
+def durable_qd1(name, results):
+    """p50 and p99 of a 4K QD1 write that is durable when done: Slate's writes are; a peer's
+    needs its flush (the `+ flush` job: write latency plus flush latency)."""
+    if name == "slate":
+        r = results["4K randwrite QD1"]
+        return r["p50_us"], r["p99_us"]
+    r = results["4K randwrite QD1 + flush"]
+    return r["p50_us"] + r.get("sync_p50_us", 0), r["p99_us"] + r.get("sync_p99_us", 0)
 
 
 def table(all_results, systems):
@@ -284,6 +307,11 @@ def table(all_results, systems):
         if "nbd-luks" in systems:
             row += [f"{val(s) / val('nbd-luks'):.2f}x" for s in systems if s != "nbd-luks"]
         rows.append(row)
+    dur = {s: durable_qd1(s, all_results[s]) for s in systems}
+    dur_row = ["4K QD1 durable write, p50 / p99"] + [f"{dur[s][0]:.0f} / {dur[s][1]:.0f} us" for s in systems]
+    if "nbd-luks" in systems:
+        dur_row += [f"{dur['nbd-luks'][0] / dur[s][0]:.2f}x" for s in systems if s != "nbd-luks"]
+    rows.append(dur_row)
     cpu_row = ["server CPU per 4K QD32 write"] + [
         f"{all_results[s]['4K randwrite QD32']['server_cpu_us_per_io']:.0f} us" if s != "raw" else "-" for s in systems]
     cpu_row += [""] * (len(head) - len(cpu_row))
@@ -343,6 +371,11 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
     out = table(all_results, systems)
     print(out)
+    fresh = all_results.get("slate", {}).get("4K randwrite QD32 fresh")
+    if fresh:
+        settled = all_results["slate"]["4K randwrite QD32"]["iops"]
+        notes.append(f"Slate right after `slate up` (fresh disks, first writes): 4K randwrite QD32 "
+                     f"{fresh['iops']:.0f} IOPS, {fresh['iops'] / max(settled, 1):.2f}x the settled {settled:.0f}")
     for n in notes:
         print(f"\n{n}")
     print(f"\n{len(systems)} systems in {time.time() - started:.0f} s")

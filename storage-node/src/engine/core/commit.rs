@@ -502,8 +502,12 @@ impl Core {
         self.stats.journal_bytes_written.fetch_add(entry.len() as u64, Ordering::Relaxed);
         let len = entry.len();
         // With nothing else in flight but this commit's data, the fdatasync can be
-        // drained behind the entry and the data in the same submission.
-        let drained = self.ring.busy() == data_pending;
+        // drained behind the entry and the data in the same submission, which saves a
+        // wake-up of this thread. But IO_DRAIN also holds back every later submission
+        // until the fdatasync completes, so under load (more than one client write in
+        // this commit: the next batch's data is on its way) the fdatasync waits for the
+        // completions instead and the next batch's data writes overlap it.
+        let drained = self.ring.busy() == data_pending && clients <= 1;
         let fsync = if drained { Fsync::Drain } else { Fsync::No };
         self.ring.start(COMMIT_TOKEN, entry, &[(true, offset, 0, len)], fsync);
         self.fsync_epoch += 1;
