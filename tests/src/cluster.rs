@@ -396,7 +396,7 @@ impl Cluster {
 
     /// The test's own data-plane certificate and key (PEM files, made once): the
     /// capabilities [`Cluster::api`] hands the test are bound to it, so a test
-    /// reaches storage nodes with `slate_node::tls::Connector::tls(ca, identity)`.
+    /// reaches storage nodes with `slate_dataplane::tls::Connector::tls(ca, identity)`.
     pub fn data_plane_identity(&self) -> &DataPlaneIdentity {
         self.identity.get_or_init(|| DataPlaneIdentity::create(self.scratch()))
     }
