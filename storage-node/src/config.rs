@@ -24,7 +24,7 @@
 //! segment = 0
 //! segment_blocks = 262144
 //!
-//! [tls]                                    # the data plane is TLS (see src/tls.rs)
+//! [tls]                                    # the data plane is TLS (see dataplane/src/tls.rs)
 //! cert = "/etc/slate/node-1-cert.pem"      # issued by the cluster CA for the listen IP
 //! key = "/etc/slate/node-1-key.pem"        # 0600
 //! ca = "/etc/slate/ca.pem"                 # the cluster CA: checks peers this node dials

@@ -13,7 +13,7 @@
 //! prints what it ran, so a failure names the exact command to rerun by hand.
 //!
 //! The `slate` binary (which runs every role of `slate up` itself) is not built
-//! by `cargo test -p slate-tests`: build it first (`cargo build -p slate`, same
+//! by `cargo test -p slate-tests`: build it first (`cargo build --bin slate`, same
 //! target dir), or the tests drive whatever binary was built last.
 
 use crate::{find_binary, scratch_dir, ProcessGuard};

@@ -13,16 +13,16 @@
 //! be `ready`, and the volume engine reads every block at its epoch
 //! (`VolumeConfig::read_epoch`, `ReadAt` on the wire).
 
-use super::api::ApiClient;
 use super::open::{self, layout_from_view, parse_capability, pending_snapshots, segment_from_view};
-use crate::blockdev::BlockDevice;
-use crate::nbd::{ExportConfig, ExportRegistry, NbdServer, ServerConfig};
-use crate::volume::{
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use slate::api::ApiClient;
+use slate::blockdev::BlockDevice;
+use slate::nbd::{ExportConfig, ExportRegistry, NbdServer, ServerConfig};
+use slate::volume::{
     AttachInfo, ControlError, ControlPlane, ReplicaRole, ReplicaUpdate, SegmentReplicas, Volume, VolumeConfig,
     VolumeLayout, VolumeState,
 };
-use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
 use slate_dataplane::client::NodeClient;
 use slate_protocol::api::{
     CapabilityView, DetachRequest, MarkInSyncRequest, RebuildProgressRequest, ReconfigureReply, ReportFailureRequest,
@@ -316,7 +316,7 @@ fn tcp_tls_config(args: &AttachArgs) -> Result<Option<Arc<rustls::ServerConfig>>
             let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
             let (cert, ca) = (read(cert)?, read(ca)?);
             let key = Zeroizing::new(read(key)?);
-            Ok(Some(crate::nbd::tls::server_config_from_pem(&cert, &key, Some(&ca))?))
+            Ok(Some(slate::nbd::tls::server_config_from_pem(&cert, &key, Some(&ca))?))
         }
         (_, _, _, true) => Ok(None),
         (Some(_), _, None, false) => bail!(
