@@ -220,7 +220,7 @@ async fn serve(cfg: NodeConfig, config_path: &Path) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let (connector, holder) = crate::tls::node_connector(&cfg)?;
+    let (connector, holder) = crate::config::node_connector(&cfg)?;
     let meta = match &cfg.meta {
         Some(link) => Some(crate::heartbeat::MetaClient::new(cfg.node_id, link)?.with_holder(holder)),
         None => None,

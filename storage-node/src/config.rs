@@ -24,7 +24,7 @@
 //! segment = 0
 //! segment_blocks = 262144
 //!
-//! [tls]                                    # the data plane is TLS (see src/tls.rs)
+//! [tls]                                    # the data plane is TLS (see dataplane/src/tls.rs)
 //! cert = "/etc/slate/node-1-cert.pem"      # issued by the cluster CA for the listen IP
 //! key = "/etc/slate/node-1-key.pem"        # 0600
 //! ca = "/etc/slate/ca.pem"                 # the cluster CA: checks peers this node dials
@@ -38,8 +38,9 @@
 
 use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
+use slate_dataplane::tls::{Connector, Identity};
 use slate_protocol::frame::MAX_FRAME_PAYLOAD;
-use slate_protocol::{NodeId, SegmentIndex, VolumeId};
+use slate_protocol::{Holder, NodeId, SegmentIndex, VolumeId};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -266,6 +267,19 @@ impl NodeConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// A node's connector for the peers it dials, and the holder binding to ask
+/// slate-meta for: TLS as the node's own certificate when `[tls]` is set.
+pub fn node_connector(cfg: &NodeConfig) -> anyhow::Result<(Connector, Option<Holder>)> {
+    match &cfg.tls {
+        None => Ok((Connector::plaintext(), None)),
+        Some(files) => {
+            let identity = Identity::from_pem_files(&files.cert, &files.key)?;
+            let connector = Connector::tls(&files.ca, &identity)?;
+            Ok((connector, Some(identity.holder())))
+        }
     }
 }
 

@@ -7,12 +7,12 @@
 //! uses only public APIs ([`RunningNode`], [`NodeClient`]), so it doubles as a
 //! smoke test of the whole path.
 
-use crate::client::{ClientError, NodeClient};
 use crate::config::{NodeConfig, StaticAssignment};
 use crate::engine::{self, FormatOptions};
 use crate::node::RunningNode;
 use anyhow::{bail, Context};
 use bytes::Bytes;
+use slate_dataplane::client::{ClientError, NodeClient};
 use slate_protocol::message::BlockRange;
 use slate_protocol::{
     BlockIndex, Capability, ErrorKind, Generation, NodeId, Rights, SegmentIndex, SignedCapability, VolumeId,

@@ -5,11 +5,11 @@ pub mod engine;
 pub mod erase;
 pub mod fence;
 
-// Data-plane server side: sessions and capability checks, the TCP server, the
-// reusable client, metrics, local admin, configuration, and the node assembly.
+// Data-plane server side: sessions and capability checks, the TCP server,
+// metrics, local admin, configuration, and the node assembly. The data-plane
+// client, TLS and security reporting are in slate-dataplane.
 pub mod admin;
 pub mod cli;
-pub mod client;
 pub mod config;
 pub mod decommission;
 pub mod demo;
@@ -19,8 +19,6 @@ pub mod mover;
 pub mod node;
 pub mod release;
 pub mod scrub;
-pub mod security;
 pub mod server;
 pub mod session;
-pub mod tls;
 pub mod work;

@@ -1,11 +1,10 @@
-//! Prometheus metrics of the storage node and the tiny HTTP endpoint that serves them.
+//! Prometheus metrics of the storage node.
 //!
 //! The data-plane server counts requests, bytes, latencies and errors as they
 //! happen; the engine's own counters (extents by state, zeroing, disk I/O,
 //! fsyncs) are read from a cheap stats snapshot at scrape time, so the engine
-//! thread never touches the registry. The endpoint is a deliberately minimal
-//! HTTP/1.1 responder on tokio (one `GET /metrics` per connection): a full web
-//! framework would cost more to build than everything else in the node.
+//! thread never touches the registry. [`serve`] answers scrapes with the
+//! minimal HTTP responder of [`slate_dataplane::metrics`].
 
 use crate::engine::EngineHandle;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -16,10 +15,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use slate_protocol::stages::Side;
 use slate_protocol::{ErrorKind, Request};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// A data-plane operation, as a label.
@@ -306,25 +303,9 @@ impl Metrics {
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
-        with_stages(out, Side::Node, "slate_node")
+        slate_dataplane::metrics::with_stages(out, Side::Node, "slate_node")
     }
 }
-
-/// Appends `side`'s data-path stage histograms to an OpenMetrics text (before its `# EOF`).
-pub fn with_stages(mut text: String, side: Side, prefix: &str) -> String {
-    let eof = text.ends_with("# EOF\n");
-    if eof {
-        text.truncate(text.len() - "# EOF\n".len());
-    }
-    slate_protocol::stages::render(side, prefix, &mut text);
-    if eof {
-        text.push_str("# EOF\n");
-    }
-    text
-}
-
-/// Counter of scrapes, to make the endpoint's own liveness visible in logs at debug level.
-static SCRAPES: AtomicU64 = AtomicU64::new(0);
 
 /// Serves `GET /metrics` on `listener` until `shutdown` fires.
 pub async fn serve(
@@ -337,71 +318,5 @@ pub async fn serve(
         metrics.observe_engine(&engine);
         metrics.render()
     };
-    serve_text(listener, Arc::new(render), shutdown).await;
-}
-
-/// Serves `GET /metrics` (whatever `render` returns, in the OpenMetrics text format)
-/// and `GET /health` on `listener` until `shutdown` fires.
-pub async fn serve_text(
-    listener: TcpListener,
-    render: Arc<dyn Fn() -> String + Send + Sync>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    loop {
-        let (mut stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = crate::server::stopping(&mut shutdown) => return,
-        };
-        let render = Arc::clone(&render);
-        tokio::spawn(async move {
-            let answer = tokio::time::timeout(Duration::from_secs(10), async {
-                let mut req = Vec::with_capacity(1024);
-                let mut chunk = [0u8; 1024];
-                // Read the request head (bounded); the body of a GET is ignored.
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
-                    let n = stream.read(&mut chunk).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    req.extend_from_slice(&chunk[..n]);
-                }
-                let line = req.split(|b| *b == b'\r' || *b == b'\n').next().unwrap_or_default();
-                let line = String::from_utf8_lossy(line);
-                let mut parts = line.split_whitespace();
-                let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                let (status, ctype, body) = if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?"))
-                {
-                    SCRAPES.fetch_add(1, Ordering::Relaxed);
-                    ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", render())
-                } else if method == "GET" && path == "/health" {
-                    ("200 OK", "text/plain", "ok\n".to_owned())
-                } else {
-                    ("404 Not Found", "text/plain", "not found: try /metrics\n".to_owned())
-                };
-                let head = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                stream.write_all(head.as_bytes()).await?;
-                stream.write_all(body.as_bytes()).await?;
-                stream.shutdown().await
-            })
-            .await;
-            if let Ok(Err(e)) = answer {
-                tracing::debug!(%peer, error = %e, "metrics request failed");
-            }
-        });
-    }
-}
-
-/// How many times `/metrics` was served since start.
-pub fn scrapes() -> u64 {
-    SCRAPES.load(Ordering::Relaxed)
+    slate_dataplane::metrics::serve_text(listener, Arc::new(render), shutdown).await;
 }

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::client::{check_data, NodeClient};
+use slate_dataplane::client::{check_data, NodeClient};
 
 /// How often a running copy reports its progress.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
@@ -57,7 +57,7 @@ pub struct Mover {
     rate_bytes_per_sec: u64,
     metrics: Option<Arc<Metrics>>,
     /// How copies reach the source node and this one (TLS as this node).
-    connector: crate::tls::Connector,
+    connector: slate_dataplane::tls::Connector,
     tasks: Arc<Mutex<HashMap<u64, TaskState>>>,
 }
 
@@ -72,13 +72,13 @@ enum TaskState {
 
 impl Mover {
     pub fn new(engine: EngineHandle, node: NodeId, self_addr: SocketAddr, rate_bytes_per_sec: u64) -> Self {
-        let connector = crate::tls::Connector::plaintext();
+        let connector = slate_dataplane::tls::Connector::plaintext();
         Self { engine, node, self_addr, rate_bytes_per_sec, metrics: None, connector, tasks: Arc::default() }
     }
 
     /// Dials nodes through `connector` (a node with TLS: as itself).
     #[must_use]
-    pub fn with_connector(mut self, connector: crate::tls::Connector) -> Self {
+    pub fn with_connector(mut self, connector: slate_dataplane::tls::Connector) -> Self {
         self.connector = connector;
         self
     }

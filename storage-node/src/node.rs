@@ -103,9 +103,9 @@ impl RunningNode {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let tls = if let Some(files) = &cfg.tls {
-            let identity = crate::tls::Identity::from_pem_files(&files.cert, &files.key)
+            let identity = slate_dataplane::tls::Identity::from_pem_files(&files.cert, &files.key)
                 .context("loading the data-plane certificate")?;
-            Some(crate::tls::server_config(&identity)?)
+            Some(slate_dataplane::tls::server_config(&identity)?)
         } else {
             warn!("the data plane serves plain TCP (insecure_plaintext): capabilities travel in clear");
             None
@@ -113,11 +113,11 @@ impl RunningNode {
         // Refused hellos and handshakes go to slate-meta when there is a link to it.
         let security = match meta {
             Some(m) => {
-                let (reporter, rx) = crate::security::Reporter::channel();
+                let (reporter, rx) = slate_dataplane::security::Reporter::channel();
                 tasks.push(tokio::spawn(report_security_events(m.clone(), rx, shutdown_rx.clone())));
                 reporter
             }
-            None => crate::security::Reporter::none(),
+            None => slate_dataplane::security::Reporter::none(),
         };
         let server_opts = ServerOptions {
             security,

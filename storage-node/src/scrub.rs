@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::client::NodeClient;
+use slate_dataplane::client::NodeClient;
 
 /// Name of the resume file in the node's configuration directory.
 pub const STATE_FILE: &str = "scrub.json";
@@ -102,7 +102,7 @@ pub struct ScrubOptions {
     /// Counters for blocks checked, corrupt found, repaired.
     pub metrics: Option<Arc<Metrics>>,
     /// How repair reads reach peer nodes (TLS as this node).
-    pub connector: crate::tls::Connector,
+    pub connector: slate_dataplane::tls::Connector,
 }
 
 /// A pass's position and counts (what the resume file keeps).

@@ -2,7 +2,7 @@
 //!
 //! A connection starts with a TLS handshake in which the client proves it holds
 //! its certificate; the hello's capability must be bound to that certificate
-//! (see [`crate::tls`] and [`session::open`]).
+//! (see [`slate_dataplane::tls`] and [`session::open`]).
 //!
 //! Each connection has three parts:
 //!
@@ -60,11 +60,11 @@ pub struct ServerOptions {
     pub node_id: NodeId,
     pub verifying_key: VerifyingKey,
     pub max_inflight_bytes_per_connection: usize,
-    /// TLS with a client certificate required ([`crate::tls::server_config`]);
+    /// TLS with a client certificate required ([`slate_dataplane::tls::server_config`]);
     /// `None` serves plain TCP and skips the holder check (tests only).
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Where refused hellos and TLS handshakes are reported (slate-meta).
-    pub security: crate::security::Reporter,
+    pub security: slate_dataplane::security::Reporter,
 }
 
 struct Ctx {
@@ -191,9 +191,9 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<Ctx>, shutdown: watch::Rec
         return serve_session(rd, wr, None, remote, ctx, shutdown).await;
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
-    let why = match tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(crate::tls::buffered(stream))).await {
+    let why = match tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(slate_dataplane::tls::buffered(stream))).await {
         Ok(Ok(tls)) => {
-            let peer = crate::tls::peer_holder(tls.get_ref().1);
+            let peer = slate_dataplane::tls::peer_holder(tls.get_ref().1);
             let (rd, wr) = tokio::io::split(tls);
             return serve_session(rd, wr, peer, remote, ctx, shutdown).await;
         }
@@ -311,7 +311,7 @@ async fn serve_session<R, W>(
                         .inc();
                     ctx.metrics.error(err.kind);
                     info!(kind = ?err.kind, detail = %err.detail, "session refused");
-                    if let Some(kind) = crate::security::kind_of_refusal(err.kind) {
+                    if let Some(kind) = crate::session::kind_of_refusal(err.kind) {
                         ctx.opts.security.report(kind, remote, &err.detail);
                     }
                     send(&tx, id, &Reply::Error(err), Some(permit));

@@ -93,6 +93,18 @@ pub fn capability_refusal(e: CapabilityError) -> WireError {
     WireError::new(kind, e.to_string())
 }
 
+/// The security-event kind of a refused hello, if the refusal is one
+/// (a wrong node or an old protocol version is a configuration matter, not an attack).
+pub fn kind_of_refusal(kind: ErrorKind) -> Option<&'static str> {
+    use slate_protocol::ops::security_kind as k;
+    match kind {
+        ErrorKind::Forged | ErrorKind::Malformed => Some(k::FORGED_CAPABILITY),
+        ErrorKind::Expired | ErrorKind::NotYetValid => Some(k::EXPIRED_CAPABILITY),
+        ErrorKind::NotHolder => Some(k::CAPABILITY_KEY_MISMATCH),
+        _ => None,
+    }
+}
+
 /// Checks a hello: version, then the capability (signature, validity window,
 /// node scope), then its holder binding against the certificate the TLS peer
 /// proved it holds (`peer`, `None` on a plaintext test listener, where there is
@@ -331,6 +343,12 @@ impl OrderTracker {
 mod tests {
     use super::*;
     use slate_protocol::{BlockIndex, SegmentIndex, Target};
+
+    #[test]
+    fn refused_hellos_that_are_security_events() {
+        assert_eq!(kind_of_refusal(ErrorKind::NotHolder), Some("capability-key-mismatch"));
+        assert_eq!(kind_of_refusal(ErrorKind::WrongNode), None);
+    }
 
     fn session(rights: Rights, generation: u64) -> Session {
         Session {

@@ -9,7 +9,7 @@ mod common;
 
 use bytes::Bytes;
 use common::{block_content, cap_with, kind_of, TestNode, NODE, SEGMENT_BLOCKS};
-use slate_node::client::NodeClient;
+use slate_dataplane::client::NodeClient;
 use slate_protocol::message::BlockRange;
 use slate_protocol::{
     decode_frame, encode_request, BlockIndex, Epoch, ErrorKind, Generation, NodeId, Reply, Request, Rights, Target,
@@ -33,7 +33,8 @@ async fn capabilities_are_enforced() {
     // A's session cannot touch B's volume, whatever the request.
     let ta = a.target();
     let wrong = |r: Request| a.request(r);
-    let write_b = slate_node::client::write_request(other_volume(ta), BlockIndex(0), Bytes::from(block_content(0, 1)));
+    let write_b =
+        slate_dataplane::client::write_request(other_volume(ta), BlockIndex(0), Bytes::from(block_content(0, 1)));
     assert_eq!(kind_of(wrong(write_b.unwrap()).await), ErrorKind::WrongVolume);
     let read_b = Request::Read { target: other_volume(ta), start: BlockIndex(0), count: 1 };
     assert_eq!(kind_of(wrong(read_b).await), ErrorKind::WrongVolume);
@@ -90,7 +91,7 @@ async fn capabilities_are_enforced() {
     // Range and crc errors fail only their own request.
     let beyond = a.read_blocks(BlockIndex(SEGMENT_BLOCKS * 4), 1).await;
     assert!(matches!(kind_of(beyond), ErrorKind::NotAssigned | ErrorKind::OutOfRange));
-    let mut bad = slate_node::client::write_request(ta, BlockIndex(3), Bytes::from(block_content(3, 1))).unwrap();
+    let mut bad = slate_dataplane::client::write_request(ta, BlockIndex(3), Bytes::from(block_content(3, 1))).unwrap();
     if let Request::Write { crcs, .. } = &mut bad {
         crcs[0] ^= 1;
     }

@@ -40,7 +40,7 @@ fn some_request(rng: &mut impl Rng, t: Target) -> Request {
         0 => {
             let n = rng.gen_range(1..4u64);
             let data: Vec<u8> = (0..n).flat_map(|b| block_content(b, 7)).collect();
-            slate_node::client::write_request(t, range.start, Bytes::from(data)).unwrap()
+            slate_dataplane::client::write_request(t, range.start, Bytes::from(data)).unwrap()
         }
         1 => Request::Read { target: t, start: range.start, count: rng.gen_range(1..16) },
         2 => Request::Flush { target: t },

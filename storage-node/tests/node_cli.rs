@@ -16,10 +16,11 @@ async fn metrics_endpoint_serves_expected_names() {
     let c = node.client(1, 1, Rights::READ_WRITE).await;
     c.write_blocks(BlockIndex(0), Bytes::from(block_content(0, 1))).await.unwrap();
     c.read_blocks(BlockIndex(0), 1).await.unwrap();
-    let _ = slate_node::client::NodeClient::connect(node.addr(), node.cap(1, 1, Rights::READ).clone()).await.unwrap();
+    let _ =
+        slate_dataplane::client::NodeClient::connect(node.addr(), node.cap(1, 1, Rights::READ).clone()).await.unwrap();
     let stranger = slate_protocol::capability::generate_signing_key();
     let forged = common::cap_with(&stranger, 1, 1, Rights::READ, 60, vec![common::NODE]);
-    assert_eq!(kind_of(slate_node::client::NodeClient::connect(node.addr(), forged).await), ErrorKind::Forged);
+    assert_eq!(kind_of(slate_dataplane::client::NodeClient::connect(node.addr(), forged).await), ErrorKind::Forged);
 
     let text = scrape(node.cfg.metrics_listen.unwrap());
     for name in [

@@ -12,7 +12,7 @@ mod common;
 use bytes::Bytes;
 use common::{block_content, decode_block, Seen, TestNode};
 use rand::{Rng, SeedableRng};
-use slate_node::client::{write_request, ClientError};
+use slate_dataplane::client::{write_request, ClientError};
 use slate_protocol::{BlockIndex, ErrorKind, Reply, Request, Rights};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};

@@ -7,7 +7,7 @@ mod common;
 
 use bytes::Bytes;
 use common::{block_content, kind_of, TestNode};
-use slate_node::client::NodeClient;
+use slate_dataplane::client::NodeClient;
 use slate_protocol::message::BlockRange;
 use slate_protocol::{BlockIndex, ErrorKind, Generation, Request, Rights, Target, VolumeId};
 
@@ -85,7 +85,7 @@ async fn no_older_write_lands_after_the_takeover() {
             loop {
                 let futs: Vec<_> = (0..blocks)
                     .map(|b| {
-                        let req = slate_node::client::write_request(
+                        let req = slate_dataplane::client::write_request(
                             old.target(),
                             BlockIndex(b),
                             Bytes::from(block_content(b, round)),

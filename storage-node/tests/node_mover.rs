@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
-use slate_node::client::NodeClient;
+use slate_dataplane::client::NodeClient;
 use slate_node::config::NodeConfig;
 use slate_node::engine::{format, FormatOptions};
 use slate_node::mover::Mover;

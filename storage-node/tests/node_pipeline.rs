@@ -9,7 +9,7 @@ mod common;
 use bytes::Bytes;
 use common::{block_content, TestNode};
 use rand::{Rng, SeedableRng};
-use slate_node::client::write_request;
+use slate_dataplane::client::write_request;
 use slate_protocol::{BlockIndex, ErrorKind, Reply, Request, Rights, BLOCK_SIZE_BYTES};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@
 
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
-use slate_node::client::NodeClient;
+use slate_dataplane::client::NodeClient;
 use slate_node::config::NodeConfig;
 use slate_node::engine::{format, read_geometry, FormatOptions};
 use slate_node::node::RunningNode;
@@ -189,7 +189,7 @@ async fn scrub_finds_and_repairs_exactly_the_flipped_blocks() {
         rate_bytes_per_sec: 0,
         state_path: Some(state.clone()),
         metrics: Some(a.node.metrics().clone()),
-        connector: slate_node::tls::Connector::plaintext(),
+        connector: slate_dataplane::tls::Connector::plaintext(),
     };
     let scrubber = Scrubber::with_link(a.node.engine().clone(), NodeId(1), stub.clone(), opts.clone());
     scrubber.offer(None);

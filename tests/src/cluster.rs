@@ -13,7 +13,7 @@
 //! prints what it ran, so a failure names the exact command to rerun by hand.
 //!
 //! The `slate` binary (which runs every role of `slate up` itself) is not built
-//! by `cargo test -p slate-tests`: build it first (`cargo build -p slate`, same
+//! by `cargo test -p slate-tests`: build it first (`cargo build --bin slate`, same
 //! target dir), or the tests drive whatever binary was built last.
 
 use crate::{find_binary, scratch_dir, ProcessGuard};
@@ -396,7 +396,7 @@ impl Cluster {
 
     /// The test's own data-plane certificate and key (PEM files, made once): the
     /// capabilities [`Cluster::api`] hands the test are bound to it, so a test
-    /// reaches storage nodes with `slate_node::tls::Connector::tls(ca, identity)`.
+    /// reaches storage nodes with `slate_dataplane::tls::Connector::tls(ca, identity)`.
     pub fn data_plane_identity(&self) -> &DataPlaneIdentity {
         self.identity.get_or_init(|| DataPlaneIdentity::create(self.scratch()))
     }

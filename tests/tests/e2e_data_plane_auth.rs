@@ -14,8 +14,8 @@
 mod e2e_support;
 
 use e2e_support::{data_plane, runtime, segments};
-use slate_node::client::NodeClient;
-use slate_node::tls::{Connector, Identity};
+use slate_dataplane::client::NodeClient;
+use slate_dataplane::tls::{Connector, Identity};
 use slate_protocol::{ErrorKind, Reply, Request, SegmentIndex, SignedCapability, Target, VolumeId};
 use slate_tests::cluster::{Cluster, UpOptions};
 use std::net::SocketAddr;
@@ -78,7 +78,7 @@ fn capabilities_are_bound_to_their_holder_and_scoped_to_the_volume() {
         // A client that does not trust the cluster CA does not talk to the node.
         let e =
             NodeClient::connect_with(&untrusting, sa, cap.clone()).await.expect_err("an untrusted node was accepted");
-        assert!(matches!(e, slate_node::client::ClientError::Connect { .. }), "{e}");
+        assert!(matches!(e, slate_dataplane::client::ClientError::Connect { .. }), "{e}");
         eprintln!("client with another CA: {e}");
 
         // Scope: the volume's last segment is assignable, the next one is not.

@@ -15,7 +15,7 @@
 mod e2e_support;
 
 use e2e_support::{read_raw, runtime, segments};
-use slate_node::client::NodeClient;
+use slate_dataplane::client::NodeClient;
 use slate_protocol::{BlockIndex, ErrorKind, Generation, Reply, Request, SignedCapability, Target, VolumeId};
 use slate_tests::cluster::{qemu_io_ok, qemu_io_ok_with, wait_for_unix_socket, Cluster, UpOptions};
 use slate_tests::ProcessGuard;

@@ -21,7 +21,7 @@ use volume_common::*;
 async fn attach(cluster: &Cluster, layout: &VolumeLayout, spares: &[u64]) -> (Volume, Arc<TestControl>) {
     let control = cluster.control(layout, spares);
     let info: AttachInfo = serde_json::from_str(&cluster.attach_json(layout)).expect("attach json parses");
-    let vol = Volume::attach(info, control.clone(), slate_node::tls::Connector::plaintext(), test_config())
+    let vol = Volume::attach(info, control.clone(), slate_dataplane::tls::Connector::plaintext(), test_config())
         .await
         .expect("attach");
     (vol, control)
@@ -211,8 +211,9 @@ async fn crash_child_writer() {
     let Ok(path) = std::env::var("SLATE_VOLUME_CHILD_ATTACH") else { return };
     let info: AttachInfo = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let control = Arc::new(NoControl);
-    let vol =
-        Arc::new(Volume::attach(info, control, slate_node::tls::Connector::plaintext(), test_config()).await.unwrap());
+    let vol = Arc::new(
+        Volume::attach(info, control, slate_dataplane::tls::Connector::plaintext(), test_config()).await.unwrap(),
+    );
     let mut tasks = Vec::new();
     for w in 0..16u64 {
         let vol = Arc::clone(&vol);
@@ -345,13 +346,17 @@ async fn a_newer_attachment_fences_the_old_one_for_good() {
     assert_replicas_identical(&cluster, &layout2).await;
     // The old generation cannot come back.
     let info = cluster.attach_info(&layout1);
-    let again =
-        Volume::attach(info, cluster.control(&layout1, &[]), slate_node::tls::Connector::plaintext(), test_config())
-            .await;
+    let again = Volume::attach(
+        info,
+        cluster.control(&layout1, &[]),
+        slate_dataplane::tls::Connector::plaintext(),
+        test_config(),
+    )
+    .await;
     assert_eq!(again.unwrap_err(), VolumeError::Fenced);
     // Sanity: a capability for the old generation is refused by the nodes directly too.
     let addr = cluster.addr_of(NodeId(1)).parse().unwrap();
-    let r = slate_node::client::NodeClient::connect(addr, cluster.capability(1, Rights::READ_WRITE)).await;
+    let r = slate_dataplane::client::NodeClient::connect(addr, cluster.capability(1, Rights::READ_WRITE)).await;
     assert_eq!(r.unwrap_err().kind(), Some(ErrorKind::StaleGeneration));
     new.close().await;
     old.close().await;

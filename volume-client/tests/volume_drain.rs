@@ -50,7 +50,7 @@ async fn a_segment_moves_to_a_new_node_under_writes_and_every_write_survives() {
     .sign(&cluster.key);
     let info = AttachInfo { layout: layout.clone(), capability, dek: Dek::new(test_key_bytes()) };
     let vol = Arc::new(
-        Volume::attach(info, control.clone(), slate_node::tls::Connector::plaintext(), poll_config())
+        Volume::attach(info, control.clone(), slate_dataplane::tls::Connector::plaintext(), poll_config())
             .await
             .expect("attach"),
     );
@@ -140,7 +140,7 @@ async fn a_removed_replica_receives_no_more_writes() {
     let layout = cluster.layout(1);
     let control = cluster.control(&layout, &[]);
     let info = cluster.attach_info(&layout);
-    let vol = Volume::attach(info, control.clone(), slate_node::tls::Connector::plaintext(), poll_config())
+    let vol = Volume::attach(info, control.clone(), slate_dataplane::tls::Connector::plaintext(), poll_config())
         .await
         .expect("attach");
     let data: Vec<u8> = (0..64).flat_map(|x| block_text(x, 1)).collect();

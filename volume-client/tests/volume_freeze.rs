@@ -149,7 +149,7 @@ async fn a_snapshot_frozen_under_writes_holds_exactly_the_writes_around_the_free
         Volume::attach(
             info,
             Arc::clone(&control) as Arc<dyn ControlPlane>,
-            slate_node::tls::Connector::plaintext(),
+            slate_dataplane::tls::Connector::plaintext(),
             cfg,
         )
         .await

@@ -48,7 +48,7 @@ async fn a_volume_grows_under_writes_and_serves_its_new_end() {
     .sign(&cluster.key);
     let info = AttachInfo { layout: layout.clone(), capability, dek: Dek::new(test_key_bytes()) };
     let vol = Arc::new(
-        Volume::attach(info, control.clone(), slate_node::tls::Connector::plaintext(), poll_config())
+        Volume::attach(info, control.clone(), slate_dataplane::tls::Connector::plaintext(), poll_config())
             .await
             .expect("attach"),
     );

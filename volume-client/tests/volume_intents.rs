@@ -61,7 +61,9 @@ async fn quiet_regions_are_cleared_hot_and_degraded_ones_stay() {
     let control = cluster.control(&layout, &[3]);
     let info: AttachInfo = serde_json::from_str(&cluster.attach_json(&layout)).expect("attach json");
     let vol = Arc::new(
-        Volume::attach(info, control.clone(), slate_node::tls::Connector::plaintext(), config()).await.expect("attach"),
+        Volume::attach(info, control.clone(), slate_dataplane::tls::Connector::plaintext(), config())
+            .await
+            .expect("attach"),
     );
 
     // Grain 2 is written all the time; grain 0 once.

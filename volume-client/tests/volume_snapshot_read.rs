@@ -60,7 +60,7 @@ async fn a_reader_at_a_snapshot_epoch_sees_the_frozen_data_and_the_head_sees_the
     let head = Volume::attach(
         cluster.attach_info(&layout),
         control.clone(),
-        slate_node::tls::Connector::plaintext(),
+        slate_dataplane::tls::Connector::plaintext(),
         test_config(),
     )
     .await
@@ -104,7 +104,9 @@ async fn a_reader_at_a_snapshot_epoch_sees_the_frozen_data_and_the_head_sees_the
     // A reader at E reads A everywhere A was written and zeros everywhere else.
     let (info, cfg) = snapshot_reader(&cluster, &layout, Rights::READ, E);
     let snap = Arc::new(
-        Volume::attach(info, control.clone(), slate_node::tls::Connector::plaintext(), cfg).await.expect("attach at E"),
+        Volume::attach(info, control.clone(), slate_dataplane::tls::Connector::plaintext(), cfg)
+            .await
+            .expect("attach at E"),
     );
     let then = read_all(&snap, blocks).await;
     for b in 0..blocks {
@@ -145,14 +147,14 @@ async fn a_reader_at_a_snapshot_epoch_sees_the_frozen_data_and_the_head_sees_the
 
     // A snapshot is only ever read: a capability that grants writes is refused.
     let (info, cfg) = snapshot_reader(&cluster, &layout, Rights::READ_WRITE, E);
-    let err = Volume::attach(info, control.clone(), slate_node::tls::Connector::plaintext(), cfg)
+    let err = Volume::attach(info, control.clone(), slate_dataplane::tls::Connector::plaintext(), cfg)
         .await
         .expect_err("read-write at an epoch");
     assert!(err.to_string().contains("read-only"), "{err}");
 
     // An epoch no node froze fails the read (EIO) and nothing else.
     let (info, cfg) = snapshot_reader(&cluster, &layout, Rights::READ, Epoch(6));
-    let none = Volume::attach(info, control.clone(), slate_node::tls::Connector::plaintext(), cfg)
+    let none = Volume::attach(info, control.clone(), slate_dataplane::tls::Connector::plaintext(), cfg)
         .await
         .expect("attach at an unknown epoch");
     assert!(none.read_blocks(0, 1).await.is_err());

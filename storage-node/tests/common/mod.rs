@@ -4,7 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use ed25519_dalek::SigningKey;
-use slate_node::client::{ClientError, NodeClient};
+use slate_dataplane::client::{ClientError, NodeClient};
 use slate_node::config::{NodeConfig, StaticAssignment};
 use slate_protocol::{
     Capability, ErrorKind, Generation, NodeId, Rights, SegmentIndex, SignedCapability, VolumeId, BLOCK_SIZE_BYTES,

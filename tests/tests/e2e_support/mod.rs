@@ -1,5 +1,5 @@
 //! Data-plane helpers shared by the end-to-end tests that look behind the NBD
-//! export: they talk to storage nodes directly with `slate_node`'s
+//! export: they talk to storage nodes directly with `slate_dataplane`'s
 //! [`NodeClient`], holding a capability obtained through the management API
 //! like any other client would.
 //!
@@ -10,7 +10,7 @@
 #![allow(dead_code)]
 
 use serde_json::Value;
-use slate_node::client::{check_data, ClientError, NodeClient};
+use slate_dataplane::client::{check_data, ClientError, NodeClient};
 use slate_protocol::message::{bit, MAX_IO_BLOCKS};
 use slate_protocol::{BlockIndex, Reply, Request, SignedCapability};
 use slate_tests::cluster::Cluster;
@@ -144,8 +144,8 @@ pub fn compare_replicas(cluster: &Cluster, name: &str) -> Comparison {
 }
 
 /// TLS to the cluster's storage nodes as the test's own certificate (see `Cluster::data_plane_identity`).
-pub fn data_plane(cluster: &Cluster) -> slate_node::tls::Connector {
+pub fn data_plane(cluster: &Cluster) -> slate_dataplane::tls::Connector {
     let id = cluster.data_plane_identity();
-    let identity = slate_node::tls::Identity::from_pem_files(&id.cert, &id.key).expect("the test identity");
-    slate_node::tls::Connector::tls(&cluster.info().ca, &identity).expect("a data-plane connector")
+    let identity = slate_dataplane::tls::Identity::from_pem_files(&id.cert, &id.key).expect("the test identity");
+    slate_dataplane::tls::Connector::tls(&cluster.info().ca, &identity).expect("a data-plane connector")
 }

@@ -11,7 +11,7 @@
 use crate::volume::VolumeLayout;
 use anyhow::{anyhow, bail, Result};
 use bytes::Bytes;
-use slate_node::client::NodeClient;
+use slate_dataplane::client::NodeClient;
 use slate_protocol::{
     block_crc, BlockIndex, BlockRange, Epoch, NodeId, Reply, Request, SignedCapability, Target, BLOCK_SIZE_BYTES,
 };
@@ -34,7 +34,7 @@ pub struct SnapshotReader {
     capability: SignedCapability,
     epoch: Epoch,
     clients: Mutex<HashMap<NodeId, Arc<NodeClient>>>,
-    data_plane: slate_node::tls::Connector,
+    data_plane: slate_dataplane::tls::Connector,
 }
 
 impl SnapshotReader {
@@ -42,7 +42,7 @@ impl SnapshotReader {
         layout: VolumeLayout,
         capability: SignedCapability,
         epoch: Epoch,
-        data_plane: slate_node::tls::Connector,
+        data_plane: slate_dataplane::tls::Connector,
     ) -> Self {
         Self { layout, capability, epoch, clients: Mutex::new(HashMap::new()), data_plane }
     }

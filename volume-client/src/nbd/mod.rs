@@ -62,7 +62,7 @@ pub struct ServerConfig {
     /// When set, the server requires TLS (`NBD_OPT_STARTTLS`) before anything else.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Where clients refused by mutual TLS are reported (slate-meta's security events).
-    pub security: slate_node::security::Reporter,
+    pub security: slate_dataplane::security::Reporter,
 }
 
 impl Default for ServerConfig {
@@ -74,7 +74,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             max_connections: 1024,
             tls: None,
-            security: slate_node::security::Reporter::none(),
+            security: slate_dataplane::security::Reporter::none(),
         }
     }
 }

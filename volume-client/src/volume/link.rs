@@ -4,7 +4,7 @@
 //! (so that requests leave in the order the engine issued them) and to await
 //! its reply later. [`NodeLink::start`] is therefore synchronous and returns
 //! the reply as a future. The real implementation is the storage node's
-//! pipelined `slate_node::client::NodeClient`; tests can put a seeded fake
+//! pipelined `slate_dataplane::client::NodeClient`; tests can put a seeded fake
 //! behind the same trait to lose, corrupt or fence requests deterministically.
 
 use slate_protocol::{NodeId, Reply, Request, SignedCapability, WireError};

@@ -23,7 +23,7 @@
 //! | `layout.rs` | attach reply types (`AttachInfo`, `VolumeLayout`, replica sets, the key) |
 //! | `control.rs` | `ControlPlane`: replacement of failed replicas, rebuild done, layout and snapshot polling |
 //! | `link.rs` | `NodeLink`/`Connector`: the engine's view of node sessions |
-//! | `node_link.rs` | those traits over `slate_node::client::NodeClient` |
+//! | `node_link.rs` | those traits over `slate_dataplane::client::NodeClient` |
 //! | `deps.rs` | the FIFO range lock that orders overlapping operations |
 //! | `replicas.rs` | per-segment replica sets, read rotation, rebuild progress |
 //! | `runs.rs` | splitting ranges, checking replies, building copy requests |
@@ -177,7 +177,7 @@ impl Volume {
     pub async fn attach(
         info: AttachInfo,
         control: Arc<dyn ControlPlane>,
-        data_plane: slate_node::tls::Connector,
+        data_plane: slate_dataplane::tls::Connector,
         cfg: VolumeConfig,
     ) -> Result<Self, VolumeError> {
         Self::open(info, control, Arc::new(NodeClientConnector(data_plane)), cfg).await

@@ -1,10 +1,10 @@
 //! The engine's link traits over the storage node's own client,
-//! `slate_node::client::NodeClient` (one pipelined TLS session per node;
+//! `slate_dataplane::client::NodeClient` (one pipelined TLS session per node;
 //! `start` enqueues the frame before returning, so requests leave in the
 //! order the engine issued them).
 
 use super::link::{BoxFuture, Connector, LinkError, NodeLink, OnReply};
-use slate_node::client::{ClientError, NodeClient};
+use slate_dataplane::client::{ClientError, NodeClient};
 use slate_protocol::{NodeId, Reply, Request, SignedCapability};
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,7 +49,7 @@ impl NodeLink for NodeClientLink {
 /// Opens `NodeClient` sessions through a data-plane connector (TLS as this
 /// client); checks that the node is the one the layout names.
 #[derive(Debug, Clone, Default)]
-pub struct NodeClientConnector(pub slate_node::tls::Connector);
+pub struct NodeClientConnector(pub slate_dataplane::tls::Connector);
 
 impl Connector for NodeClientConnector {
     fn connect(

@@ -11,7 +11,7 @@ use slate::volume::{
     AttachInfo, ControlError, ControlPlane, Dek, ReplicaInfo, ReplicaRole, ReplicaUpdate, SegmentReplicas,
     VolumeConfig, VolumeLayout,
 };
-use slate_node::client::NodeClient;
+use slate_dataplane::client::NodeClient;
 use slate_node::config::{NodeConfig, StaticAssignment};
 use slate_protocol::message::{bit, BlockRange};
 use slate_protocol::{

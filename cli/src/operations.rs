@@ -3,11 +3,11 @@
 //! certificate verify|render`. NODE and DISK are taken by name or id; every
 //! long operation takes `--wait` and shows a progress bar until it is done.
 
-use super::api::ApiClient;
 use super::commands::{bytes_h, print};
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use serde_json::Value;
+use slate::api::ApiClient;
 use slate_protocol::api::{
     CreatePrincipalRequest, CreateTokenRequest, DecommissionView, DiskState, DrainState, DrainView, IssuedToken,
     NodeView, PrincipalView, Role,

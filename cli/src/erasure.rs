@@ -3,11 +3,11 @@
 //! the last extent verified zero on the last replica and the last metadata
 //! voter's purge.
 
-use super::api::ApiClient;
 use super::commands::{bytes_h, print, table};
 use anyhow::{bail, Result};
 use clap::Subcommand;
 use serde_json::Value;
+use slate::api::ApiClient;
 use slate_protocol::api::{ErasureState, ErasureView};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};

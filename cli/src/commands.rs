@@ -1,13 +1,13 @@
 //! The management commands: thin wrappers over slate-meta's API that print
 //! a human table or, with `--json`, the API's JSON.
 
-use super::api::ApiClient;
 use super::open::resolve_volume;
 use super::up::parse_size;
 use super::Cmd;
 use anyhow::{bail, Result};
 use clap::Subcommand;
 use serde_json::{json, Value};
+use slate::api::ApiClient;
 use slate_protocol::api::{DetachRequest, NodeView, ResizeVolumeRequest};
 use std::fmt::Write as _;
 

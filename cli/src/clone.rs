@@ -8,16 +8,16 @@
 //! clone's own attachment (the clone's principal needs no grant on the parent),
 //! and is renewed with it ([`ParentLink`]).
 
-use super::api::ApiClient;
 use super::commands::{bytes_h, print};
 use super::open::{self, attached_parent, resolve_volume, AttachedParent};
 use super::up::parse_size;
-use crate::volume::{
+use anyhow::{Context, Result};
+use serde_json::json;
+use slate::api::ApiClient;
+use slate::volume::{
     AttachInfo, ControlError, ControlPlane, Dek, Parent, ParentOpener, ReplicaUpdate, Volume, VolumeConfig,
     VolumeError, VolumeLayout,
 };
-use anyhow::{Context, Result};
-use serde_json::json;
 use slate_protocol::api::{CapabilityRefresh, CreateCloneRequest, SnapshotView, VolumeView};
 use slate_protocol::{Generation, NodeId, SegmentIndex, SignedCapability, VolumeId};
 use std::sync::Arc;

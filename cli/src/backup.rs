@@ -1,22 +1,22 @@
 //! `slate backup create|list|verify` and `slate restore`: backups of snapshots
 //! to `file:///DIR` or `s3://BUCKET[/PREFIX]`, and restores into new volumes.
-//! The work is in [`crate::backup`]; this is the command line around it.
+//! The work is in [`slate::backup`]; this is the command line around it.
 
-use super::api::ApiClient;
 use super::attach::{open_volume, CONTROL_PATIENCE};
 use super::commands::{print, table};
 use super::open::{self, resolve_volume};
-use crate::backup::chain::{load_chain, verify_objects};
-use crate::backup::create::{self, BackupHeader};
-use crate::backup::reader::SnapshotReader;
-use crate::backup::restore::{self, Position};
-use crate::backup::store::{S3Options, Store};
-use crate::crypto::{VolumeCipher, XtsKey};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
+use slate::api::ApiClient;
+use slate::backup::chain::{load_chain, verify_objects};
+use slate::backup::create::{self, BackupHeader};
+use slate::backup::reader::SnapshotReader;
+use slate::backup::restore::{self, Position};
+use slate::backup::store::{S3Options, Store};
+use slate::crypto::{VolumeCipher, XtsKey};
 use slate_protocol::api::{
     Backup, BackupState, BeginBackupRequest, CompletedBackup, RestoreProgressRequest, RestoreReply,
     RestoreVolumeRequest,

@@ -227,16 +227,3 @@ impl Connector {
         }
     }
 }
-
-/// A node's connector for the peers it dials, and the holder binding to ask
-/// slate-meta for: TLS as the node's own certificate when `[tls]` is set.
-pub fn node_connector(cfg: &crate::config::NodeConfig) -> anyhow::Result<(Connector, Option<Holder>)> {
-    match &cfg.tls {
-        None => Ok((Connector::plaintext(), None)),
-        Some(files) => {
-            let identity = Identity::from_pem_files(&files.cert, &files.key)?;
-            let connector = Connector::tls(&files.ca, &identity)?;
-            Ok((connector, Some(identity.holder())))
-        }
-    }
-}

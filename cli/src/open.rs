@@ -4,10 +4,10 @@
 //! layout, the `VOL@SNAP` syntax and the volume key's hand-over (zeroized as
 //! soon as it is a [`Dek`]) live here.
 
-use super::api::ApiClient;
-use crate::volume::{ControlError, Dek, PendingSnapshot, ReplicaInfo, SegmentReplicas, VolumeLayout};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
+use slate::api::ApiClient;
+use slate::volume::{ControlError, Dek, PendingSnapshot, ReplicaInfo, SegmentReplicas, VolumeLayout};
 use slate_protocol::api::{
     AttachMode, AttachReply, AttachRequest, DetachRequest, ParentAttach, SegmentView, SnapshotState, SnapshotView,
     VolumeView,
@@ -323,8 +323,8 @@ mod tests {
         let v: VolumeView = serde_json::from_value(view).unwrap();
         assert_eq!(pending_snapshots(&v), vec![PendingSnapshot { id: 5, epoch: Epoch(3) }]);
         let l = layout_from_view(&v, 3);
-        assert_eq!(l.segments[0].replicas[0].role, crate::volume::ReplicaRole::InSync);
-        assert_eq!(l.segments[0].replicas[1].role, crate::volume::ReplicaRole::Rebuilding);
+        assert_eq!(l.segments[0].replicas[0].role, slate::volume::ReplicaRole::InSync);
+        assert_eq!(l.segments[0].replicas[1].role, slate::volume::ReplicaRole::Rebuilding);
         let v: VolumeView = serde_json::from_value(volume(7, "v", 8192, 3, &[])).unwrap();
         assert!(pending_snapshots(&v).is_empty());
     }

@@ -25,7 +25,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use slate_node::tls::{Connector, Identity};
+use slate_dataplane::tls::{Connector, Identity};
 use slate_protocol::api::{ErrorBody, ErrorCode, StatusView};
 use slate_protocol::capability::HOLDER_HEADER;
 use std::path::Path;

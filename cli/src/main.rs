@@ -12,6 +12,6 @@ fn main() -> std::process::ExitCode {
         Some("run-meta") => {
             slate_meta::cli::main_from(std::iter::once("slate-meta".into()).chain(args.into_iter().skip(2)))
         }
-        _ => slate::cli::main(),
+        _ => slate_cli::main(),
     }
 }

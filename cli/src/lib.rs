@@ -3,7 +3,6 @@
 //! `--json` for scripts. With no flags, commands find the cluster through
 //! `./slate-data/cluster.json` (or `--cluster PATH` / `SLATE_CLUSTER`).
 
-pub mod api;
 pub mod attach;
 pub mod backup;
 pub mod certificate_page;
@@ -22,6 +21,7 @@ pub mod up;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use slate::api;
 use std::path::PathBuf;
 
 /// Slate: replicated, encrypted block volumes over NBD.

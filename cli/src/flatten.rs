@@ -12,14 +12,14 @@
 //! (`POST /v1/volumes/{id}/flattened`, by the attachment that copied) and the
 //! clone no longer reads its parent; a parent deleted meanwhile is then released.
 
-use super::api::ApiClient;
 use super::attach::{open_volume, CONTROL_PATIENCE};
 use super::commands::{bytes_h, print};
 use super::open::{self, resolve_volume};
 use super::up::parse_size;
-use crate::volume::{CopyStep, Parent};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+use slate::api::ApiClient;
+use slate::volume::{CopyStep, Parent};
 use slate_protocol::api::{FlattenedRequest, VolumeView};
 use slate_protocol::BLOCK_SIZE_BYTES_U64;
 use std::io::IsTerminal;

@@ -9,18 +9,18 @@
 //! is readable and not empty. Then the snapshot is attached read-only (a
 //! missing or not-ready snapshot is refused there, before any attachment is
 //! made), its size is checked against the free space, and
-//! [`crate::export::image`] writes the image. The attachment is closed and
+//! [`slate::export::image`] writes the image. The attachment is closed and
 //! detached on every way out, SIGINT and SIGTERM included (which also remove
 //! `FILE.partial`). The passphrase is read into zeroized memory and never
 //! printed or logged.
 
-use super::api::ApiClient;
 use super::attach::{open_volume, shutdown_signal, CONTROL_PATIENCE};
 use super::open;
-use crate::export::image::{self, partial_path, ImageOptions};
-use crate::export::luks;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
+use slate::api::ApiClient;
+use slate::export::image::{self, partial_path, ImageOptions};
+use slate::export::luks;
 use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -2,11 +2,11 @@
 //! initialise a local cluster (`slate meta init`), wait for a leader, and
 //! provision the demo tenant, host principal, volume and grant.
 
-use super::api::ApiClient;
 use super::cluster::write_atomic;
 use super::up::{NodeMember, UpState};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+use slate::api::ApiClient;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};

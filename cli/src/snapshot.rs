@@ -3,12 +3,12 @@
 //! volume's read-write client, which quiesces its writes for that moment, or by
 //! the nodes of a detached volume).
 
-use super::api::ApiClient;
 use super::commands::{print, table};
 use super::open::resolve_volume;
 use anyhow::{bail, Result};
 use clap::Subcommand;
 use serde_json::Value;
+use slate::api::ApiClient;
 use slate_protocol::api::{CreateSnapshotRequest, SnapshotState, SnapshotView};
 use std::time::{Duration, Instant};
 

@@ -13,17 +13,17 @@
 //! be `ready`, and the volume engine reads every block at its epoch
 //! (`VolumeConfig::read_epoch`, `ReadAt` on the wire).
 
-use super::api::ApiClient;
 use super::open::{self, layout_from_view, parse_capability, pending_snapshots, segment_from_view};
-use crate::blockdev::BlockDevice;
-use crate::nbd::{ExportConfig, ExportRegistry, NbdServer, ServerConfig};
-use crate::volume::{
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use slate::api::ApiClient;
+use slate::blockdev::BlockDevice;
+use slate::nbd::{ExportConfig, ExportRegistry, NbdServer, ServerConfig};
+use slate::volume::{
     AttachInfo, ControlError, ControlPlane, ReplicaRole, ReplicaUpdate, SegmentReplicas, Volume, VolumeConfig,
     VolumeLayout, VolumeState,
 };
-use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
-use slate_node::client::NodeClient;
+use slate_dataplane::client::NodeClient;
 use slate_protocol::api::{
     CapabilityView, DetachRequest, MarkInSyncRequest, RebuildProgressRequest, ReconfigureReply, ReportFailureRequest,
     SnapshotFrozenRequest, VolumeView,
@@ -82,7 +82,7 @@ pub struct AttachArgs {
 
 /// Tells the nodes of `set` that they hold the segment (idempotent).
 pub(super) async fn assign(
-    data_plane: &slate_node::tls::Connector,
+    data_plane: &slate_dataplane::tls::Connector,
     set: &SegmentReplicas,
     cap: &SignedCapability,
     segment_blocks: u64,
@@ -316,7 +316,7 @@ fn tcp_tls_config(args: &AttachArgs) -> Result<Option<Arc<rustls::ServerConfig>>
             let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
             let (cert, ca) = (read(cert)?, read(ca)?);
             let key = Zeroizing::new(read(key)?);
-            Ok(Some(crate::nbd::tls::server_config_from_pem(&cert, &key, Some(&ca))?))
+            Ok(Some(slate::nbd::tls::server_config_from_pem(&cert, &key, Some(&ca))?))
         }
         (_, _, _, true) => Ok(None),
         (Some(_), _, None, false) => bail!(
@@ -392,7 +392,7 @@ pub async fn run(api: ApiClient, args: AttachArgs) -> Result<()> {
     registry.set_default(Some(&export_name));
     // The unix socket is guarded by its mode (0600); TCP by mutual TLS.
     let local = NbdServer::new(Arc::clone(&registry), ServerConfig::default())?;
-    let (security, mut events) = slate_node::security::Reporter::channel();
+    let (security, mut events) = slate_dataplane::security::Reporter::channel();
     let reporter = api.clone();
     tokio::spawn(async move {
         while let Some(ev) = events.recv().await {
@@ -406,8 +406,8 @@ pub async fn run(api: ApiClient, args: AttachArgs) -> Result<()> {
     let (stop_metrics, metrics_stopped) = tokio::sync::watch::channel(false);
     if let Some(addr) = args.metrics {
         let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics on {addr}"))?;
-        let render = || slate_node::metrics::with_stages("# EOF\n".to_owned(), Side::Client, "slate_client");
-        tokio::spawn(slate_node::metrics::serve_text(l, Arc::new(render), metrics_stopped));
+        let render = || slate_dataplane::metrics::with_stages("# EOF\n".to_owned(), Side::Client, "slate_client");
+        tokio::spawn(slate_dataplane::metrics::serve_text(l, Arc::new(render), metrics_stopped));
     }
     if let Some(path) = &args.nbd_unix {
         let l = bind_private_socket(path)?;

@@ -46,19 +46,6 @@ impl Reporter {
     }
 }
 
-/// The report kind of a refused hello, if the refusal is a security event
-/// (a wrong node or an old protocol version is a configuration matter, not an attack).
-pub fn kind_of_refusal(kind: slate_protocol::ErrorKind) -> Option<&'static str> {
-    use slate_protocol::ops::security_kind as k;
-    use slate_protocol::ErrorKind as E;
-    match kind {
-        E::Forged | E::Malformed => Some(k::FORGED_CAPABILITY),
-        E::Expired | E::NotYetValid => Some(k::EXPIRED_CAPABILITY),
-        E::NotHolder => Some(k::CAPABILITY_KEY_MISMATCH),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,7 +63,5 @@ mod tests {
         );
         let sent = (0..QUEUE + 10).filter(|_| r.report("forged-capability", peer, "")).count();
         assert_eq!(sent, QUEUE, "a full queue drops, never blocks");
-        assert_eq!(kind_of_refusal(slate_protocol::ErrorKind::NotHolder), Some("capability-key-mismatch"));
-        assert_eq!(kind_of_refusal(slate_protocol::ErrorKind::WrongNode), None);
     }
 }
