@@ -3,6 +3,7 @@
 //! same binary, so that `slate up` needs nothing but itself.
 
 fn main() -> std::process::ExitCode {
+    slate_dataplane::alloc::keep_large_buffers_in_heap();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     match args.get(1).and_then(|a| a.to_str()) {
         Some("run-node") => {
