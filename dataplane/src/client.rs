@@ -18,7 +18,7 @@ use crate::tls::{Connector, Stream};
 use bytes::{Bytes, BytesMut};
 use slate_protocol::message::BlockRange;
 use slate_protocol::{
-    decode_frame, encode_request, BlockIndex, Epoch, NodeId, Reply, Request, SignedCapability, Target, WireError,
+    decode_frame, encode_request_parts, BlockIndex, Epoch, NodeId, Reply, Request, SignedCapability, Target, WireError,
     BLOCK_SIZE_BYTES, PROTOCOL_VERSION,
 };
 use std::collections::HashMap;
@@ -117,7 +117,8 @@ const TIMEOUT_SWEEP: std::time::Duration = std::time::Duration::from_millis(250)
 
 #[derive(Debug)]
 struct Inner {
-    frames: mpsc::UnboundedSender<Bytes>,
+    /// Frames in two parts (see `encode_request_parts`): a write's data is not copied.
+    frames: mpsc::UnboundedSender<(Bytes, Bytes)>,
     pending: Pending,
     next_id: AtomicU64,
     node: NodeId,
@@ -210,7 +211,7 @@ impl NodeClient {
             .waiting
             .insert(1, Waiting { waiter: Waiter::Slot(hello_tx), queued: Instant::now(), deadline: None });
         let hello = Request::Hello { version: PROTOCOL_VERSION, capability: capability.clone() };
-        tx.send(encode_request(1, &hello)).map_err(|_| ClientError::Closed("writer ended".into()))?;
+        tx.send(encode_request_parts(1, &hello)).map_err(|_| ClientError::Closed("writer ended".into()))?;
         let reply = hello_rx.await.map_err(|_| ClientError::Closed("connection task ended".into()))??;
         let node = match reply {
             Reply::HelloOk { version, node } if version == PROTOCOL_VERSION => node,
@@ -266,7 +267,7 @@ impl NodeClient {
         }
         p.waiting.insert(id, Waiting { waiter, queued: Instant::now(), deadline });
         // Encoding under the lock keeps the channel order equal to the call order across threads.
-        if self.inner.frames.send(encode_request(id, req)).is_err() {
+        if self.inner.frames.send(encode_request_parts(id, req)).is_err() {
             let w = p.waiting.remove(&id).map(|w| w.waiter);
             return Err((ClientError::Closed("writer ended".into()), w.expect("just inserted")));
         }
@@ -351,13 +352,13 @@ pub fn check_data(start: BlockIndex, count: u32, written: &[u8], crcs: &[u32], d
     Ok(())
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::UnboundedReceiver<Bytes>, pending: Pending) {
+async fn write_loop<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::UnboundedReceiver<(Bytes, Bytes)>, pending: Pending) {
     let mut wr = BufWriter::with_capacity(256 << 10, wr);
-    while let Some(frame) = rx.recv().await {
-        let mut result = wr.write_all(&frame).await;
+    while let Some((head, data)) = rx.recv().await {
+        let mut result = write_parts(&mut wr, &head, &data).await;
         while result.is_ok() {
             match rx.try_recv() {
-                Ok(f) => result = wr.write_all(&f).await,
+                Ok((head, data)) => result = write_parts(&mut wr, &head, &data).await,
                 Err(_) => break,
             }
         }
@@ -367,6 +368,15 @@ async fn write_loop<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::UnboundedReceive
         }
     }
     let _ = wr.shutdown().await;
+}
+
+/// Writes one frame's two parts, in order.
+async fn write_parts<W: AsyncWrite + Unpin>(wr: &mut BufWriter<W>, head: &[u8], data: &[u8]) -> std::io::Result<()> {
+    wr.write_all(head).await?;
+    if !data.is_empty() {
+        wr.write_all(data).await?;
+    }
+    Ok(())
 }
 
 /// Fails the requests whose deadline has passed.

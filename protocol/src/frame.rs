@@ -57,6 +57,22 @@ pub fn encode_request(id: u64, req: &Request) -> Bytes {
     finish_frame(w)
 }
 
+/// The same frame as [`encode_request`], in two parts to send one after the other: a
+/// write's data, which ends the frame, is the second part and is not copied (a write to
+/// two replicas shares one buffer); for any other request the second part is empty.
+pub fn encode_request_parts(id: u64, req: &Request) -> (Bytes, Bytes) {
+    let Request::Write { target, start, fua, crcs, data } = req else { return (encode_request(id, req), Bytes::new()) };
+    let head = Request::Write { target: *target, start: *start, fua: *fua, crcs: crcs.clone(), data: Bytes::new() };
+    let mut w = writer_for(crcs.len() * 4);
+    head.encode(id, &mut w);
+    let v = w.as_mut_vec();
+    let payload_len = v.len() - FRAME_HEADER_BYTES + data.len();
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&v[FRAME_HEADER_BYTES..]), data);
+    v[0..4].copy_from_slice(&(payload_len as u32).to_le_bytes());
+    v[4..8].copy_from_slice(&crc.to_le_bytes());
+    (Bytes::from(w.into_vec()), data.clone())
+}
+
 /// A whole frame (header and payload) carrying `reply`.
 pub fn encode_reply(id: u64, reply: &Reply) -> Bytes {
     let extra = match reply {
@@ -92,4 +108,24 @@ pub fn decode_frame(buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
         return Err(FrameError::BadChecksum);
     }
     Ok(Some(payload))
+}
+
+#[cfg(test)]
+mod parts_tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_in_parts_is_the_same_frame() {
+        let data = Bytes::from((0..2 * BLOCK_SIZE_BYTES).map(|i| (i * 7) as u8).collect::<Vec<u8>>());
+        let crcs = data.chunks(BLOCK_SIZE_BYTES).map(crc32c::crc32c).collect();
+        let target = crate::Target { volume: crate::VolumeId(3), generation: crate::Generation(2) };
+        let write = Request::Write { target, start: crate::BlockIndex(9), fua: true, crcs, data: data.clone() };
+        let (head, body) = encode_request_parts(42, &write);
+        assert_eq!([&head[..], &body[..]].concat(), encode_request(42, &write).to_vec());
+        assert_eq!(body.as_ptr(), data.as_ptr(), "the data is shared, not copied");
+        let flush = Request::Flush { target };
+        let (head, body) = encode_request_parts(43, &flush);
+        assert_eq!(head, encode_request(43, &flush));
+        assert!(body.is_empty());
+    }
 }

@@ -36,7 +36,7 @@ pub mod stages;
 pub mod wire;
 
 pub use capability::{Capability, CapabilityError, Holder, Rights, SignedCapability};
-pub use frame::{decode_frame, encode_reply, encode_request, FrameError, MAX_FRAME_PAYLOAD};
+pub use frame::{decode_frame, encode_reply, encode_request, encode_request_parts, FrameError, MAX_FRAME_PAYLOAD};
 pub use ids::*;
 pub use message::{BlockRange, ErrorKind, Reply, Request, Target, WireError, PROTOCOL_VERSION};
 pub use wire::DecodeError;

@@ -382,10 +382,17 @@ impl Volume {
         if plaintext.is_empty() || !plaintext.len().is_multiple_of(BLOCK_SIZE_BYTES) {
             return Err(VolumeError::OutOfRange);
         }
-        let count = (plaintext.len() / BLOCK_SIZE_BYTES) as u64;
+        self.write_buf(start, BytesMut::from(plaintext), fua).await
+    }
+
+    /// [`Self::write_blocks`] on a buffer this call owns: encrypted in place, no copy.
+    async fn write_buf(&self, start: u64, mut buf: BytesMut, fua: bool) -> Result<(), VolumeError> {
+        if buf.is_empty() || !buf.len().is_multiple_of(BLOCK_SIZE_BYTES) {
+            return Err(VolumeError::OutOfRange);
+        }
+        let count = (buf.len() / BLOCK_SIZE_BYTES) as u64;
         let permit = self.permit(count).await?;
         let t = Instant::now();
-        let mut buf = BytesMut::from(plaintext);
         self.cipher.encrypt_blocks(start, &mut buf).map_err(|e| VolumeError::Io(e.to_string()))?;
         let crcs: Vec<u32> = buf.chunks(BLOCK_SIZE_BYTES).map(block_crc).collect();
         let data = buf.freeze();
@@ -493,7 +500,9 @@ impl BlockDevice for Volume {
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> DevFuture<'_, ()> {
         Box::pin(async move {
             let (start, _) = dev(self.blocks_of(offset, data.len() as u64))?;
-            dev(self.write_blocks(start, &data, fua).await)
+            // The NBD payload is ours alone: encrypted where it lies.
+            let buf = data.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+            dev(self.write_buf(start, buf, fua).await)
         })
     }
 
