@@ -415,9 +415,12 @@ fn data(r: Result<ReadResult, EngineError>) -> (Reply, u64) {
     }
 }
 
-/// Sends a write to the engine at once when nothing delays it (no earlier overlapping
-/// mutation in flight, the volume's fence free, the generation current); the engine
-/// thread then queues the reply through `on_done`. Hands everything back otherwise.
+/// Reads up to this many blocks may take the direct path (their crc check runs on the engine thread).
+const DIRECT_READ_BLOCKS: u32 = 16;
+
+/// Sends a write, or a small read of the head, to the engine at once when nothing delays
+/// it (no earlier overlapping mutation in flight, the volume's fence free, the generation
+/// current); the engine thread then queues the reply. Hands everything back otherwise.
 #[allow(clippy::too_many_arguments)]
 fn write_now(
     ctx: &Arc<Ctx>,
@@ -429,36 +432,52 @@ fn write_now(
     permit: OwnedSemaphorePermit,
     arrived: Instant,
 ) -> Option<(Request, session::Completion, OwnedSemaphorePermit)> {
-    let Request::Write { target, .. } = &req else { return Some((req, done, permit)) };
+    let target = match &req {
+        Request::Write { target, .. } => *target,
+        Request::Read { target, count, .. } if *count <= DIRECT_READ_BLOCKS => *target,
+        _ => return Some((req, done, permit)),
+    };
     if !deps.is_ready() {
         return Some((req, done, permit));
     }
-    // Held until the write is durable, as on the task path (a takeover waits for it); the
-    // generation is checked under it, so a takeover cannot slip in between.
+    // Held until the request is answered, as on the task path (a takeover waits for it);
+    // the generation is checked under it, so a takeover cannot slip in between.
     let Ok(fence) = ctx.gens.fence(target.volume).try_read_owned() else { return Some((req, done, permit)) };
     if ctx.gens.check(target.volume, target.generation).is_err() {
         return Some((req, done, permit));
     }
-    let Request::Write { target, start, crcs, data, .. } = req else { unreachable!("matched above") };
-    let n = data.len() as u64;
     let t = Instant::now();
     Stage::NodeQueue.record(t - arrived);
-    let (ctx2, tx) = (Arc::clone(ctx), tx.clone());
-    let on_done = move |r: Result<(), EngineError>| {
+    let ctx2 = Arc::clone(ctx);
+    let tx = tx.clone();
+    // Runs on the engine thread: account, then queue the reply for the connection's writer.
+    let answer = move |op: Op, reply: Reply, moved: u64| {
         Stage::Engine.since(t);
         drop(fence);
         drop(done);
-        let reply = self::done(r);
         let error = match &reply {
             Reply::Error(e) => Some(e.kind),
             _ => None,
         };
-        let moved = if error.is_none() { n } else { 0 };
-        ctx2.metrics.observe(Op::Write, arrived.elapsed(), moved, error);
+        ctx2.metrics.observe(op, arrived.elapsed(), if error.is_none() { moved } else { 0 }, error);
         let frame = encode_reply(id, &reply);
         let _ = tx.send(Outgoing { frame, _permit: Some(permit), times: Some((arrived, Instant::now())) });
     };
-    ctx.engine.write_with(target.volume, start, crcs, data, Box::new(on_done));
+    match req {
+        Request::Write { target, start, crcs, data, .. } => {
+            let n = data.len() as u64;
+            let on_done = move |r: Result<(), EngineError>| answer(Op::Write, self::done(r), n);
+            ctx.engine.write_with(target.volume, start, crcs, data, Box::new(on_done));
+        }
+        Request::Read { target, start, count, .. } => {
+            let on_done = move |r: Result<ReadResult, EngineError>| {
+                let (reply, n) = self::data(r);
+                answer(Op::Read, reply, n);
+            };
+            ctx.engine.read_with(target.volume, start, count, Box::new(on_done));
+        }
+        _ => unreachable!("only writes and reads get here"),
+    }
     None
 }
 

@@ -335,30 +335,34 @@ impl StatsCell {
 
 type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 
-/// Called on the engine thread with a write's outcome, once it is durable (or failed):
-/// it must not block. See [`EngineHandle::write_with`].
-pub type OnDone = Box<dyn FnOnce(Result<(), EngineError>) + Send>;
+/// Called on the engine thread with a command's outcome (a write once it is durable, a
+/// read once its data is in): it must not block. See [`EngineHandle::write_with`] and
+/// [`EngineHandle::read_with`].
+pub type OnDone<T = ()> = Box<dyn FnOnce(Result<T, EngineError>) + Send>;
 
-/// Where the engine sends an outcome without a value: a waiting task, or a callback.
-pub(crate) enum Done {
-    Slot(Reply<()>),
-    Call(OnDone),
+/// Where the engine sends an outcome: a waiting task, or a callback.
+pub(crate) enum Respond<T> {
+    Slot(Reply<T>),
+    Call(OnDone<T>),
 }
 
-impl Done {
-    pub(crate) fn send(self, r: Result<(), EngineError>) {
+/// An outcome without a value.
+pub(crate) type Done = Respond<()>;
+
+impl<T> Respond<T> {
+    pub(crate) fn send(self, r: Result<T, EngineError>) {
         match self {
-            Done::Slot(tx) => drop(tx.send(r)),
-            Done::Call(f) => f(r),
+            Respond::Slot(tx) => drop(tx.send(r)),
+            Respond::Call(f) => f(r),
         }
     }
 }
 
-impl std::fmt::Debug for Done {
+impl<T> std::fmt::Debug for Respond<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Done::Slot(_) => "Done::Slot",
-            Done::Call(_) => "Done::Call",
+            Respond::Slot(_) => "Respond::Slot",
+            Respond::Call(_) => "Respond::Call",
         })
     }
 }
@@ -414,7 +418,7 @@ pub(crate) enum Cmd {
         epoch: Epoch,
         start: BlockIndex,
         count: u32,
-        tx: Reply<ReadResult>,
+        tx: Respond<ReadResult>,
     },
     Flush {
         tx: Reply<()>,
@@ -660,8 +664,23 @@ impl EngineHandle {
     /// Reads `count` blocks of the head (writable layer) from `start`; checks the stored
     /// crc of every written block (`Corrupt`).
     pub async fn read(&self, volume: VolumeId, start: BlockIndex, count: u32) -> Result<ReadResult, EngineError> {
-        let r = self.call(|tx| Cmd::Read { volume, epoch: HEAD_EPOCH, start, count, tx }).await?;
+        let r = self.call(|tx| Cmd::Read { volume, epoch: HEAD_EPOCH, start, count, tx: Respond::Slot(tx) }).await?;
         self.verify_read(start, r)
+    }
+
+    /// [`Self::read`] without a task waiting: `on_done` is called on the engine thread with
+    /// the checked data (the crc check runs there too, so keep these reads small).
+    pub fn read_with(&self, volume: VolumeId, start: BlockIndex, count: u32, on_done: OnDone<ReadResult>) {
+        let handle = self.clone();
+        let on_done: OnDone<ReadResult> = Box::new(move |r| on_done(r.and_then(|r| handle.verify_read(start, r))));
+        match self.tx.send(Cmd::Read { volume, epoch: HEAD_EPOCH, start, count, tx: Respond::Call(on_done) }) {
+            Ok(()) => self.waker.notify(),
+            Err(mpsc::SendError(cmd)) => {
+                if let Cmd::Read { tx, .. } = cmd {
+                    tx.send(Err(EngineError::ShuttingDown));
+                }
+            }
+        }
     }
 
     /// Reads blocks as they were in the snapshot frozen at `epoch` (`HEAD_EPOCH`: the head).
@@ -672,7 +691,7 @@ impl EngineHandle {
         start: BlockIndex,
         count: u32,
     ) -> Result<ReadResult, EngineError> {
-        let r = self.call(|tx| Cmd::Read { volume, epoch, start, count, tx }).await?;
+        let r = self.call(|tx| Cmd::Read { volume, epoch, start, count, tx: Respond::Slot(tx) }).await?;
         self.verify_read(start, r)
     }
 

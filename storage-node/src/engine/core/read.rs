@@ -8,7 +8,7 @@ use super::layers::Loc;
 use super::{Core, MAX_IO_BLOCKS};
 use crate::engine::layout::{Superblock, BLOCK};
 use crate::engine::uring::{AlignedBuf, Completion, Fsync, ALIGN};
-use crate::engine::{EngineError, ReadResult, Reply};
+use crate::engine::{EngineError, ReadResult, Respond};
 use bytes::Bytes;
 use slate_protocol::{BlockIndex, Epoch, VolumeId};
 use std::sync::atomic::Ordering;
@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 /// A read in flight.
 #[derive(Debug)]
 pub(super) struct ReadOp {
-    tx: Reply<ReadResult>,
+    tx: Respond<ReadResult>,
     written: Vec<u8>,
     crcs: Vec<u32>,
     pub(super) range: (VolumeId, u64, u64),
@@ -33,7 +33,7 @@ impl Core {
         epoch: Epoch,
         start: BlockIndex,
         count: u32,
-        tx: Reply<ReadResult>,
+        tx: Respond<ReadResult>,
     ) {
         match self.plan_read(volume, epoch, start, count) {
             Ok((buf, parts, written, crcs)) => {
@@ -41,7 +41,7 @@ impl Core {
                 self.stats.bytes_read.fetch_add(u64::from(count) * BLOCK, Ordering::Relaxed);
                 if parts.is_empty() {
                     let len = crcs.len() * ALIGN;
-                    let _ = tx.send(Ok(ReadResult { written, crcs, data: Bytes::from_owner(buf).slice(0..len) }));
+                    tx.send(Ok(ReadResult { written, crcs, data: Bytes::from_owner(buf).slice(0..len) }));
                     return;
                 }
                 let extents: Vec<u32> = parts.iter().map(|p| self.extent_at(p.0)).collect();
@@ -56,9 +56,7 @@ impl Core {
                 let range = (volume, start.0, start.0 + u64::from(count));
                 self.reads.insert(token, ReadOp { tx, written, crcs, range, extents });
             }
-            Err(e) => {
-                let _ = tx.send(Err(e));
-            }
+            Err(e) => tx.send(Err(e)),
         }
     }
 
@@ -122,6 +120,6 @@ impl Core {
             }
             Err(e) => Err(EngineError::Io(e)),
         };
-        let _ = op.tx.send(r);
+        op.tx.send(r);
     }
 }
