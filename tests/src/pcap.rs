@@ -37,7 +37,10 @@ pub fn tcp_streams(path: &Path) -> Result<BTreeMap<Direction, Vec<u8>>, String> 
     let linktype = u32_at(&data, 20);
     let mut at = 24;
     // Per direction: segments by sequence number, and the first sequence number seen.
-    let mut segments: BTreeMap<Direction, BTreeMap<u32, Vec<u8>>> = BTreeMap::new();
+    let mut segments: BTreeMap<Direction, BTreeMap<u64, Vec<u8>>> = BTreeMap::new();
+    // Each direction's last sequence number, as captured and unwrapped: TCP starts at a random
+    // 32-bit number, so a few hundred MiB may wrap it.
+    let mut last: BTreeMap<Direction, (u32, u64)> = BTreeMap::new();
     while at + 16 <= data.len() {
         let caplen = u32_at(&data, at + 8) as usize;
         let origlen = u32_at(&data, at + 12) as usize;
@@ -66,7 +69,9 @@ pub fn tcp_streams(path: &Path) -> Result<BTreeMap<Direction, Vec<u8>>, String> 
             continue;
         }
         let dir = (format!("{src}:{sport}"), format!("{dst}:{dport}"));
-        segments.entry(dir).or_default().entry(seq).or_insert_with(|| payload.to_vec());
+        let abs = unwrap_seq(last.get(&dir).copied(), seq);
+        last.insert(dir.clone(), (seq, abs));
+        segments.entry(dir).or_default().entry(abs).or_insert_with(|| payload.to_vec());
     }
     let mut out = BTreeMap::new();
     for (dir, segs) in segments {
@@ -94,14 +99,23 @@ fn ip_payload(ethertype: u16, ip: &[u8]) -> Option<(String, String, &[u8])> {
     }
 }
 
-/// Joins segments keyed by sequence number (wrapping is not handled: test
-/// captures stay far below 4 GiB per direction).
-fn reassemble(segs: &BTreeMap<u32, Vec<u8>>) -> Result<Vec<u8>, String> {
+/// A 32-bit TCP sequence number as a position that keeps growing past the wrap, given
+/// the direction's previous one (raw and unwrapped): forward, or back (a retransmission)
+/// by less than 2 GiB.
+fn unwrap_seq(prev: Option<(u32, u64)>, seq: u32) -> u64 {
+    match prev {
+        Some((raw, abs)) => abs.wrapping_add_signed(i64::from(seq.wrapping_sub(raw).cast_signed())),
+        None => (1u64 << 33) + u64::from(seq),
+    }
+}
+
+/// Joins segments keyed by unwrapped sequence number.
+fn reassemble(segs: &BTreeMap<u64, Vec<u8>>) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     let Some((&first, _)) = segs.iter().next() else { return Ok(out) };
-    let mut next = u64::from(first);
+    let mut next = first;
     for (&seq, bytes) in segs {
-        let (seq, end) = (u64::from(seq), u64::from(seq) + bytes.len() as u64);
+        let end = seq + bytes.len() as u64;
         if seq > next {
             return Err(format!("{} bytes missing at sequence {next}", seq - next));
         }
@@ -167,5 +181,10 @@ mod tests {
         assert_eq!(reassemble(&segs).unwrap(), vec![1, 2, 3, 4, 5]);
         segs.insert(110, vec![6]);
         assert!(reassemble(&segs).is_err(), "a gap is an error");
+        // Sequence numbers wrap (a stream starts at a random one).
+        let a = unwrap_seq(None, u32::MAX - 9);
+        let b = unwrap_seq(Some((u32::MAX - 9, a)), 6);
+        assert_eq!(b, a + 16, "past the wrap the position keeps growing");
+        assert_eq!(unwrap_seq(Some((6, b)), u32::MAX - 1), a + 8, "a retransmission from before the wrap");
     }
 }
