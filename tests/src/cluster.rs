@@ -468,22 +468,19 @@ impl Cluster {
     /// The sum over every metadata node of the Prometheus sample `series` (exact text
     /// before the value, e.g. `slate_meta_security_events_total{kind="lockout",source="127.0.0.1"}`).
     pub fn meta_metric_sum(&self, series: &str) -> f64 {
-        let mut total = 0.0;
-        for p in self.info().processes.iter().filter(|p| p.role == "meta") {
-            let out = Command::new("curl")
-                .args(["-sS", "--max-time", "10", "--cacert"])
-                .arg(&self.info().ca)
-                .arg(format!("https://{}/metrics", p.addr))
-                .output()
-                .expect("run curl");
-            let text = String::from_utf8_lossy(&out.stdout);
-            total += text
-                .lines()
-                .filter_map(|l| l.strip_prefix(series))
-                .filter_map(|rest| rest.trim().parse::<f64>().ok())
-                .sum::<f64>();
-        }
-        total
+        let ca = self.info().ca.clone();
+        self.info()
+            .processes
+            .iter()
+            .filter(|p| p.role == "meta")
+            .map(|p| {
+                scrape_sum(
+                    &[std::ffi::OsStr::new("--cacert"), ca.as_os_str()],
+                    &format!("https://{}/metrics", p.addr),
+                    series,
+                )
+            })
+            .sum()
     }
 
     /// The sum over every process of `role` ("node" or "client") of the Prometheus sample
@@ -492,17 +489,7 @@ impl Cluster {
         let mut total = 0.0;
         for p in self.info().processes.iter().filter(|p| p.role == role) {
             let addr = p.metrics.as_deref().unwrap_or_else(|| panic!("{role} {} serves no metrics", p.id));
-            let out = Command::new("curl")
-                .args(["-sS", "--max-time", "10"])
-                .arg(format!("http://{addr}/metrics"))
-                .output()
-                .expect("run curl");
-            let text = String::from_utf8_lossy(&out.stdout);
-            total += text
-                .lines()
-                .filter_map(|l| l.strip_prefix(series))
-                .filter_map(|rest| rest.trim().parse::<f64>().ok())
-                .sum::<f64>();
+            total += scrape_sum(&[], &format!("http://{addr}/metrics"), series);
         }
         total
     }
@@ -787,4 +774,15 @@ impl TestRng {
 pub fn sha256_file(path: &Path) -> String {
     let out = run_ok(Command::new("sha256sum").arg(path));
     out.split_whitespace().next().unwrap_or_default().to_owned()
+}
+
+/// The sum of the Prometheus samples `series` (exact text before the value) that `url`
+/// serves, fetched with curl and `extra` arguments (e.g. a CA).
+fn scrape_sum(extra: &[&std::ffi::OsStr], url: &str, series: &str) -> f64 {
+    let out = Command::new("curl").args(["-sS", "--max-time", "10"]).args(extra).arg(url).output().expect("run curl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix(series))
+        .filter_map(|rest| rest.trim().parse::<f64>().ok())
+        .sum()
 }
